@@ -1,0 +1,1 @@
+"""volembed-runner: embed whole datasets from one YAML job spec."""

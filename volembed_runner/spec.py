@@ -1,0 +1,282 @@
+"""The YAML job spec as pydantic v2 models: field types, defaults and the cross-field rules a job must satisfy.
+
+Loading (files, `${VAR}`, `extends:`, `--set`, line numbers) lives in `loading.py`; this module only says what a
+valid spec is. Cross-field errors carry the offending field in their context so they are reported at its line.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+from volembed_runner import catalog
+
+SPEC_VERSION = 1
+
+
+def _no_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise PydanticCustomError(
+            "bool_not_count",
+            "must be a positive integer, not {value} (Modal's old `allow_concurrent_inputs=True` meant 1, "
+            "which starved GPUs)",
+            {"value": str(value).lower()},
+        )
+    return value
+
+
+def _limit(value: Any) -> Any:
+    ok = not isinstance(value, bool) and (
+        (isinstance(value, int) and value >= 1) or (isinstance(value, float) and 0 < value <= 1)
+    )
+    if value is not None and not ok:
+        raise PydanticCustomError(
+            "limit", "must be a row count (integer >= 1) or a fraction in (0, 1], got '{value}'", {"value": value}
+        )
+    return value
+
+
+def _overlap(value: Any) -> Any:
+    ok = not isinstance(value, bool) and (
+        (isinstance(value, int) and value >= 0) or (isinstance(value, float) and 0 <= value < 0.5)
+    )
+    if not ok:
+        raise PydanticCustomError(
+            "overlap",
+            "must be tokens (integer >= 0) or a fraction of size in [0, 0.5), got '{value}'",
+            {"value": value},
+        )
+    return value
+
+
+Count = Annotated[int, BeforeValidator(_no_bool), Field(ge=1)]
+NonNegative = Annotated[int, BeforeValidator(_no_bool), Field(ge=0)]
+
+
+def _safe_name(value: str) -> str:
+    if "/" in value or "\\" in value or value in (".", "..") or value.startswith((".", "~")):
+        raise PydanticCustomError("unsafe_name", "must be a plain name, not a path ('{value}')", {"value": value})
+    return value
+
+
+def _cross(field: str, message: str, **ctx: Any) -> PydanticCustomError:
+    """An error about `field` of the model being validated, reported at that field's line."""
+    return PydanticCustomError("cross_field", message, {"field": field, **ctx})
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, validate_default=True)
+
+
+class Dataset(_Section):
+    """Where the documents come from and which columns matter."""
+
+    hf: str | None = Field(None, description="Hub dataset id, e.g. wikimedia/wikipedia (exactly one of hf / files)")
+    config: str | None = Field(None, description="Hub dataset config (subset), e.g. 20231101.en")
+    split: str = Field("train", description="Hub dataset split")
+    revision: str | None = Field(None, description="Hub dataset revision (branch, tag or commit) to pin")
+    files: list[str] | None = Field(
+        None,
+        description="Local path/glob(s): parquet, jsonl(.gz), json, csv, or a folder of .txt/.md/.pdf; relative to "
+        "the spec file; `package:<module>/<path>` names a file inside an installed Python package",
+    )
+    text_column: str | None = Field(None, description="Column to embed (default `text`)")
+    text_template: str | None = Field(None, description='Embed several columns, e.g. "{title}\\n\\n{text}"')
+    id_column: str | None = Field(None, description="Column holding a document id; default a stable row id")
+    keep_columns: list[str] = Field(default_factory=list, description="Columns copied to every chunk and vector")
+    limit: Annotated[int | float, BeforeValidator(_limit)] | None = Field(
+        None, description="First N rows (int >= 1) or a fraction of rows (float in (0, 1]), in shard order"
+    )
+    num_rows: Count | None = Field(None, description="Size hint for the dry run: number of rows")
+    num_bytes: Count | None = Field(None, description="Size hint for the dry run: UTF-8 bytes of the text column")
+    shard_rows: Count = Field(50_000, description="Most documents per shard, the unit of work and of resume")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _files_as_list(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("files"), str):
+            return {**data, "files": [data["files"]]}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> Dataset:
+        if (self.hf is None) == (self.files is None):
+            field = "files" if self.files is not None else "hf"
+            raise _cross(field, "exactly one of dataset.hf and dataset.files must be set")
+        if self.files is not None and not self.files:
+            raise _cross("files", "must list at least one path or glob")
+        if self.text_column is not None and self.text_template is not None:
+            raise _cross("text_template", "set text_column or text_template, not both")
+        if self.text_template is not None:
+            try:
+                fields = template_fields(self.text_template)
+            except ValueError as exc:
+                raise _cross("text_template", "is not a valid template: {reason}", reason=str(exc)) from None
+            if not fields:
+                raise _cross("text_template", "names no column; use {{column}} placeholders")
+        elif self.text_column is None:
+            self.text_column = "text"
+        return self
+
+    @property
+    def source_columns(self) -> list[str]:
+        """Columns the download stage reads from the source."""
+        text = template_fields(self.text_template) if self.text_template else [self.text_column or "text"]
+        extra = [self.id_column] if self.id_column else []
+        return list(dict.fromkeys([*text, *extra, *self.keep_columns]))
+
+
+def template_fields(template: str) -> list[str]:
+    """Column names a `text_template` refers to, in order; raises ValueError on a malformed template."""
+    import string
+
+    return list(dict.fromkeys(name for _, name, _, _ in string.Formatter().parse(template) if name))
+
+
+class Chunking(_Section):
+    """How documents are cut into token windows."""
+
+    size: Count = Field(512, description="Max tokens per chunk, in the embedding model's tokenizer")
+    overlap: Annotated[int | float, BeforeValidator(_overlap)] = Field(
+        50, description="Tokens shared by neighbouring chunks: int >= 0, or a fraction of size in [0, 0.5)"
+    )
+    workers: Count = Field(100, description="Parallel chunk containers on Modal; processes locally (capped by cores)")
+
+    @property
+    def overlap_tokens(self) -> int:
+        """The overlap in tokens (a fraction is taken of `size`, rounded down)."""
+        return int(self.overlap * self.size) if isinstance(self.overlap, float) else self.overlap
+
+    @model_validator(mode="after")
+    def _check(self) -> Chunking:
+        if self.overlap_tokens >= self.size:
+            raise _cross("overlap", "must be smaller than chunking.size ({size})", size=self.size)
+        return self
+
+
+class Embedding(_Section):
+    """The embedding model and how its inputs and outputs are shaped."""
+
+    model: str = Field(..., description="Hub model id, or a local folder with the model's files")
+    revision: str | None = Field(None, description="Model commit to pin for reproducible runs")
+    prefix: str | None = Field(None, description='Text put before every chunk, e.g. "search_document: " for nomic; '
+                               "default: the catalog's prefix for known models, else none")
+    normalize: bool = Field(True, description="L2-normalize the vectors")
+    dimensions: Count | None = Field(None, description="Matryoshka: keep the first N dimensions, then normalize")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Local engine only (TEI runs float16): auto = bf16 where the CPU has native bf16"
+    )
+    endpoint: Annotated[str, AfterValidator(lambda v: _http_url(v))] | None = Field(
+        None, description="Embed through your own TEI server at this URL instead of the backend's engine"
+    )
+
+
+def _http_url(value: str) -> str:
+    if not re.match(r"^https?://[^\s/]+", value):
+        raise PydanticCustomError("url", "must be an http:// or https:// URL, got '{value}'", {"value": value})
+    return value.rstrip("/")
+
+
+def _gpu_name(value: str) -> str:
+    gpu = catalog.find_gpu(value)
+    if gpu is None:
+        known = ", ".join(catalog.gpus())
+        raise PydanticCustomError("gpu", "unknown GPU '{value}'; one of: {known}", {"value": value, "known": known})
+    return gpu.name
+
+
+class Compute(_Section):
+    """Where the GPU stage runs and how far it fans out (Modal backend)."""
+
+    gpu: Annotated[str, AfterValidator(lambda v: _gpu_name(v))] = Field(
+        "A10", description="One GPU per container; old names (A10G) map to Modal's current (A10)"
+    )
+    concurrency_limit: Count = Field(10, description="Max GPU containers (Modal max_containers)")
+    allow_concurrent_inputs: Count = Field(
+        4, description="Chunk shards in flight per GPU container (Modal @modal.concurrent max_inputs)"
+    )
+    secrets: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,63}$")]] = Field(
+        default_factory=list, description="Modal Secret names, e.g. [huggingface] for HF_TOKEN")
+    max_cost: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="Refuse to start a run whose estimated cost (USD) exceeds this, or is unknown"
+    )
+    max_batch_tokens: Count | None = Field(None, description="TEI --max-batch-tokens (default: per GPU, catalog)")
+    timeout: Annotated[int, Field(ge=60, le=86_400)] = Field(
+        3600, description="Seconds one shard may take in one container attempt (Modal timeout)"
+    )
+    retries: NonNegative = Field(3, description="Modal retries per shard (container loss, preemption)")
+
+
+
+class Output(_Section):
+    """What the embedding files carry besides the vectors."""
+
+    include_text: bool = Field(False, description="Copy chunk text into the embedding files")
+
+
+class Spec(BaseModel):
+    """One embedding job: dataset → chunks → vectors."""
+
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, title="volembed-runner pipeline spec")
+
+    version: Literal[1] = Field(SPEC_VERSION, description="Spec format version")
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$"), AfterValidator(_safe_name)] = Field(
+        ..., description="Lowercase letters, digits and '-': names the Modal app and the run folder"
+    )
+    backend: Literal["local", "modal"] = Field("local", description="modal: a generated Modal app; local: this machine")
+    volume: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,63}$"), AfterValidator(_safe_name)] = Field(
+        ..., description="Modal Volume name; on local, a folder under $VOLEMBED_HOME/volumes/"
+    )
+    dataset: Dataset
+    chunking: Chunking = Field(default_factory=Chunking)
+    embedding: Embedding
+    compute: Compute = Field(default_factory=Compute)
+    output: Output = Field(default_factory=Output)
+
+    @property
+    def prefix(self) -> str:
+        """The prefix actually applied: the spec's, else the catalog default for a known model, else none."""
+        if self.embedding.prefix is not None:
+            return self.embedding.prefix
+        known = catalog.find_model(self.embedding.model)
+        return known.default_prefix if known else ""
+
+    @model_validator(mode="after")
+    def _fits_model(self) -> Spec:
+        known = catalog.find_model(self.embedding.model)
+        if known is None:
+            return self
+        n_prefix = prefix_tokens(self.prefix, self.embedding.model)
+        budget = known.max_input_tokens - known.special_tokens - n_prefix
+        if self.chunking.size > budget:
+            raise _cross(
+                "chunking.size",
+                "{size} tokens do not fit {model} ({limit} max input tokens, minus {special} special tokens and "
+                "{prefix} prefix tokens = {budget})",
+                size=self.chunking.size,
+                model=known.id,
+                limit=known.max_input_tokens,
+                special=known.special_tokens,
+                prefix=n_prefix,
+                budget=budget,
+            )
+        return self
+
+
+def prefix_tokens(prefix: str, model: str) -> int:
+    """Tokens the prefix adds: counted with the model's tokenizer when it is on disk, else a safe overestimate."""
+    if not prefix:
+        return 0
+    from volembed_runner.errors import ModelError
+    from volembed_runner.models import tokenizer_file
+
+    try:
+        import tokenizers
+
+        tok = tokenizers.Tokenizer.from_file(str(tokenizer_file(model, download=False)))
+        return len(tok.encode(prefix, add_special_tokens=False).ids)
+    except ModelError:
+        return len(prefix.encode("utf-8")) // 2 + 1

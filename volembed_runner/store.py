@@ -1,0 +1,147 @@
+"""The volume layout and how files land on it: atomic writes, done-markers, manifests.
+
+Every path the stages read or write is built here, so the local backend (a folder) and Modal (a mounted Volume)
+share one layout:
+
+    <root>/data/<data_fp>/shard-00000.parquet                        (+ .done marker)
+    <root>/runs/<name>/chunks/<chunk_fp>/shard-00000.parquet         (+ .done marker)
+    <root>/runs/<name>/embeddings/<embed_fp>/shard-00000.parquet     (+ .done marker)
+    <root>/runs/<name>/manifest.json, stats.json
+
+A file is written under a temporary name, renamed into place, and only then marked done; a file without its
+marker is never taken as finished, and a rerun rewrites it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+DONE_SUFFIX = ".done"
+
+
+def data_dir(root: Path, data_fp: str) -> Path:
+    """Downloaded source shards for one data fingerprint (shared by every run on the volume)."""
+    return root / "data" / data_fp
+
+
+def run_dir(root: Path, name: str) -> Path:
+    """Everything one job (spec `name`) writes."""
+    return root / "runs" / name
+
+
+def chunks_dir(root: Path, name: str, chunk_fp: str) -> Path:
+    """Chunk shards of a run for one chunk fingerprint."""
+    return run_dir(root, name) / "chunks" / chunk_fp
+
+
+def embeddings_dir(root: Path, name: str, embed_fp: str) -> Path:
+    """Embedding shards of a run for one embed fingerprint."""
+    return run_dir(root, name) / "embeddings" / embed_fp
+
+
+def manifest_path(root: Path, name: str) -> Path:
+    """The run's manifest: resolved spec, fingerprints, shard states, counts, timings."""
+    return run_dir(root, name) / "manifest.json"
+
+
+def stats_path(root: Path, name: str) -> Path:
+    """The run's merged statistics (token histograms, empty documents, tiny chunks)."""
+    return run_dir(root, name) / "stats.json"
+
+
+def shard_name(shard: str) -> str:
+    """The parquet file name of a shard id (`00000` → `shard-00000.parquet`)."""
+    return f"shard-{shard}.parquet"
+
+
+def shard_path(folder: Path, shard: str) -> Path:
+    """A shard's parquet file inside a stage folder."""
+    return folder / shard_name(shard)
+
+
+def marker_path(path: Path) -> Path:
+    """The done-marker beside a finished file."""
+    return path.with_name(path.name + DONE_SUFFIX)
+
+
+def is_done(path: Path) -> bool:
+    """True only when the file exists and its done-marker was written after it."""
+    return path.is_file() and marker_path(path).is_file()
+
+
+def read_marker(path: Path) -> dict[str, Any]:
+    """The stats recorded in a file's done-marker."""
+    return orjson.loads(marker_path(path).read_bytes())
+
+
+def done_shards(folder: Path) -> list[str]:
+    """Shard ids in `folder` whose file and marker both exist, sorted."""
+    if not folder.is_dir():
+        return []
+    out = []
+    for marker in folder.glob(f"shard-*.parquet{DONE_SUFFIX}"):
+        data = marker.with_name(marker.name[: -len(DONE_SUFFIX)])
+        if data.is_file():
+            out.append(data.name[len("shard-") : -len(".parquet")])
+    return sorted(out)
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it into place, on failure delete it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write a whole file so readers see either the old content or the new, never a torn one."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Atomically write `obj` as indented JSON."""
+    write_bytes_atomic(path, orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
+
+
+def mark_done(path: Path, stats: dict[str, Any]) -> None:
+    """Record that `path` is finished, with its stats; written last, after the file is in place."""
+    write_json_atomic(marker_path(path), stats)
+
+
+def clear_done(path: Path) -> None:
+    """Forget that `path` was finished (before rewriting it): marker first, so no reader trusts a torn file."""
+    marker_path(path).unlink(missing_ok=True)
+
+
+def write_shard(path: Path, write: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """Run `write(tmp)` to produce a shard, rename it into place, then mark it done with the stats it returned."""
+    clear_done(path)
+    with atomic_path(path) as tmp:
+        stats = write(tmp)
+    mark_done(path, stats)
+    return stats
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file written by this module (None if it does not exist)."""
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -1,0 +1,1 @@
+"""Pipeline stages: plain functions over paths; backends decide where they run."""

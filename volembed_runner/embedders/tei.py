@@ -1,0 +1,414 @@
+"""Async client for one Hugging Face TEI 1.9 server: packs chunks into requests that fit its limits, keeps it busy.
+
+TEI 1.9 fails a whole request on any bad input, answers 429 at once when texts in flight exceed its permits and 413
+above its payload limit, so the client packs by texts, tokens and bytes, shares one in-flight budget per server,
+retries transient failures with a bound, splits batches the server rejects, and never drops a chunk silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+import numpy as np
+import orjson
+
+from volembed_runner.errors import EmbedderError
+
+log = logging.getLogger(__name__)
+
+# TEI 1.9 router defaults, used when /info leaves a field out (reference/tei.md §1.2).
+DEFAULT_MAX_CLIENT_BATCH_SIZE = 32
+DEFAULT_MAX_BATCH_TOKENS = 16384
+DEFAULT_MAX_INPUT_LENGTH = 512
+DEFAULT_MAX_CONCURRENT_REQUESTS = 512
+
+_SPLIT_STATUSES = frozenset({413, 422, 424})
+_JSON_HEADERS = {"content-type": "application/json"}
+
+
+@dataclass(frozen=True)
+class TEIInfo:
+    """The limits a TEI server reports on `GET /info` that decide how requests are packed."""
+
+    max_client_batch_size: int
+    max_batch_tokens: int
+    max_input_length: int
+    max_concurrent_requests: int
+    model_id: str | None = None
+    version: str | None = None
+
+
+@dataclass
+class TEIStats:
+    """Counters over the client's life: successful requests, retries (with causes), splits, texts and tokens."""
+
+    requests: int = 0
+    retries: int = 0
+    splits: int = 0
+    texts: int = 0
+    tokens: int = 0
+    retry_causes: Counter[str] = field(default_factory=Counter)
+
+
+def pack_requests(
+    n_tokens: Sequence[int], sizes: Sequence[int], *, max_texts: int, max_tokens: int, max_bytes: int
+) -> list[list[int]]:
+    """Group text indices, shortest first, into requests of ≤ max_texts, ≤ max_tokens and ≤ max_bytes each.
+
+    `sizes` are the JSON-encoded byte sizes of the texts; a comma between texts counts as one byte. A text over the
+    token or byte budget on its own goes alone.
+    """
+    order = sorted(range(len(n_tokens)), key=n_tokens.__getitem__)
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    tokens = 0
+    nbytes = 0
+    for i in order:
+        t = n_tokens[i]
+        b = sizes[i] + (1 if batch else 0)
+        if batch and (len(batch) >= max_texts or tokens + t > max_tokens or nbytes + b > max_bytes):
+            batches.append(batch)
+            batch, tokens, nbytes, b = [], 0, 0, sizes[i]
+        batch.append(i)
+        tokens += t
+        nbytes += b
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+class _InFlight:
+    """A FIFO budget of texts and requests in flight, shared by every `embed` call on one client."""
+
+    def __init__(self, texts: int, requests: int) -> None:
+        self.texts_free = texts
+        self.requests_free = requests
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    async def acquire(self, n: int) -> None:
+        if not self._waiters and self._fits(n):
+            self._take(n)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((n, fut))
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release(n)
+            else:
+                fut.cancel()
+                self._wake()
+            raise
+
+    def release(self, n: int) -> None:
+        self.texts_free += n
+        self.requests_free += 1
+        self._wake()
+
+    def _fits(self, n: int) -> bool:
+        return self.texts_free >= n and self.requests_free >= 1
+
+    def _take(self, n: int) -> None:
+        self.texts_free -= n
+        self.requests_free -= 1
+
+    def _wake(self) -> None:
+        while self._waiters:
+            n, fut = self._waiters[0]
+            if fut.done():
+                self._waiters.popleft()
+                continue
+            if not self._fits(n):
+                return
+            self._waiters.popleft()
+            self._take(n)
+            fut.set_result(None)
+
+
+class _Rows:
+    """The output matrix, allocated when the first response reveals the vector width."""
+
+    def __init__(self, n: int, dim: int | None) -> None:
+        self.n = n
+        self.dim = dim
+        self.array: np.ndarray | None = None
+
+    def put(self, idx: list[int], vectors: np.ndarray) -> None:
+        if self.array is None:
+            if self.dim is not None and vectors.shape[1] != self.dim:
+                raise EmbedderError(f"TEI returned {vectors.shape[1]}-dim vectors, {self.dim} were asked for")
+            self.dim = vectors.shape[1]
+            self.array = np.empty((self.n, self.dim), dtype=np.float32)
+        elif vectors.shape[1] != self.dim:
+            raise EmbedderError(f"TEI returned {vectors.shape[1]}-dim vectors after {self.dim}-dim ones")
+        self.array[np.asarray(idx, dtype=np.intp)] = vectors
+
+    def result(self) -> np.ndarray:
+        if self.array is None:
+            return np.empty((self.n, self.dim or 0), dtype=np.float32)
+        return self.array
+
+
+class TEIClient:
+    """Embeds texts through one TEI server; share one client among all shards that use that server.
+
+    Texts in flight across every concurrent `embed` call stay ≤ the server's `max_concurrent_requests`, and at most
+    `max_requests_in_flight` HTTP requests run at once. `dim` is the vector width once known (or `dimensions`).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float = 120.0,
+        max_retries: int = 6,
+        backoff_base: float = 0.5,
+        backoff_max: float = 20.0,
+        prefix: str = "",
+        normalize: bool = True,
+        dimensions: int | None = None,
+        payload_limit: int = 2_000_000,
+        max_requests_in_flight: int = 64,
+    ) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise EmbedderError(f"base_url must start with http:// or https://, got {base_url!r}")
+        if timeout <= 0:
+            raise EmbedderError(f"timeout must be > 0 seconds, got {timeout}")
+        if max_retries < 0:
+            raise EmbedderError(f"max_retries must be ≥ 0, got {max_retries}")
+        if backoff_base < 0 or backoff_max < 0:
+            raise EmbedderError(f"backoff_base and backoff_max must be ≥ 0, got {backoff_base} and {backoff_max}")
+        if dimensions is not None and dimensions < 1:
+            raise EmbedderError(f"dimensions must be ≥ 1 or None, got {dimensions}")
+        if max_requests_in_flight < 1:
+            raise EmbedderError(f"max_requests_in_flight must be ≥ 1, got {max_requests_in_flight}")
+        self.base_url = base_url
+        self.max_retries = max_retries
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.prefix = prefix
+        self.normalize = normalize
+        self.dimensions = dimensions
+        self.payload_limit = payload_limit
+        self.max_requests_in_flight = max_requests_in_flight
+        self.dim: int | None = dimensions
+        self.stats = TEIStats()
+        self._body_head = b'{"inputs":['
+        tail: dict[str, Any] = {"normalize": normalize, "truncate": False}
+        if dimensions is not None:
+            tail["dimensions"] = dimensions
+        self._body_tail = b"]," + orjson.dumps(tail)[1:]
+        if payload_limit <= len(self._body_head) + len(self._body_tail) + 2:
+            raise EmbedderError(f"payload_limit of {payload_limit} bytes cannot hold a request")
+        self._http = httpx.AsyncClient(
+            base_url=base_url,
+            timeout=httpx.Timeout(timeout),
+            limits=httpx.Limits(
+                max_connections=max_requests_in_flight, max_keepalive_connections=max_requests_in_flight
+            ),
+            trust_env=False,
+        )
+        self._info: TEIInfo | None = None
+        self._info_lock = asyncio.Lock()
+        self._in_flight: _InFlight | None = None
+        self._rng = random.Random()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()
+
+    async def info(self) -> TEIInfo:
+        """Read `GET /info` once (retrying transient failures) and keep the limits it reports."""
+        async with self._info_lock:
+            if self._info is None:
+                data = await self._get_info()
+                self._info = TEIInfo(
+                    max_client_batch_size=_positive(data, "max_client_batch_size", DEFAULT_MAX_CLIENT_BATCH_SIZE),
+                    max_batch_tokens=_positive(data, "max_batch_tokens", DEFAULT_MAX_BATCH_TOKENS),
+                    max_input_length=_positive(data, "max_input_length", DEFAULT_MAX_INPUT_LENGTH),
+                    max_concurrent_requests=_positive(data, "max_concurrent_requests", DEFAULT_MAX_CONCURRENT_REQUESTS),
+                    model_id=data.get("model_id"),
+                    version=data.get("version"),
+                )
+            return self._info
+
+    async def embed(self, texts: list[str], n_tokens: list[int]) -> np.ndarray:
+        """Embed `texts` (with `prefix` prepended) and return float32 vectors, one row per text in input order.
+
+        `n_tokens[i]` is the token count used to pack text i; raises EmbedderError if any request finally fails.
+        """
+        if len(n_tokens) != len(texts):
+            raise EmbedderError(f"embed got {len(texts)} texts but {len(n_tokens)} token counts")
+        for i, text in enumerate(texts):
+            if not text:
+                raise EmbedderError(f"text {i} is empty; TEI rejects the whole request with 400, drop empty chunks")
+        rows = _Rows(len(texts), self.dimensions)
+        if not texts:
+            return rows.result()
+        info = await self.info()
+        if self._in_flight is None:
+            self._in_flight = _InFlight(info.max_concurrent_requests, self.max_requests_in_flight)
+        in_flight = self._in_flight
+        prefix = self.prefix
+        parts = [orjson.dumps(prefix + t) for t in texts]
+        max_bytes = self.payload_limit - 1 - len(self._body_head) - len(self._body_tail)
+        for i, part in enumerate(parts):
+            if len(part) > max_bytes:
+                raise EmbedderError(
+                    f"text {i} is {len(part)} bytes as JSON, over the {self.payload_limit}-byte payload limit"
+                )
+        batches = pack_requests(
+            n_tokens,
+            [len(p) for p in parts],
+            max_texts=min(info.max_client_batch_size, info.max_concurrent_requests),
+            max_tokens=info.max_batch_tokens,
+            max_bytes=max_bytes,
+        )
+        try:
+            async with asyncio.TaskGroup() as group:
+                for batch in batches:
+                    k = len(batch)
+                    await in_flight.acquire(k)
+                    try:
+                        task = group.create_task(self._embed_batch(batch, [parts[i] for i in batch], rows))
+                    except BaseException:
+                        in_flight.release(k)
+                        raise
+                    task.add_done_callback(lambda _t, k=k: in_flight.release(k))
+        except BaseExceptionGroup as group_error:
+            failures = group_error.subgroup(EmbedderError)
+            if failures is None:
+                raise
+            while isinstance(failures, BaseExceptionGroup):
+                failures = failures.exceptions[0]
+            raise failures from None
+        return rows.result()
+
+    async def _embed_batch(self, idx: list[int], parts: list[bytes], rows: _Rows) -> None:
+        """Send one request: retry 429/5xx/transport errors, split on 413/422/424, raise when a single text fails.
+
+        A single text is also retried on 424, since the GPU batch it failed in held other requests' texts too.
+        """
+        body = self._body_head + b",".join(parts) + self._body_tail
+        retries = 0
+        while True:
+            try:
+                response = await self._http.post("/embed", content=body, headers=_JSON_HEADERS)
+            except httpx.TransportError as exc:
+                cause = type(exc).__name__
+                detail = f"{cause}: {exc}" if str(exc) else cause
+            else:
+                status = response.status_code
+                if status == 200:
+                    self._store(idx, response, rows)
+                    return
+                message = _error_message(response)
+                if status in _SPLIT_STATUSES and len(idx) > 1:
+                    self.stats.splits += 1
+                    log.debug("TEI answered %d to %d texts, splitting: %s", status, len(idx), message)
+                    half = len(idx) // 2
+                    await self._embed_batch(idx[:half], parts[:half], rows)
+                    await self._embed_batch(idx[half:], parts[half:], rows)
+                    return
+                if not (status == 429 or status == 424 or status >= 500):
+                    raise EmbedderError(f"TEI rejected text {_describe(idx)}: HTTP {status}: {message}")
+                cause = str(status)
+                detail = f"HTTP {status}: {message}"
+            if retries >= self.max_retries:
+                raise EmbedderError(f"TEI failed text {_describe(idx)} after {retries + 1} attempts: {detail}")
+            retries += 1
+            self.stats.retries += 1
+            self.stats.retry_causes[cause] += 1
+            log.info("retrying %d texts (attempt %d of %d): %s", len(idx), retries + 1, self.max_retries + 1, detail)
+            await asyncio.sleep(self._backoff(retries))
+
+    def _store(self, idx: list[int], response: httpx.Response, rows: _Rows) -> None:
+        """Parse a 200 answer with orjson, check its shape, write its rows and count its tokens."""
+        try:
+            vectors = np.asarray(orjson.loads(response.content), dtype=np.float32)
+        except (orjson.JSONDecodeError, ValueError, TypeError) as exc:
+            raise EmbedderError(f"TEI returned an unreadable /embed body for text {_describe(idx)}: {exc}") from exc
+        if vectors.ndim != 2 or vectors.shape[0] != len(idx):
+            raise EmbedderError(
+                f"TEI returned vectors of shape {vectors.shape} for {len(idx)} texts (text {_describe(idx)})"
+            )
+        rows.put(idx, vectors)
+        self.dim = rows.dim
+        self.stats.requests += 1
+        self.stats.texts += len(idx)
+        tokens = response.headers.get("x-compute-tokens")
+        if tokens is not None and tokens.isdigit():
+            self.stats.tokens += int(tokens)
+
+    def _backoff(self, retry: int) -> float:
+        """Exponential backoff with equal jitter: half the step fixed, half random."""
+        step = min(self.backoff_max, self.backoff_base * 2 ** (retry - 1))
+        return step / 2 + self._rng.uniform(0, step / 2)
+
+    async def _get_info(self) -> dict[str, Any]:
+        retries = 0
+        while True:
+            try:
+                response = await self._http.get("/info")
+            except httpx.TransportError as exc:
+                cause, detail = type(exc).__name__, f"{type(exc).__name__}: {exc}"
+            else:
+                if response.status_code == 200:
+                    try:
+                        data = orjson.loads(response.content)
+                    except orjson.JSONDecodeError as exc:
+                        raise EmbedderError(f"TEI at {self.base_url} returned unreadable /info: {exc}") from exc
+                    if not isinstance(data, dict):
+                        raise EmbedderError(f"TEI at {self.base_url} returned /info that is not an object")
+                    return data
+                status = response.status_code
+                detail = f"HTTP {status}: {_error_message(response)}"
+                if not (status == 429 or status >= 500):
+                    raise EmbedderError(f"TEI at {self.base_url} refused GET /info: {detail}")
+                cause = str(status)
+            if retries >= self.max_retries:
+                raise EmbedderError(f"TEI at {self.base_url} failed GET /info after {retries + 1} attempts: {detail}")
+            retries += 1
+            self.stats.retries += 1
+            self.stats.retry_causes[cause] += 1
+            await asyncio.sleep(self._backoff(retries))
+
+
+def _positive(data: dict[str, Any], key: str, default: int) -> int:
+    value = data.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
+
+
+def _describe(idx: list[int]) -> str:
+    if len(idx) == 1:
+        return str(idx[0])
+    shown = ", ".join(str(i) for i in sorted(idx)[:5])
+    return f"{shown}{', …' if len(idx) > 5 else ''} ({len(idx)} texts)"
+
+
+def _error_message(response: httpx.Response) -> str:
+    """TEI's JSON `error` field, or the plain text axum sends (e.g. the 413 body), cut to 300 characters."""
+    try:
+        data = orjson.loads(response.content)
+    except orjson.JSONDecodeError:
+        return response.text.strip()[:300] or "(empty body)"
+    if isinstance(data, dict):
+        return str(data.get("error") or data.get("message") or data)[:300]
+    return str(data)[:300]

@@ -32,6 +32,16 @@ def data_dir(root: Path, data_fp: str) -> Path:
     return root / "data" / data_fp
 
 
+def task_marker_path(data_folder: Path, task: int) -> Path:
+    """Written after a download task's last shard: the shards it produced (its done-marker)."""
+    return data_folder / f"task-{task:05d}.json"
+
+
+def data_index_path(data_folder: Path) -> Path:
+    """The ordered shard list (with the rows the limit takes) that the chunk stage maps over."""
+    return data_folder / "index.json"
+
+
 def run_dir(root: Path, name: str) -> Path:
     """Everything one job (spec `name`) writes."""
     return root / "runs" / name

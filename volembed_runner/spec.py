@@ -108,6 +108,10 @@ class Dataset(_Section):
             raise _cross(field, "exactly one of dataset.hf and dataset.files must be set")
         if self.files is not None and not self.files:
             raise _cross("files", "must list at least one path or glob")
+        reserved = sorted({"id", "text"} & set(self.keep_columns))
+        if reserved:
+            raise _cross("keep_columns", "cannot keep {names}: every shard already has id and text columns",
+                         names=" and ".join(reserved))
         if self.text_column is not None and self.text_template is not None:
             raise _cross("text_template", "set text_column or text_template, not both")
         if self.text_template is not None:
@@ -116,7 +120,7 @@ class Dataset(_Section):
             except ValueError as exc:
                 raise _cross("text_template", "is not a valid template: {reason}", reason=str(exc)) from None
             if not fields:
-                raise _cross("text_template", "names no column; use {{column}} placeholders")
+                raise _cross("text_template", "names no column; use placeholders like {example}", example="{title}")
         elif self.text_column is None:
             self.text_column = "text"
         return self
@@ -133,7 +137,8 @@ def template_fields(template: str) -> list[str]:
     """Column names a `text_template` refers to, in order; raises ValueError on a malformed template."""
     import string
 
-    return list(dict.fromkeys(name for _, name, _, _ in string.Formatter().parse(template) if name))
+    names = (name for _, name, _, _ in string.Formatter().parse(template) if name)
+    return list(dict.fromkeys(re.split(r"[.\[]", name, maxsplit=1)[0] for name in names))
 
 
 class Chunking(_Section):

@@ -1,0 +1,220 @@
+"""Run a Plan on Modal through the SDK: upload local files, render the app, run it; read its status; stop it.
+
+Thin over tested code: the app is `render.py`'s output, the control flow `orchestrate.py` inside it. Credentials
+are checked before any network call, so a machine without them gets one line saying how to set them up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from rich.console import Console
+
+from volembed_runner import store
+from volembed_runner.backends.modal import render
+from volembed_runner.errors import BackendError, StageError
+from volembed_runner.plan import Plan, volembed_home
+
+CREDENTIALS_HINT = ("no Modal credentials: run `modal setup` (or `modal token new`), "
+                    "or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET")
+RUN_RECORD = "run.json"
+
+
+def has_credentials() -> bool:
+    """True when the modal client has a token (environment or ~/.modal.toml) or OAuth credentials; no network."""
+    from modal.config import config
+
+    token = config.get("token_id") and config.get("token_secret")
+    oauth = config.get("oauth_refresh_token") and config.get("oauth_client_id")
+    return bool(token or oauth)
+
+
+def require_credentials() -> None:
+    """Raise BackendError (one line) when no Modal credentials are configured."""
+    if not has_credentials():
+        raise BackendError(CREDENTIALS_HINT)
+
+
+@contextmanager
+def _modal_errors(action: str) -> Iterator[None]:
+    """Turn the SDK's authentication and connection failures into one-line BackendErrors."""
+    from modal.exception import AuthError, Error
+    from modal.exception import ConnectionError as ModalConnectionError
+
+    from volembed_runner.backends.modal.runtime import describe
+
+    try:
+        yield
+    except AuthError as exc:
+        raise BackendError(f"Modal rejected the credentials while trying to {action} ({describe(exc)}): "
+                           "run `modal setup`, or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET") from exc
+    except ModalConnectionError as exc:
+        raise BackendError(f"could not reach Modal to {action}: {describe(exc)}") from exc
+    except Error as exc:
+        raise BackendError(f"Modal failed to {action}: {describe(exc)}") from exc
+
+
+def build_dir(plan: Plan) -> Path:
+    """Where `run` renders the app and records the run: $VOLEMBED_HOME/build/<name>/."""
+    return volembed_home() / "build" / plan.name
+
+
+def import_app(path: Path) -> ModuleType:
+    """Import a rendered app from its file (registered in sys.modules, as Modal needs to find its functions)."""
+    name = f"volembed_app_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise BackendError(f"cannot import the rendered app {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _local_files(local: Path, remote: str) -> Iterator[tuple[Path, str]]:
+    """(file, remote path) for a file, or for every file under a folder."""
+    if local.is_dir():
+        for path in sorted(p for p in local.rglob("*") if p.is_file()):
+            yield path, f"{remote}/{path.relative_to(local).as_posix()}"
+    else:
+        yield local, remote
+
+
+def upload_files(plan: Plan, console: Console) -> int:
+    """Upload a `files` plan's dataset to `uploads/<data_fp>/` on its Volume, skipping files there with the same size.
+
+    Returns the number of files uploaded.
+    """
+    import modal
+    from modal.exception import NotFoundError
+
+    layout = render.upload_layout(plan)
+    if not layout:
+        return 0
+    vol = modal.Volume.from_name(plan.volume, create_if_missing=True, version=2)
+    prefix = f"{render.UPLOADS_DIR}/{plan.data.fingerprint}"
+    try:
+        existing = {e.path.lstrip("/"): e.size for e in vol.listdir(prefix, recursive=True)}
+    except NotFoundError:
+        existing = {}
+    todo = [(path, remote) for local, rel in layout for path, remote in _local_files(local, rel)
+            if existing.get(remote) != path.stat().st_size]
+    if todo:
+        console.print(f"uploading {len(todo)} file(s) to Modal volume {plan.volume}:/{prefix}", markup=False)
+        with vol.batch_upload(force=True) as batch:
+            for path, remote in todo:
+                batch.put_file(str(path), f"/{remote}")
+    return len(todo)
+
+
+def run(plan: Plan, *, until: str | None, detach: bool, console: Console) -> int:
+    """Render `plan` into the build folder and run it on Modal; 0 when every shard finished.
+
+    Attached, the app is ephemeral and this process follows the orchestrator (through its hand-overs) to the end.
+    With `detach`, the app is deployed under the job's name and the orchestrator spawned on it, so the job, its
+    hand-overs included, outlives this process; `status` reads its progress and `stop` ends it. Failed shards raise
+    StageError (a rerun retries just them).
+    """
+    require_credentials()
+    import modal
+
+    folder = build_dir(plan)
+    with _modal_errors("upload the dataset files"):
+        upload_files(plan, console)
+    path = render.write_app(plan, folder / "app.py")
+    module = import_app(path)
+    if detach:
+        with _modal_errors("deploy the app"), modal.enable_output():
+            module.app.deploy(name=plan.name)
+            call = module.orchestrate.spawn(until or "")
+        _record_run(folder, plan, app_id=module.app.app_id, deployed=True, call_id=call.object_id)
+        console.print(f"submitted {plan.name} (app {module.app.app_id}, call {call.object_id}); follow it with "
+                      "`volembed-run status SPEC`, end it with `volembed-run stop SPEC`", markup=False)
+        return 0
+    with _modal_errors("run the app"), modal.enable_output(), module.app.run():
+        _record_run(folder, plan, app_id=module.app.app_id, deployed=False, call_id=None)
+        summary = _follow(module.orchestrate.remote(until or ""))
+    return _report(plan, summary, console)
+
+
+def _follow(summary: dict[str, Any]) -> dict[str, Any]:
+    import modal
+
+    from volembed_runner.backends.modal.runtime import follow_handovers
+
+    return follow_handovers(summary, lambda call_id: modal.FunctionCall.from_id(call_id).get())
+
+
+def _report(plan: Plan, summary: dict[str, Any], console: Console) -> int:
+    failed = {stage: shards for stage, shards in (summary.get("failed") or {}).items() if shards}
+    if failed:
+        listed = "; ".join(f"{stage}: {len(shards)} shard(s) ({', '.join(shards[:5])}"
+                           f"{', …' if len(shards) > 5 else ''})" for stage, shards in failed.items())
+        raise StageError(f"{plan.name}: failed shards — {listed}; causes in `volembed-run status`, "
+                         "a rerun retries only them")
+    if summary.get("handover"):
+        raise StageError(f"{plan.name}: stopped after {summary.get('passes')} orchestrator passes without finishing; "
+                         "rerun the spec to continue")
+    console.print(f"{plan.name}: done ({', '.join(summary.get('stages') or [])})", markup=False)
+    return 0
+
+
+def _record_run(folder: Path, plan: Plan, *, app_id: str | None, deployed: bool, call_id: str | None) -> None:
+    """Remember the app of the run, so `stop` finds it (an ephemeral app cannot be looked up by name)."""
+    record = {"app_id": app_id, "app_name": plan.name, "deployed": deployed, "call_id": call_id,
+              "volume": plan.volume, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    store.write_json_atomic(folder / RUN_RECORD, record)
+
+
+def _read_run(plan: Plan) -> dict[str, Any] | None:
+    path = build_dir(plan) / RUN_RECORD
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def status(plan: Plan) -> dict[str, Any]:
+    """The run's manifest.json, read from its Volume (live progress while the job runs)."""
+    require_credentials()
+    import modal
+    from modal.exception import NotFoundError
+
+    remote = store.manifest_path(Path("/"), plan.name).as_posix()
+    with _modal_errors("read the manifest"):
+        try:
+            data = b"".join(modal.Volume.from_name(plan.volume).read_file(remote))
+        except (NotFoundError, FileNotFoundError):
+            raise BackendError(f"no manifest at {plan.volume}:{remote} yet: {plan.name} has not started on Modal "
+                               "(or the volume name changed)") from None
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise BackendError(f"{plan.volume}:{remote} is not valid JSON ({exc})") from None
+
+
+def stop(plan: Plan) -> str:
+    """Stop the job's running app (the one `run` started here, else a deployed app of that name); returns its id."""
+    require_credentials()
+    import modal
+    from modal.exception import NotFoundError
+
+    record = _read_run(plan) or {}
+    ident = record.get("app_id") or plan.name
+    with _modal_errors("stop the app"):
+        try:
+            handle = modal.App.lookup(ident)
+            handle.stop()
+        except NotFoundError:
+            raise BackendError(f"no Modal app {ident} to stop; `modal app list` shows running apps, "
+                               "`modal app stop <id>` stops one") from None
+    return str(getattr(handle, "app_id", None) or ident)

@@ -1,0 +1,312 @@
+"""Plan → the source of one self-contained Modal app, from the template `app.py.tmpl` beside this module.
+
+The template is a real Python module whose only placeholders sit in its configuration block. Each is filled with a
+Python literal of plain data (`repr()` of JSON-normalized values), so no spec value can become code, and the same
+Plan always renders the same bytes. Sizing that depends on the GPU (TEI image tag, router flags, CPU cores) is
+derived here, from the catalog and reference/tei.md §4.2.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import math
+import os
+import re
+import string
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from volembed_runner import catalog
+from volembed_runner.errors import BackendError
+from volembed_runner.models import MODEL_FILE_PATTERNS
+from volembed_runner.plan import MODAL_ROOT, Plan
+
+TEMPLATE = "app.py.tmpl"
+PYTHON_VERSION = "3.12"
+
+# What the generated images install, pinned (matching the versions this package is developed against).
+# CPU stages (download, chunk, orchestrate): readers, the tokenizer, the Hub client; never torch.
+CPU_PACKAGES = (
+    "httpx==0.28.1",
+    "huggingface_hub==2.4.0",
+    "numpy==2.4.6",
+    "orjson==3.13.0",
+    "pyarrow==26.0.1",
+    "pydantic==2.14.3",
+    "pypdf==7.1.0",
+    "pyyaml==6.0.3",
+    "rich==15.0.0",
+    "tokenizers==0.23.3",
+)
+# GPU stage: the TEI client and the parquet writer next to the router (huggingface_hub for the weights build step).
+TEI_PACKAGES = (
+    "httpx==0.28.1",
+    "huggingface_hub==2.4.0",
+    "numpy==2.4.6",
+    "orjson==3.13.0",
+    "pyarrow==26.0.1",
+    "pydantic==2.14.3",
+    "pyyaml==6.0.3",
+)
+
+MODELS_DIR = "/models"
+UPLOADS_DIR = "uploads"
+TEI_HOST = "127.0.0.1"
+TEI_PORT = 8000
+TEI_PROMETHEUS_PORT = 9000
+
+# Physical cores per GPU container: TEI tokenizes on the CPU, and faster GPUs eat tokens faster (tei.md §4.3).
+EMBED_CPU = {"T4": 4.0, "L4": 8.0, "A10": 8.0, "L40S": 12.0, "A100-40GB": 12.0, "A100-80GB": 12.0,
+             "H100": 16.0, "H200": 16.0}
+DEFAULT_EMBED_CPU = 8.0
+EMBED_MEMORY_MIB = 8192
+EMBED_SCALEDOWN_S = 60  # GPU idle time is billed; shards arrive back to back until a stage ends
+EMBED_STARTUP_TIMEOUT_S = 1200  # image pull + weights load + TEI warm-up at --max-batch-tokens
+ROUTER_READY_TIMEOUT_S = EMBED_STARTUP_TIMEOUT_S - 120
+CHUNK_CPU, CHUNK_MEMORY_MIB = 2.0, 4096
+DOWNLOAD_CPU, DOWNLOAD_MEMORY_MIB = 2.0, 4096
+DOWNLOAD_MAX_CONTAINERS = 32  # parallel downloads from one source (the Hub throttles more)
+ORCHESTRATE_TIMEOUT_S = 24 * 3600  # Modal's maximum per attempt
+HANDOVER_AFTER_S = 23 * 3600 + 1800  # leaves 30 min to record the manifest and spawn the next orchestrator
+MAX_PASSES = 60  # hand-overs before giving up: 60 × 23.5 h ≈ 59 days
+
+# TEI router sizing (tei.md §2.6, §4.2).
+MIN_CLIENT_BATCH, MAX_CLIENT_BATCH = 32, 512
+QUEUE_BATCHES = 4  # tokens in flight per container ≥ this × --max-batch-tokens keeps the GPU fed
+REQUESTS_PER_SHARD = 2  # full requests each concurrent shard may keep in flight
+JSON_BYTES_PER_TOKEN = 16  # generous: multi-byte UTF-8 and JSON escapes
+TEI_MIN_PAYLOAD = 2_000_000  # TEI's default --payload-limit
+TEI_MIN_PERMITS = 512  # TEI's default --max-concurrent-requests
+
+
+@dataclass(frozen=True)
+class RouterSettings:
+    """The TEI router flags and container size derived from a Plan and its GPU."""
+
+    cpu: float
+    max_batch_tokens: int
+    max_client_batch_size: int
+    max_concurrent_requests: int
+    payload_limit: int
+    tokenization_workers: int
+    client_max_requests: int
+
+    def args(self, model_dir: str) -> list[tuple[str, ...]]:
+        """`text-embeddings-router` arguments, as (flag, value) pairs and bare flags, in a stable order."""
+        return [
+            ("--model-id", model_dir),
+            ("--hostname", TEI_HOST),
+            ("--port", str(TEI_PORT)),
+            ("--prometheus-port", str(TEI_PROMETHEUS_PORT)),
+            ("--max-batch-tokens", str(self.max_batch_tokens)),
+            ("--max-client-batch-size", str(self.max_client_batch_size)),
+            ("--max-concurrent-requests", str(self.max_concurrent_requests)),
+            ("--payload-limit", str(self.payload_limit)),
+            ("--tokenization-workers", str(self.tokenization_workers)),
+            # The client sends `truncate: false`, so an over-long chunk is still a 422, never silently cut; `true`
+            # here only keeps long-context models (max input > --max-batch-tokens) from failing at startup.
+            ("--auto-truncate", "true"),
+            ("--json-output",),
+        ]
+
+
+def _gpu(plan: Plan) -> catalog.Gpu:
+    gpu = catalog.find_gpu(plan.compute.gpu)
+    if gpu is None:
+        raise BackendError(f"compute.gpu {plan.compute.gpu!r} is not in the GPU catalog; one of: "
+                           f"{', '.join(catalog.gpus())}")
+    return gpu
+
+
+def _round_up(value: int, step: int) -> int:
+    return -(-value // step) * step
+
+
+def router_settings(plan: Plan) -> RouterSettings:
+    """Size TEI so `allow_concurrent_inputs` shards keep its queue full while texts in flight stay ≤ its permits."""
+    gpu = _gpu(plan)
+    cpu = EMBED_CPU.get(gpu.name, DEFAULT_EMBED_CPU)
+    size = max(1, plan.chunk.size)
+    tokens = plan.embed.max_batch_tokens
+    client_batch = min(MAX_CLIENT_BATCH, max(MIN_CLIENT_BATCH, tokens // size))
+    permits = max(
+        TEI_MIN_PERMITS,
+        math.ceil(QUEUE_BATCHES * tokens / size),
+        plan.compute.allow_concurrent_inputs * REQUESTS_PER_SHARD * client_batch,
+    )
+    permits = _round_up(permits, client_batch)
+    text_bytes = size * JSON_BYTES_PER_TOKEN + len(plan.embed.prefix.encode("utf-8")) + 8
+    payload = max(TEI_MIN_PAYLOAD, _round_up(client_batch * text_bytes + 4096, 1_000_000))
+    return RouterSettings(
+        cpu=cpu,
+        max_batch_tokens=tokens,
+        max_client_batch_size=client_batch,
+        max_concurrent_requests=permits,
+        payload_limit=payload,
+        tokenization_workers=max(1, int(cpu) - 1),
+        client_max_requests=max(16, REQUESTS_PER_SHARD * permits // client_batch),
+    )
+
+
+def tei_image(plan: Plan) -> tuple[str, str]:
+    """(registry, tag) of the TEI image for the plan's GPU architecture, pinned to the catalog's patch release."""
+    table = catalog.gpu_table()
+    return str(table["tei_registry"]), f"{_gpu(plan).tei_prefix}{table['tei_version']}"
+
+
+def model_slug(model: str) -> str:
+    """A folder name for a model: `org/name` → `org--name`; a local folder → its name."""
+    name = Path(model).name if model.startswith("/") else model.replace("/", "--")
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "model"
+
+
+def local_model_dir(plan: Plan) -> str | None:
+    """The model folder on this machine when the spec names one (it is copied into the images), else None."""
+    model = plan.embed.model
+    return model if model.startswith("/") and Path(model).is_dir() else None
+
+
+def upload_layout(plan: Plan) -> list[tuple[Path, str]]:
+    """(local path, path relative to the Volume root) of every `dataset.files` entry of a `files` plan."""
+    if plan.data.kind != "files" or not plan.data.files:
+        return []
+    paths = [Path(p) for p in plan.data.files]
+    base = Path(os.path.commonpath([str(p.parent) for p in paths]))
+    return [(p, f"{UPLOADS_DIR}/{plan.data.fingerprint}/{p.relative_to(base).as_posix()}") for p in paths]
+
+
+def remote_plan(plan: Plan) -> dict[str, Any]:
+    """The plan as the containers see it (JSON data): uploaded files and a local model at their container paths.
+
+    Fingerprints are kept: they were computed from the local files, which the uploads copy byte for byte.
+    """
+    data = json.loads(json.dumps(plan.to_dict()))
+    layout = upload_layout(plan)
+    if layout:
+        data["data"]["files"] = [f"{MODAL_ROOT}/{remote}" for _, remote in layout]
+    local = local_model_dir(plan)
+    if local is not None:
+        inside = f"{MODELS_DIR}/{model_slug(local)}"
+        for stage in ("chunk", "embed"):
+            if data[stage]["model"] == local:
+                data[stage]["model"] = inside
+    return data
+
+
+def literal(value: Any, indent: int = 0, lead: int = 0, width: int = 116) -> str:
+    """A Python literal of JSON-like data: `repr()` when it fits on the line, else one item per line."""
+    flat = repr(value)
+    if indent + lead + len(flat) <= width or not value:
+        return flat
+    pad = " " * (indent + 4)
+    if isinstance(value, str):  # implicit concatenation of pieces that each fit: the value is unchanged
+        pieces = _split_text(value, width - indent - 4)
+        return "(\n" + "\n".join(f"{pad}{piece!r}" for piece in pieces) + "\n" + " " * indent + ")"
+    if not isinstance(value, (dict, list, tuple)):
+        return flat
+    if isinstance(value, dict):
+        lines = [f"{pad}{k!r}: {literal(v, indent + 4, len(repr(k)) + 2, width)}," for k, v in value.items()]
+        return "{\n" + "\n".join(lines) + "\n" + " " * indent + "}"
+    lines = [f"{pad}{literal(v, indent + 4, 0, width)}," for v in value]
+    return "[\n" + "\n".join(lines) + "\n" + " " * indent + "]"
+
+
+def _split_text(text: str, width: int) -> list[str]:
+    """Cut `text` into pieces whose reprs fit `width`, after whitespace where possible."""
+    width = max(width, 16)
+    pieces: list[str] = []
+    current = ""
+    for word in re.findall(r"\S*\s*", text):
+        while word:
+            if len(repr(current + word)) <= width:
+                current, word = current + word, ""
+            elif current:
+                pieces.append(current)
+                current = ""
+            else:  # one word longer than the line: cut it where its repr reaches the width
+                cut = 1
+                while cut < len(word) and len(repr(word[: cut + 1])) <= width:
+                    cut += 1
+                pieces.append(word[:cut])
+                word = word[cut:]
+    if current:
+        pieces.append(current)
+    return pieces
+
+
+def _router_args_literal(pairs: list[tuple[str, ...]]) -> str:
+    lines = [" " * 4 + " ".join(f"{part!r}," for part in pair) for pair in pairs]
+    return "[\n" + "\n".join(lines) + "\n]"
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("volembed-runner")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def render_app(plan: Plan) -> str:
+    """The generated app's source for `plan` (deterministic: the same plan renders the same bytes)."""
+    if plan.embed.endpoint:
+        raise BackendError("embedding.endpoint names your own TEI server, but backend modal runs TEI on its own GPUs; "
+                           "remove embedding.endpoint, or run with --backend local")
+    router = router_settings(plan)
+    registry, tag = tei_image(plan)
+    local = local_model_dir(plan)
+    model_dir = f"{MODELS_DIR}/{model_slug(plan.embed.model)}"
+    values: dict[str, Any] = {
+        "rendered_by": f"volembed-runner {_version()}",
+        "app_name": plan.name,
+        "volume_name": plan.volume,
+        "root": MODAL_ROOT,
+        "secret_names": list(plan.compute.secrets),
+        "python_version": PYTHON_VERSION,
+        "cpu_packages": list(CPU_PACKAGES),
+        "tei_packages": list(TEI_PACKAGES),
+        "tei_registry": registry,
+        "tei_tag": tag,
+        "model_id": plan.embed.model,
+        "model_revision": plan.embed.revision,
+        "model_files": list(MODEL_FILE_PATTERNS),
+        "local_model": local,
+        "model_dir": model_dir,
+        "gpu": plan.compute.gpu,
+        "embed_max_containers": plan.compute.concurrency_limit,
+        "embed_max_inputs": plan.compute.allow_concurrent_inputs,
+        "embed_cpu": router.cpu,
+        "embed_memory_mib": EMBED_MEMORY_MIB,
+        "embed_scaledown_s": EMBED_SCALEDOWN_S,
+        "embed_startup_timeout_s": EMBED_STARTUP_TIMEOUT_S,
+        "router_ready_timeout_s": ROUTER_READY_TIMEOUT_S,
+        "tei_url": f"http://{TEI_HOST}:{TEI_PORT}",
+        "tei_port": TEI_PORT,
+        "tei_client": {"payload_limit": router.payload_limit, "max_requests_in_flight": router.client_max_requests},
+        "chunk_max_containers": plan.compute.chunk_workers,
+        "chunk_cpu": CHUNK_CPU,
+        "chunk_memory_mib": CHUNK_MEMORY_MIB,
+        "download_max_containers": min(DOWNLOAD_MAX_CONTAINERS, plan.compute.chunk_workers),
+        "download_cpu": DOWNLOAD_CPU,
+        "download_memory_mib": DOWNLOAD_MEMORY_MIB,
+        "timeout_s": plan.compute.timeout,
+        "retries": plan.compute.retries,
+        "orchestrate_timeout_s": ORCHESTRATE_TIMEOUT_S,
+        "handover_after_s": HANDOVER_AFTER_S,
+        "max_passes": MAX_PASSES,
+    }
+    literals = {key: literal(value, lead=len(key) + 3) for key, value in values.items()}
+    literals["router_args"] = _router_args_literal(router.args(model_dir))
+    literals["plan"] = literal(remote_plan(plan))
+    template = resources.files(__package__).joinpath(TEMPLATE).read_text(encoding="utf-8")
+    return string.Template(template).substitute(literals)
+
+
+def write_app(plan: Plan, path: Path) -> Path:
+    """Render `plan` into `path` (parents created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_app(plan), encoding="utf-8")
+    return path

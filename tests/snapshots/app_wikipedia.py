@@ -55,7 +55,7 @@ MODEL_DIR = '/models/BAAI--bge-base-en-v1.5'
 GPU = 'A10'
 EMBED_MAX_CONTAINERS = 50  # spec compute.concurrency_limit
 EMBED_MAX_INPUTS = 4  # spec compute.allow_concurrent_inputs: chunk shards sharing one TEI
-EMBED_CPU = 8.0
+EMBED_CPU = 4.0
 EMBED_MEMORY_MIB = 8192
 EMBED_SCALEDOWN_S = 60
 EMBED_STARTUP_TIMEOUT_S = 1200
@@ -72,7 +72,7 @@ ROUTER_ARGS = [
     '--max-client-batch-size', '64',
     '--max-concurrent-requests', '512',
     '--payload-limit', '2000000',
-    '--tokenization-workers', '7',
+    '--tokenization-workers', '3',
     '--auto-truncate', 'true',
     '--json-output',
 ]
@@ -85,6 +85,8 @@ DOWNLOAD_CPU = 2.0
 DOWNLOAD_MEMORY_MIB = 4096
 TIMEOUT_S = 3600  # one shard, one attempt
 RETRIES = 3
+ORCHESTRATE_CPU = 1.0
+ORCHESTRATE_MEMORY_MIB = 2048
 ORCHESTRATE_TIMEOUT_S = 86400
 HANDOVER_AFTER_S = 84600
 MAX_PASSES = 60
@@ -113,7 +115,7 @@ PLAN = {
             'limit': None,
             'num_rows': 6458670,
             'num_bytes': 19560538957,
-            'shard_rows': 50000,
+            'shard_rows': 20000,
         },
         'chunking': {'size': 510, 'overlap': 50, 'workers': 100},
         'embedding': {
@@ -137,7 +139,7 @@ PLAN = {
         },
         'output': {'include_text': False},
     },
-    'spec_hash': '5de016c22ed1dbf8',
+    'spec_hash': 'f35dc85c9246666b',
     'git': {'commit': None, 'dirty': None},
     'data': {
         'kind': 'hf',
@@ -151,21 +153,21 @@ PLAN = {
         'id_column': 'id',
         'keep_columns': ['url', 'title'],
         'limit': None,
-        'shard_rows': 50000,
-        'fingerprint': '4796611000024023',
+        'shard_rows': 20000,
+        'fingerprint': '3274ed508dd421b1',
     },
     'chunk': {
-        'data_fingerprint': '4796611000024023',
+        'data_fingerprint': '3274ed508dd421b1',
         'size': 510,
         'overlap': 50,
         'model': 'BAAI/bge-base-en-v1.5',
         'revision': None,
         'tokenizer_id': 'family:bert-base-uncased-wordpiece',
         'keep_columns': ['url', 'title'],
-        'fingerprint': '250bf3334413514d',
+        'fingerprint': 'a0d75ca702d016a9',
     },
     'embed': {
-        'chunk_fingerprint': '250bf3334413514d',
+        'chunk_fingerprint': 'a0d75ca702d016a9',
         'engine': 'tei',
         'model': 'BAAI/bge-base-en-v1.5',
         'revision': None,
@@ -178,7 +180,7 @@ PLAN = {
         'include_text': False,
         'keep_columns': ['url', 'title'],
         'max_batch_tokens': 32768,
-        'fingerprint': 'ee8c924265166f55',
+        'fingerprint': '9b1a6d57b8801c91',
     },
     'compute': {
         'gpu': 'A10',
@@ -330,7 +332,8 @@ def log_event(kind: str, info: dict) -> None:
         print(f"[{info['stage']}] {info['id']} failed: {info['error']}", flush=True)
 
 
-@app.function(image=cpu_image, volumes=VOLUMES, secrets=secrets, cpu=1.0, memory=2048, timeout=ORCHESTRATE_TIMEOUT_S,
+@app.function(image=cpu_image, volumes=VOLUMES, secrets=secrets, cpu=ORCHESTRATE_CPU, memory=ORCHESTRATE_MEMORY_MIB,
+              timeout=ORCHESTRATE_TIMEOUT_S,
               retries=modal.Retries(max_retries=2, initial_delay=30.0))  # a lost container resumes from the Volume
 def orchestrate(until: str = "", passes: int = 1) -> dict:
     """Run download → chunk → embed → finish over the Volume; returns a summary (`next_call` after a hand-over)."""

@@ -22,6 +22,7 @@ class Gpu:
     memory_gib: float
     usd_per_second: float
     tei_max_batch_tokens: int
+    embed_cpu: float
 
 
 @dataclass(frozen=True)

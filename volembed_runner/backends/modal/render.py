@@ -59,9 +59,6 @@ TEI_PORT = 8000
 TEI_PROMETHEUS_PORT = 9000
 
 # Physical cores per GPU container: TEI tokenizes on the CPU, and faster GPUs eat tokens faster (tei.md §4.3).
-EMBED_CPU = {"T4": 4.0, "L4": 8.0, "A10": 8.0, "L40S": 12.0, "A100-40GB": 12.0, "A100-80GB": 12.0,
-             "H100": 16.0, "H200": 16.0}
-DEFAULT_EMBED_CPU = 8.0
 EMBED_MEMORY_MIB = 8192
 EMBED_SCALEDOWN_S = 60  # GPU idle time is billed; shards arrive back to back until a stage ends
 EMBED_STARTUP_TIMEOUT_S = 1200  # image pull + weights load + TEI warm-up at --max-batch-tokens
@@ -69,6 +66,7 @@ ROUTER_READY_TIMEOUT_S = EMBED_STARTUP_TIMEOUT_S - 120
 CHUNK_CPU, CHUNK_MEMORY_MIB = 2.0, 4096
 DOWNLOAD_CPU, DOWNLOAD_MEMORY_MIB = 2.0, 4096
 DOWNLOAD_MAX_CONTAINERS = 32  # parallel downloads from one source (the Hub throttles more)
+ORCHESTRATE_CPU, ORCHESTRATE_MEMORY_MIB = 1.0, 2048  # it only maps shards and writes the manifest
 ORCHESTRATE_TIMEOUT_S = 24 * 3600  # Modal's maximum per attempt
 HANDOVER_AFTER_S = 23 * 3600 + 1800  # leaves 30 min to record the manifest and spawn the next orchestrator
 MAX_PASSES = 60  # hand-overs before giving up: 60 × 23.5 h ≈ 59 days
@@ -128,7 +126,7 @@ def _round_up(value: int, step: int) -> int:
 def router_settings(plan: Plan) -> RouterSettings:
     """Size TEI so `allow_concurrent_inputs` shards keep its queue full while texts in flight stay ≤ its permits."""
     gpu = _gpu(plan)
-    cpu = EMBED_CPU.get(gpu.name, DEFAULT_EMBED_CPU)
+    cpu = float(gpu.embed_cpu)
     size = max(1, plan.chunk.size)
     tokens = plan.embed.max_batch_tokens
     client_batch = min(MAX_CLIENT_BATCH, max(MIN_CLIENT_BATCH, tokens // size))
@@ -293,6 +291,8 @@ def render_app(plan: Plan) -> str:
         "download_memory_mib": DOWNLOAD_MEMORY_MIB,
         "timeout_s": plan.compute.timeout,
         "retries": plan.compute.retries,
+        "orchestrate_cpu": ORCHESTRATE_CPU,
+        "orchestrate_memory_mib": ORCHESTRATE_MEMORY_MIB,
         "orchestrate_timeout_s": ORCHESTRATE_TIMEOUT_S,
         "handover_after_s": HANDOVER_AFTER_S,
         "max_passes": MAX_PASSES,

@@ -22,9 +22,7 @@ from volembed_runner import catalog, chunking, estimate, models
 from volembed_runner.cli import _load, app
 from volembed_runner.errors import BackendError, SpecError
 from volembed_runner.estimate import calibrate, render
-from volembed_runner.estimate_commands import register
 
-register(app)
 runner = CliRunner()
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"

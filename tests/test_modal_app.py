@@ -570,14 +570,12 @@ def test_status_command_prints_stages_and_failures(monkeypatch: pytest.MonkeyPat
     from typer.testing import CliRunner
 
     from volembed_runner import cli
-    from volembed_runner.backends.modal import commands
 
     manifest = {"name": "wikipedia-bge-base", "status": "running", "passes": 2, "updated_at": "now",
                 "stages": {"chunk": {"total": 3, "done": 2, "skipped": 1, "failed": {"00002": "StageError: bad"},
                                      "seconds": 1.5}},
                 "totals": {"chunks": 1234}}
     monkeypatch.setattr(launch, "status", lambda plan: manifest)
-    commands.register(cli.app)
     result = CliRunner().invoke(cli.app, ["status", str(REPO / "pipelines" / "wikipedia.yaml")])
     assert result.exit_code == 0, result.output
     assert "running (pass 2" in result.output and "failed: chunk 00002: StageError: bad" in result.output
@@ -590,9 +588,7 @@ def test_render_command_writes_the_app(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from volembed_runner import cli
-    from volembed_runner.backends.modal import commands
 
-    commands.register(cli.app)
     out = tmp_path / "app.py"
     result = CliRunner().invoke(cli.app, ["render", str(REPO / "pipelines" / "wikipedia.yaml"), "-o", str(out),
                                           "--set", "compute.gpu=H100"])

@@ -32,7 +32,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode=None,
-    help="Embed whole datasets from one YAML job spec.\n\n"
+    help="Embed whole datasets from one YAML job spec.\n\n\b\n"
     "  volembed-run SPEC             run the job (same as `volembed-run run SPEC`)\n"
     "  volembed-run SPEC --dry-run   what it will cost and how long it will take; starts nothing",
 )
@@ -162,9 +162,13 @@ def schema_cmd() -> None:
     sys.stdout.write(json.dumps(spec_schema(), indent=2) + "\n")
 
 
-@app.command("plan", hidden=True)
-def plan_cmd(spec: Path, sets: SetOpt = None, debug: DebugOpt = False) -> None:
-    """Print the resolved plan as JSON (for debugging specs)."""
+@app.command("plan")
+def plan_cmd(
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    sets: SetOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Print the resolved plan as JSON: every setting, fingerprint and output folder after defaults."""
     try:
         plan = _load(spec, sets)
     except VolembedError as exc:
@@ -172,19 +176,124 @@ def plan_cmd(spec: Path, sets: SetOpt = None, debug: DebugOpt = False) -> None:
     sys.stdout.write(json.dumps(plan.to_dict(), indent=2) + "\n")
 
 
+@app.command("render")
+def render_cmd(
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the app here (default: stdout).")] = None,
+    sets: SetOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Write the generated Modal app for SPEC (review it, or `modal run` it yourself)."""
+    from volembed_runner.backends.modal.render import render_app, write_app
+
+    try:
+        plan = _load(spec, sets, backend="modal")
+        if output is None:
+            sys.stdout.write(render_app(plan))
+            return
+        write_app(plan, output)
+    except VolembedError as exc:
+        _fail(exc, debug)
+    _err().print(f"wrote {output}", markup=False)
+
+
+@app.command("status")
+def status_cmd(
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    sets: SetOpt = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Progress and failures of SPEC's run on Modal, read from the manifest on its Volume."""
+    from volembed_runner.backends.modal import launch
+
+    try:
+        manifest = launch.status(_load(spec, sets, backend="modal"))
+    except VolembedError as exc:
+        _fail(exc, debug)
+    if as_json:
+        sys.stdout.write(json.dumps(manifest, indent=2) + "\n")
+        return
+    _print_status(manifest, _out())
+
+
+FAILURES_SHOWN = 10
+
+
+def _print_status(manifest: dict[str, Any], console: Console) -> None:
+    """A manifest as a short table: one row per stage, then the failed shards with their causes."""
+    console.print(f"{manifest.get('name')}: {manifest.get('status')} (pass {manifest.get('passes')}, "
+                  f"updated {manifest.get('updated_at') or manifest.get('started_at')})", markup=False)
+    stages = manifest.get("stages") or {}
+    table = Table(box=None, show_header=True)
+    for column in ("stage", "done", "total", "skipped", "failed", "seconds"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for name, entry in stages.items():
+        table.add_row(name, *(str(entry.get(k) if entry.get(k) is not None else "–")
+                              for k in ("done", "total", "skipped")),
+                      str(len(entry.get("failed") or {})), str(entry.get("seconds") or "–"))
+    if stages:
+        console.print(table)
+    totals = manifest.get("totals") or {}
+    if totals:
+        console.print("totals: " + ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}"
+                                             for k, v in totals.items()), markup=False)
+    for name, entry in stages.items():
+        failed = entry.get("failed") or {}
+        for shard, cause in list(failed.items())[:FAILURES_SHOWN]:
+            console.print(f"failed: {name} {shard}: {cause}", markup=False)
+        if len(failed) > FAILURES_SHOWN:
+            console.print(f"failed: {name}: {len(failed) - FAILURES_SHOWN} more (see --json)", markup=False)
+
+
+@app.command("stop")
+def stop_cmd(
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    sets: SetOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Stop SPEC's running app on Modal (its containers end; finished shards stay done)."""
+    from volembed_runner.backends.modal import launch
+
+    try:
+        plan = _load(spec, sets, backend="modal")
+        app_id = launch.stop(plan)
+    except VolembedError as exc:
+        _fail(exc, debug)
+    _out().print(f"stopped {plan.name} (app {app_id})", markup=False)
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    chunks: Annotated[int, typer.Option("--chunks", help="Chunks of the job to embed for the measurement.")] = 256,
+    backend: Annotated[str | None, typer.Option(help="Override the spec's backend: local or modal.")] = None,
+    sets: SetOpt = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Embed a small sample of the job's chunks and store the measured tokens/s for later --dry-run estimates."""
+    from volembed_runner.estimate import calibrate
+
+    try:
+        plan = _load(spec, sets, backend)
+        entry = calibrate(plan, sample_chunks=chunks)
+    except VolembedError as exc:
+        _fail(exc, debug)
+    if as_json:
+        sys.stdout.write(json.dumps(entry) + "\n")
+        return
+    load = entry.get("model_load_seconds")
+    _out().print(
+        f"calibrated {entry['model']} ({entry['backend']}, {entry['device']}, {entry['engine']} engine): "
+        f"{entry['tokens_per_second']:,.0f} tokens/s over {entry['chunks']} chunks "
+        f"({entry['processed_tokens']:,} tokens in {entry['seconds']:.2f} s"
+        + (f"; model load {load:.1f} s" if load is not None else "")
+        + f"); stored in {entry['path']}",
+        markup=False,
+    )
+
+
 def main() -> None:
     """Console-script entry point."""
-    _register_optional_commands()
     app()
-
-
-def _register_optional_commands() -> None:
-    """Commands whose modules exist only with their features (render/status/stop for Modal, calibrate)."""
-    import importlib
-
-    for module in ("volembed_runner.backends.modal.commands", "volembed_runner.estimate_commands"):
-        try:
-            importlib.import_module(module).register(app)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise

@@ -14,6 +14,7 @@ marker is never taken as finished, and a rerun rewrites it.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -141,9 +142,17 @@ def clear_done(path: Path) -> None:
     marker_path(path).unlink(missing_ok=True)
 
 
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete temporary files a killed writer of `path` left behind (one writer per file, so none is live)."""
+    if path.parent.is_dir():
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            stale.unlink(missing_ok=True)
+
+
 def write_shard(path: Path, write: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
     """Run `write(tmp)` to produce a shard, rename it into place, then mark it done with the stats it returned."""
     clear_done(path)
+    remove_stale_temporaries(path)
     with atomic_path(path) as tmp:
         stats = write(tmp)
     mark_done(path, stats)

@@ -1,0 +1,151 @@
+"""The pipeline's control flow, shared by both backends: which shards to run, resume, failure accounting, hand-over.
+
+A backend supplies a `Mapper` (a process pool locally; `Function.map` on Modal) and the orchestrator decides what to
+map: it skips shards whose done-marker exists, records every failure in the manifest with its cause, and stops
+cleanly before a deadline so a fresh orchestrator can pick up where it left off (resume makes that safe).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from volembed_runner import store
+from volembed_runner.plan import Plan
+from volembed_runner.stages import download as download_stage
+from volembed_runner.stages.download import SourceTask
+from volembed_runner.stages.finish import Manifest
+
+Result = dict[str, Any] | BaseException
+
+
+class Mapper(Protocol):
+    """Runs one stage function over many inputs somewhere, yielding (input, result-or-exception) as they finish."""
+
+    def download(self, tasks: list[SourceTask]) -> Iterable[tuple[SourceTask, list[str] | BaseException]]: ...
+
+    def chunk(self, shards: list[tuple[str, int | None]]) -> Iterable[tuple[str, Result]]: ...
+
+    def embed(self, shards: list[str]) -> Iterable[tuple[str, Result]]: ...
+
+
+@dataclass
+class Outcome:
+    """What one orchestrator pass achieved."""
+
+    stages_run: list[str] = field(default_factory=list)
+    failed: dict[str, list[str]] = field(default_factory=dict)
+    handover: bool = False
+
+    @property
+    def ok(self) -> bool:
+        """True when no shard failed and the work is complete (no hand-over pending)."""
+        return not any(self.failed.values()) and not self.handover
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def pending_shards(done: Iterable[str], shards: Iterable[str]) -> list[str]:
+    """Shards without a done-marker, in order."""
+    finished = set(done)
+    return [s for s in shards if s not in finished]
+
+
+def orchestrate(
+    plan: Plan,
+    root: Path,
+    mapper: Mapper,
+    *,
+    until: str | None = None,
+    deadline: float | None = None,
+    clock: Callable[[], float] = time.time,
+    on_event: Callable[[str, dict[str, Any]], None] | None = None,
+) -> Outcome:
+    """Run download → chunk → embed → finish over `root`, skipping finished shards; stop early at `deadline`."""
+    emit = on_event or (lambda kind, info: None)
+    manifest = Manifest.open(root, plan)
+    outcome = Outcome()
+
+    def out_of_time() -> bool:
+        return deadline is not None and clock() >= deadline
+
+    # Download: one task per source file; a task whose shards are all marked done returns at once.
+    index = download_stage.read_index(root, plan.data)
+    if index is None:
+        tasks = download_stage.list_tasks(plan.data)
+        manifest.start_stage("download", total=len(tasks))
+        emit("stage", {"stage": "download", "total": len(tasks)})
+        failures: dict[str, str] = {}
+        for task, result in mapper.download(tasks) if tasks else ():
+            if isinstance(result, BaseException):
+                failures[task.source] = _describe(result)
+            manifest.shard_finished("download", task.source, failures.get(task.source))
+            emit("shard", {"stage": "download", "id": task.source, "error": failures.get(task.source)})
+        if failures:
+            outcome.failed["download"] = sorted(failures)
+            manifest.finish_stage("download")
+            manifest.close(outcome_ok=False)
+            return outcome
+        index = download_stage.finalize(root, plan.data, tasks)
+        manifest.finish_stage("download")
+    outcome.stages_run.append("download")
+    if until == "download":
+        manifest.close(outcome_ok=True)
+        return outcome
+
+    # Chunk: one input shard → one chunk shard.
+    chunk_folder = store.chunks_dir(root, plan.name, plan.chunk.fingerprint)
+    todo_ids = pending_shards(store.done_shards(chunk_folder), [s for s, _ in index])
+    todo = [(s, cap) for s, cap in index if s in set(todo_ids)]
+    if not _run_shards("chunk", todo, mapper.chunk, manifest, outcome, emit, out_of_time, len(index)):
+        return outcome
+    if until == "chunk":
+        manifest.close(outcome_ok=outcome.ok)
+        return outcome
+
+    # Embed: one chunk shard → one embedding shard.
+    embed_folder = store.embeddings_dir(root, plan.name, plan.embed.fingerprint)
+    chunked = store.done_shards(chunk_folder)
+    todo_embed = pending_shards(store.done_shards(embed_folder), chunked)
+    if not _run_shards("embed", todo_embed, mapper.embed, manifest, outcome, emit, out_of_time, len(chunked)):
+        return outcome
+    manifest.close(outcome_ok=outcome.ok)
+    return outcome
+
+
+def _run_shards(
+    stage: str,
+    todo: list[Any],
+    run: Callable[[list[Any]], Iterable[tuple[str, Result]]],
+    manifest: Manifest,
+    outcome: Outcome,
+    emit: Callable[[str, dict[str, Any]], None],
+    out_of_time: Callable[[], bool],
+    total: int,
+) -> bool:
+    """Map one stage over its pending shards; False when the pass must end here (hand-over at the deadline)."""
+    manifest.start_stage(stage, total=total, skipped=total - len(todo))
+    emit("stage", {"stage": stage, "total": total, "todo": len(todo)})
+    failed: list[str] = []
+    for shard, result in run(todo) if todo else ():
+        error = _describe(result) if isinstance(result, BaseException) else None
+        if error:
+            failed.append(shard)
+        manifest.shard_finished(stage, shard, error, None if error else result)
+        emit("shard", {"stage": stage, "id": shard, "error": error, "stats": None if error else result})
+        if out_of_time():
+            outcome.handover = True
+            manifest.finish_stage(stage)
+            manifest.close(outcome_ok=False, handover=True)
+            return False
+    manifest.finish_stage(stage)
+    outcome.stages_run.append(stage)
+    if failed:
+        outcome.failed[stage] = sorted(failed)
+    return True

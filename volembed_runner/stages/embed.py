@@ -1,0 +1,96 @@
+"""Embed stage: one chunk shard → one embedding shard, through any embedder (local engine or a TEI server).
+
+The output keeps the chunk shard's row order and columns, adds `embedding` as fixed_size_list<float32>[dim], and is
+only marked done after its row count matches the chunk shard's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from volembed_runner import store
+from volembed_runner.embedders import Embedder
+from volembed_runner.errors import StageError
+from volembed_runner.plan import Plan
+
+BASE_COLUMNS = ("doc_id", "chunk_index", "char_start", "char_end", "n_tokens")
+
+
+class AsyncEmbedder(Protocol):
+    """An embedder whose `embed` is a coroutine (the TEI client)."""
+
+    async def embed(self, texts: list[str], n_tokens: list[int]) -> np.ndarray: ...
+
+
+def paths(root: Path, plan: Plan, shard: str) -> tuple[Path, Path]:
+    """The chunk shard read and the embedding shard written."""
+    return (
+        store.shard_path(store.chunks_dir(root, plan.name, plan.chunk.fingerprint), shard),
+        store.shard_path(store.embeddings_dir(root, plan.name, plan.embed.fingerprint), shard),
+    )
+
+
+def _read_chunks(path: Path, shard: str) -> pa.Table:
+    if not store.is_done(path):
+        raise StageError(f"chunk shard {shard} is not finished ({path}); run the chunk stage first")
+    return pq.read_table(path)
+
+
+def _vectors_column(vectors: np.ndarray, rows: int, shard: str) -> pa.FixedSizeListArray:
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[0] != rows:
+        raise StageError(f"embedding shard {shard}: got {vectors.shape[0] if vectors.ndim else 0} vectors "
+                         f"for {rows} chunks; not written")
+    return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), type=pa.float32()), vectors.shape[1])
+
+
+def _write(plan: Plan, chunks: pa.Table, vectors: np.ndarray, out: Path, shard: str, extra: dict[str, Any]) -> dict:
+    column = _vectors_column(vectors, chunks.num_rows, shard)
+    names = [*BASE_COLUMNS, *plan.embed.keep_columns, *(["text"] if plan.embed.include_text else [])]
+    table = chunks.select(list(dict.fromkeys(names))).append_column("embedding", column)
+    metadata = {b"volembed.model": plan.embed.model.encode(), b"volembed.fingerprint": plan.embed.fingerprint.encode()}
+    table = table.replace_schema_metadata(metadata)
+
+    def write(tmp: Path) -> dict[str, Any]:
+        pq.write_table(table, tmp, compression="zstd")
+        written = pq.ParquetFile(tmp).metadata.num_rows
+        if written != chunks.num_rows:
+            raise StageError(f"embedding shard {shard}: wrote {written} rows for {chunks.num_rows} chunks")
+        return {"rows": written, "dim": int(column.type.list_size),
+                "tokens": int(pc.sum(chunks["n_tokens"]).as_py() or 0), **extra}
+
+    return store.write_shard(out, write)
+
+
+def embed_shard(root: Path, plan: Plan, shard: str, embedder: Embedder) -> dict[str, Any]:
+    """Embed one chunk shard with a synchronous embedder (the local engine); a finished shard is left as it is."""
+    src, out = paths(root, plan, shard)
+    if store.is_done(out):
+        return store.read_marker(out)
+    chunks = _read_chunks(src, shard)
+    texts = chunks["text"].to_pylist()
+    vectors = embedder.embed(texts, chunks["n_tokens"].to_pylist()) if texts else _empty(plan, embedder)
+    extra = {"truncated": int(getattr(embedder, "truncated", 0) or 0)}
+    return _write(plan, chunks, vectors, out, shard, extra)
+
+
+async def embed_shard_async(root: Path, plan: Plan, shard: str, client: AsyncEmbedder) -> dict[str, Any]:
+    """Embed one chunk shard through an async client (TEI); several shards may share one client."""
+    src, out = paths(root, plan, shard)
+    if store.is_done(out):
+        return store.read_marker(out)
+    chunks = _read_chunks(src, shard)
+    texts = chunks["text"].to_pylist()
+    vectors = await client.embed(texts, chunks["n_tokens"].to_pylist()) if texts else _empty(plan, client)
+    return _write(plan, chunks, vectors, out, shard, {})
+
+
+def _empty(plan: Plan, embedder: Any) -> np.ndarray:
+    dim = getattr(embedder, "dim", None) or plan.embed.dim or 0
+    return np.zeros((0, int(dim)), dtype=np.float32)

@@ -1,0 +1,179 @@
+"""The run's record: manifest.json (what ran, with what, what failed) and stats.json (what the chunks look like).
+
+Counts are summed from the done-markers on the volume, not kept in memory, so a resumed or handed-over run reports
+the whole job, and a manifest read mid-run (`volembed-run status`) shows live progress.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from volembed_runner import store
+from volembed_runner.plan import Plan
+
+LIBRARIES = ("volembed-runner", "modal", "pydantic", "tokenizers", "pyarrow", "httpx", "huggingface_hub",
+             "sentence-transformers", "torch")
+WRITE_EVERY_S = 2.0
+
+
+def library_versions() -> dict[str, str | None]:
+    """Versions of this package and the libraries whose behaviour shapes the outputs."""
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def merge_histograms(hists: list[dict[str, int]]) -> dict[str, int]:
+    """Sum bucket counts of several histograms (keys are bucket labels)."""
+    total: Counter[str] = Counter()
+    for h in hists:
+        total.update({str(k): int(v) for k, v in h.items()})
+    return dict(sorted(total.items(), key=lambda kv: _bucket_key(kv[0])))
+
+
+def _bucket_key(label: str) -> tuple[int, str]:
+    digits = "".join(ch for ch in label.split("-")[0] if ch.isdigit())
+    return (int(digits) if digits else 0, label)
+
+
+def _marker_stats(folder: Path) -> list[dict[str, Any]]:
+    return [store.read_marker(store.shard_path(folder, s)) for s in store.done_shards(folder)]
+
+
+def totals(root: Path, plan: Plan) -> dict[str, Any]:
+    """Documents, chunks, tokens and vectors of the finished shards, read from their done-markers."""
+    chunk_stats = _marker_stats(store.chunks_dir(root, plan.name, plan.chunk.fingerprint))
+    embed_stats = _marker_stats(store.embeddings_dir(root, plan.name, plan.embed.fingerprint))
+    total = lambda stats, key: sum(int(s.get(key, 0)) for s in stats)  # noqa: E731
+    return {
+        "documents": total(chunk_stats, "documents"),
+        "empty_documents": total(chunk_stats, "empty_documents"),
+        "chunks": total(chunk_stats, "chunks"),
+        "tokens": total(chunk_stats, "tokens"),
+        "doc_tokens": total(chunk_stats, "doc_tokens"),
+        "vectors": total(embed_stats, "rows"),
+        "embedded_tokens": total(embed_stats, "tokens"),
+        "truncated": total(embed_stats, "truncated"),
+        "chunk_shards_done": len(chunk_stats),
+        "embed_shards_done": len(embed_stats),
+    }
+
+
+def chunk_statistics(root: Path, plan: Plan) -> dict[str, Any]:
+    """stats.json: the shape of the chunks (what the scripts we replace needed a separate summary script for)."""
+    stats = _marker_stats(store.chunks_dir(root, plan.name, plan.chunk.fingerprint))
+    return {
+        "chunk_size": plan.chunk.size,
+        "overlap": plan.chunk.overlap,
+        "documents": sum(int(s.get("documents", 0)) for s in stats),
+        "empty_documents": sum(int(s.get("empty_documents", 0)) for s in stats),
+        "tiny_chunks": sum(int(s.get("tiny_chunks", 0)) for s in stats),
+        "tokens_per_chunk": merge_histograms([s.get("token_histogram", {}) for s in stats]),
+        "chunks_per_document": merge_histograms([s.get("chunks_per_doc_histogram", {}) for s in stats]),
+    }
+
+
+@dataclass
+class Manifest:
+    """manifest.json of one run, updated as shards finish and written atomically."""
+
+    root: Path
+    plan: Plan
+    data: dict[str, Any] = field(default_factory=dict)
+    _last_write: float = 0.0
+
+    @classmethod
+    def open(cls, root: Path, plan: Plan) -> Manifest:
+        """Start (or continue) the manifest of `plan`'s run on `root`."""
+        path = store.manifest_path(root, plan.name)
+        previous = store.read_json(path) or {}
+        data = {
+            "name": plan.name,
+            "backend": plan.backend,
+            "volume": plan.volume,
+            "status": "running",
+            "spec_path": plan.spec_path,
+            "spec": plan.spec,
+            "spec_hash": plan.spec_hash,
+            "git": plan.git,
+            "versions": library_versions(),
+            "fingerprints": {"data": plan.data.fingerprint, "chunks": plan.chunk.fingerprint,
+                             "embeddings": plan.embed.fingerprint},
+            "outputs": {
+                "data": str(store.data_dir(root, plan.data.fingerprint)),
+                "chunks": str(store.chunks_dir(root, plan.name, plan.chunk.fingerprint)),
+                "embeddings": str(store.embeddings_dir(root, plan.name, plan.embed.fingerprint)),
+            },
+            "created_at": previous.get("created_at", _now()),
+            "started_at": _now(),
+            "finished_at": None,
+            "passes": int(previous.get("passes", 0)) + 1,
+            "stages": {},
+            "totals": {},
+        }
+        manifest = cls(root=root, plan=plan, data=data)
+        manifest.write(force=True)
+        return manifest
+
+    def start_stage(self, stage: str, *, total: int, skipped: int = 0) -> None:
+        """A stage begins: `skipped` of its `total` shards were already done."""
+        self.data["stages"][stage] = {"total": total, "skipped": skipped, "done": skipped, "failed": {},
+                                      "started_at": _now(), "finished_at": None, "seconds": None,
+                                      "_t0": time.monotonic()}
+        self.write(force=True)
+
+    def shard_finished(self, stage: str, shard: str, error: str | None, stats: dict[str, Any] | None = None) -> None:
+        """One shard of a stage ended, successfully or with `error`."""
+        entry = self.data["stages"][stage]
+        if error:
+            entry["failed"][shard] = error
+        else:
+            entry["done"] += 1
+        self.write()
+
+    def finish_stage(self, stage: str) -> None:
+        """A stage ended (all its shards were attempted)."""
+        entry = self.data["stages"][stage]
+        entry["finished_at"] = _now()
+        entry["seconds"] = round(time.monotonic() - entry.pop("_t0"), 3)
+        self.write(force=True)
+
+    def close(self, *, outcome_ok: bool, handover: bool = False) -> None:
+        """Final counts, status and stats.json."""
+        for entry in self.data["stages"].values():
+            entry.pop("_t0", None)
+        self.data["status"] = "handover" if handover else ("succeeded" if outcome_ok else "failed")
+        self.data["finished_at"] = _now()
+        self.write(force=True)
+        store.write_json_atomic(store.stats_path(self.root, self.plan.name), chunk_statistics(self.root, self.plan))
+
+    def write(self, *, force: bool = False) -> None:
+        """Write the manifest (throttled to one write per WRITE_EVERY_S unless forced)."""
+        now = time.monotonic()
+        if not force and now - self._last_write < WRITE_EVERY_S:
+            return
+        self._last_write = now
+        self.data["updated_at"] = _now()
+        self.data["totals"] = totals(self.root, self.plan)
+        public = {**self.data, "stages": {k: {kk: vv for kk, vv in v.items() if kk != "_t0"}
+                                          for k, v in self.data["stages"].items()}}
+        store.write_json_atomic(store.manifest_path(self.root, self.plan.name), public)
+
+    @property
+    def failed(self) -> dict[str, dict[str, str]]:
+        """Failed shards by stage, with their causes."""
+        return {k: dict(v["failed"]) for k, v in self.data["stages"].items() if v["failed"]}

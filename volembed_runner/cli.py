@@ -74,7 +74,7 @@ def _load(spec: Path, sets: list[str] | None, backend: str | None = None) -> Any
 def _print_plan(plan: Any, console: Console) -> None:
     table = Table(title=f"plan: {plan.name} ({plan.backend})", show_header=False, box=None)
     table.add_column(style="bold")
-    table.add_column()
+    table.add_column(overflow="fold")
     d, c, e, k = plan.data, plan.chunk, plan.embed, plan.compute
     source = f"hf {d.hf} [{d.config or 'default'}/{d.split}]" if d.kind == "hf" else f"{len(d.files)} file(s)"
     table.add_row("dataset", f"{source}" + (f", limit {d.limit}" if d.limit else ""))

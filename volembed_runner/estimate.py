@@ -753,19 +753,10 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _local_precision(plan: Plan) -> str:
-    try:
-        from volembed_runner.embedders.local import resolve_precision
-
-        return resolve_precision(plan.embed.precision)
-    except (ImportError, VolembedError):
-        return "fp32" if plan.embed.precision != "bf16" else "bf16"
-
-
 def local_rate(plan: Plan, calibrations: dict[str, dict[str, Any]] | None = None) -> Rate:
     """Tokens/s of the in-process engine on this machine: a calibration, else the stated default scaled."""
     calibrations = load_calibrations() if calibrations is None else calibrations
-    precision = _local_precision(plan)
+    precision = plan.embed.precision  # resolved for this CPU by the plan
     entry = calibrations.get(calibration_key("local", plan.embed.model, precision, "local"))
     if entry:
         tps = float(entry["tokens_per_second"])

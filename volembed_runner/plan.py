@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 
 from volembed_runner import catalog
+from volembed_runner.embedders.local import resolve_precision
 from volembed_runner.errors import SpecError, SpecIssue
 from volembed_runner.spec import Spec
 
@@ -77,12 +78,12 @@ class EmbedSettings:
 
     chunk_fingerprint: str
     engine: str  # "local" (in-process) or "tei" (a TEI server: on Modal, or embedding.endpoint)
+    precision: str  # what the engine runs at: fp32 | bf16 locally (auto resolved for this CPU), float16 on TEI
     model: str
     revision: str | None
     prefix: str
     normalize: bool
     dimensions: int | None
-    precision: str
     endpoint: str | None
     dim: int | None  # from the catalog when known; the engine reports the truth
     include_text: bool
@@ -255,6 +256,7 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
     gpu = catalog.find_gpu(spec.compute.gpu)
     assert gpu is not None  # validated by the spec
     engine = "tei" if (backend == "modal" or emb.endpoint) else "local"
+    precision = resolve_precision(emb.precision) if engine == "local" else "float16"
     known = catalog.find_model(emb.model)
     embed_key = {
         "chunks": chunk.fingerprint,
@@ -264,7 +266,7 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
         "prefix": spec.prefix,
         "normalize": emb.normalize,
         "dimensions": emb.dimensions,
-        "precision": emb.precision if engine == "local" else "float16",
+        "precision": precision,
         "include_text": spec.output.include_text,
     }
     embed = EmbedSettings(
@@ -275,7 +277,7 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
         prefix=spec.prefix,
         normalize=emb.normalize,
         dimensions=emb.dimensions,
-        precision=emb.precision,
+        precision=precision,
         endpoint=emb.endpoint,
         dim=emb.dimensions or (known.dim if known else None),
         include_text=spec.output.include_text,

@@ -84,6 +84,7 @@ class _Progress:
         self.progress = Progress(TextColumn("{task.description:>9}"), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), console=console, disable=not self.live)
         self.tasks: dict[str, Any] = {}
+        self.embedded_tokens = 0
 
     def __call__(self, kind: str, info: dict[str, Any]) -> None:
         stage = info["stage"]
@@ -94,6 +95,8 @@ class _Progress:
                 self.console.print(f"{stage}: {info.get('todo', total)} of {total} shard(s) to run", markup=False)
         elif kind == "shard":
             self.progress.advance(self.tasks[stage])
+            if stage == "embed" and info.get("stats"):
+                self.embedded_tokens += int(info["stats"].get("tokens", 0))
             if info.get("error"):
                 self.console.print(f"{stage} shard {info['id']} failed: {info['error']}", markup=False)
 
@@ -112,13 +115,16 @@ def _run_local(plan: Plan, *, until: str | None, as_json: bool, out: Console, er
     manifest = store.read_json(store.manifest_path(root, plan.name)) or {}
     failed = {stage: entry.get("failed", {}) for stage, entry in manifest.get("stages", {}).items()
               if entry.get("failed")}
+    embed_seconds = (manifest.get("stages", {}).get("embed") or {}).get("seconds")
+    rate = progress.embedded_tokens / embed_seconds if progress.embedded_tokens and embed_seconds else None
     summary = {
         "name": plan.name,
         "status": manifest.get("status"),
         "stages": outcome.stages_run,
         "seconds": round(seconds, 2),
         **{k: counts[k] for k in ("documents", "empty_documents", "chunks", "tokens", "vectors")},
-        "tokens_per_second": round(counts["embedded_tokens"] / seconds, 1) if seconds and counts["vectors"] else None,
+        "embedded_this_run": progress.embedded_tokens,
+        "tokens_per_second": round(rate, 1) if rate else None,
         "failed": failed,
         "outputs": manifest.get("outputs", {}),
         "manifest": str(store.manifest_path(root, plan.name)),
@@ -143,9 +149,11 @@ def _print_summary(summary: dict[str, Any], out: Console) -> None:
     for key in ("documents", "empty_documents", "chunks", "tokens", "vectors"):
         table.add_row(key.replace("_", " "), f"{summary[key]:,}")
     if summary["tokens_per_second"]:
-        table.add_row("embed rate", f"{summary['tokens_per_second']:,.0f} tokens/s (whole run)")
+        table.add_row("embed rate", f"{summary['tokens_per_second']:,.0f} tokens/s (embed stage, this run)")
+    elif "embed" in summary["stages"]:
+        table.add_row("embed rate", "nothing to embed: every shard was already done")
     last = summary["stages"][-1] if summary["stages"] else None
     folder = {"download": "data", "chunk": "chunks", "embed": "embeddings"}.get(last or "", "embeddings")
-    table.add_row("files", summary["outputs"].get(folder, ""))
-    table.add_row("manifest", summary["manifest"])
     out.print(table)
+    out.print(f"files:    {summary['outputs'].get(folder, '')}", markup=False)
+    out.print(f"manifest: {summary['manifest']}", markup=False)

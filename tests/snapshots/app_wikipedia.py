@@ -169,12 +169,12 @@ PLAN = {
     'embed': {
         'chunk_fingerprint': 'a0d75ca702d016a9',
         'engine': 'tei',
+        'precision': 'float16',
         'model': 'BAAI/bge-base-en-v1.5',
         'revision': None,
         'prefix': '',
         'normalize': True,
         'dimensions': None,
-        'precision': 'auto',
         'endpoint': None,
         'dim': 768,
         'include_text': False,

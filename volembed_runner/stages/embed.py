@@ -75,8 +75,9 @@ def embed_shard(root: Path, plan: Plan, shard: str, embedder: Embedder) -> dict[
         return store.read_marker(out)
     chunks = _read_chunks(src, shard)
     texts = chunks["text"].to_pylist()
+    truncated_before = int(getattr(embedder, "truncated", 0) or 0)
     vectors = embedder.embed(texts, chunks["n_tokens"].to_pylist()) if texts else _empty(plan, embedder)
-    extra = {"truncated": int(getattr(embedder, "truncated", 0) or 0)}
+    extra = {"truncated": int(getattr(embedder, "truncated", 0) or 0) - truncated_before}
     return _write(plan, chunks, vectors, out, shard, extra)
 
 

@@ -1,0 +1,199 @@
+"""The local backend end to end, through the CLI as a user runs it: outputs, resume, failures, estimates."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from volembed_runner import store
+from volembed_runner.cli import app
+from volembed_runner.loading import load_spec
+from volembed_runner.plan import make_plan
+
+runner = CliRunner()
+WORDS = [
+    "river", "mountain", "Zürich", "café", "naïve", "data", "embedding", "token", "window", "chunk", "model",
+    "vector", "search", "index", "archive", "library", "museum", "theory", "quantum", "garden", "harbour",
+]
+
+SPEC = """\
+version: 1
+name: e2e
+backend: local
+volume: testvol
+dataset:
+  files: [docs.jsonl]
+  keep_columns: [title]
+  shard_rows: {shard_rows}
+chunking:
+  size: 64
+  overlap: 8
+  workers: 2
+embedding:
+  model: sentence-transformers/all-MiniLM-L6-v2
+  precision: fp32
+output:
+  include_text: true
+"""
+
+
+def make_docs(folder: Path, n: int, seed: int = 0) -> Path:
+    """Documents of varied length (empty, tiny, several windows), written as jsonl."""
+    rng = random.Random(seed)
+    path = folder / "docs.jsonl"
+    with path.open("w", encoding="utf-8") as fh:
+        for i in range(n):
+            length = rng.choice([0, 1, 5, 40, 63, 64, 65, 150, 400])
+            text = " ".join(rng.choice(WORDS) for _ in range(length))
+            fh.write(json.dumps({"text": text, "title": f"doc {i}"}) + "\n")
+    return path
+
+
+def write_spec(folder: Path, shard_rows: int = 25) -> Path:
+    path = folder / "spec.yaml"
+    path.write_text(SPEC.format(shard_rows=shard_rows))
+    return path
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+def outputs(spec: Path, stage: str) -> dict[str, bytes]:
+    plan = make_plan(load_spec(spec), spec)
+    root = plan.local_root()
+    folder = (store.chunks_dir(root, plan.name, plan.chunk.fingerprint) if stage == "chunk"
+              else store.embeddings_dir(root, plan.name, plan.embed.fingerprint))
+    return {s: store.shard_path(folder, s).read_bytes() for s in store.done_shards(folder)}
+
+
+@pytest.mark.slow
+def test_local_run_writes_vectors_every_reader_opens(tmp_path: Path) -> None:
+    make_docs(tmp_path, 120)
+    spec = write_spec(tmp_path)
+    code, out = run_cli(str(spec), "--json")
+    assert code == 0, out
+    summary = json.loads(out[out.index("{"):])
+    assert summary["status"] == "succeeded" and summary["vectors"] == summary["chunks"] > 0
+    assert summary["empty_documents"] > 0 and summary["documents"] == 120
+
+    folder = Path(summary["outputs"]["embeddings"])
+    files = sorted(folder.glob("shard-*.parquet"))
+    assert len(files) == 5
+    table = pq.read_table(files[0])
+    assert str(table.schema.field("embedding").type) == "fixed_size_list<element: float>[384]"
+    assert {"doc_id", "chunk_index", "char_start", "char_end", "n_tokens", "title", "text"} <= set(table.column_names)
+
+    import datasets
+    import duckdb
+
+    ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
+    assert ds.num_rows == summary["vectors"] and len(ds[0]["embedding"]) == 384
+    con = duckdb.connect()
+    rows, dim = con.execute(
+        f"select count(*), max(len(embedding)) from read_parquet('{folder}/shard-*.parquet')").fetchone()
+    assert (rows, dim) == (summary["vectors"], 384)
+
+    manifest = json.loads(Path(summary["manifest"]).read_text())
+    assert manifest["status"] == "succeeded" and manifest["spec"]["name"] == "e2e"
+    assert manifest["totals"]["vectors"] == summary["vectors"]
+    assert manifest["versions"]["volembed-runner"] is not None and "git" in manifest
+    stats = json.loads((Path(summary["manifest"]).parent / "stats.json").read_text())
+    assert sum(stats["tokens_per_chunk"].values()) == summary["chunks"]
+
+    code, out = run_cli(str(spec), "--json")
+    again = json.loads(out[out.index("{"):])
+    assert code == 0 and again["vectors"] == summary["vectors"]
+    manifest = json.loads(Path(summary["manifest"]).read_text())
+    assert manifest["stages"]["embed"]["skipped"] == manifest["stages"]["embed"]["total"] == 5
+
+
+def test_until_chunk_stops_before_embedding(tmp_path: Path) -> None:
+    make_docs(tmp_path, 60)
+    spec = write_spec(tmp_path)
+    code, out = run_cli(str(spec), "--until", "chunk", "--json")
+    assert code == 0, out
+    summary = json.loads(out[out.index("{"):])
+    assert summary["stages"] == ["download", "chunk"] and summary["chunks"] > 0 and summary["vectors"] == 0
+    assert len(outputs(spec, "chunk")) == 3 and outputs(spec, "embed") == {}
+
+
+def test_new_chunk_settings_write_a_new_folder_and_keep_the_old(tmp_path: Path) -> None:
+    make_docs(tmp_path, 30)
+    spec = write_spec(tmp_path)
+    assert run_cli(str(spec), "--until", "chunk")[0] == 0
+    before = outputs(spec, "chunk")
+    assert run_cli(str(spec), "--until", "chunk", "--set", "chunking.overlap=16")[0] == 0
+    assert outputs(spec, "chunk") == before
+
+
+def test_chunk_run_killed_mid_shard_resumes_to_identical_files(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for folder in (tmp_path / "a", tmp_path / "b"):
+        make_docs(folder, 400, seed=3)
+        write_spec(folder, shard_rows=10)
+    env = {**os.environ, "VOLEMBED_HOME": str(tmp_path / "home-a")}
+    cmd = [sys.executable, "-m", "volembed_runner", str(tmp_path / "a" / "spec.yaml"), "--until", "chunk"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    chunk_root = tmp_path / "home-a" / "volumes" / "testvol" / "runs" / "e2e" / "chunks"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if list(chunk_root.glob("*/shard-*.done")):
+            break
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = len(list(chunk_root.glob("*/shard-*.done")))
+    assert partial >= 1
+
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    env_b = {**os.environ, "VOLEMBED_HOME": str(tmp_path / "home-b")}
+    clean_cmd = [sys.executable, "-m", "volembed_runner", str(tmp_path / "b" / "spec.yaml"), "--until", "chunk"]
+    clean = subprocess.run(clean_cmd, env=env_b, capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stderr
+
+    def files(home: Path) -> dict[str, bytes]:
+        folder = next((home / "volumes" / "testvol" / "runs" / "e2e" / "chunks").iterdir())
+        return {p.name: p.read_bytes() for p in sorted(folder.glob("shard-*.parquet"))}
+
+    resumed_files, clean_files = files(tmp_path / "home-a"), files(tmp_path / "home-b")
+    assert len(clean_files) == 40 and resumed_files == clean_files
+    leftovers = [p for p in chunk_root.rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []
+
+
+def test_failed_shards_are_listed_and_retried_on_the_next_run(tmp_path: Path) -> None:
+    make_docs(tmp_path, 50)
+    spec = write_spec(tmp_path)
+    assert run_cli(str(spec), "--until", "download")[0] == 0
+    plan = make_plan(load_spec(spec), spec)
+    data = store.data_dir(plan.local_root(), plan.data.fingerprint)
+    victim = sorted(data.glob("shard-*.parquet"))[1]
+    good = victim.read_bytes()
+    victim.write_bytes(b"not parquet")
+
+    code, out = run_cli(str(spec), "--until", "chunk")
+    assert code == 1
+    assert "1 shard(s) failed" in out and "rerun the same command" in out
+    manifest = json.loads(store.manifest_path(plan.local_root(), plan.name).read_text())
+    failed = manifest["stages"]["chunk"]["failed"]
+    assert list(failed) == [victim.name[len("shard-"):-len(".parquet")]] and manifest["status"] == "failed"
+
+    victim.write_bytes(good)
+    code, out = run_cli(str(spec), "--until", "chunk")
+    assert code == 0, out
+    manifest = json.loads(store.manifest_path(plan.local_root(), plan.name).read_text())
+    assert manifest["stages"]["chunk"]["failed"] == {} and manifest["stages"]["chunk"]["skipped"] == 1

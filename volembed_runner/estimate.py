@@ -1238,7 +1238,7 @@ def calibrate(plan: Plan, *, sample_chunks: int = 256,
     else:
         seconds = float(runner(texts, n_tokens))
         backend = plan.backend
-        device = plan.compute.gpu if backend == "modal" else _local_precision(plan)
+        device = plan.compute.gpu if backend == "modal" else plan.embed.precision
         engine_name = plan.embed.engine
     if seconds <= 0:
         raise BackendError(f"calibration measured {seconds} s for {len(texts)} chunks; cannot derive a rate")

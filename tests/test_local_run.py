@@ -197,3 +197,45 @@ def test_failed_shards_are_listed_and_retried_on_the_next_run(tmp_path: Path) ->
     assert code == 0, out
     manifest = json.loads(store.manifest_path(plan.local_root(), plan.name).read_text())
     assert manifest["stages"]["chunk"]["failed"] == {} and manifest["stages"]["chunk"]["skipped"] == 1
+
+
+def test_embedding_endpoint_runs_the_embed_stage_through_a_tei_server_under_faults(tmp_path: Path) -> None:
+    from collections import Counter
+
+    import numpy as np
+
+    from .tei_server import TEIServer, expected_vector
+
+    make_docs(tmp_path, 80)
+    spec = write_spec(tmp_path)
+    with TEIServer(dim=8, max_client_batch_size=8, max_concurrent_requests=16) as server:
+        server.schedule.extend([503, "drop", 429, None, 500])
+        code, out = run_cli(str(spec), "--json", "--set", f"embedding.endpoint={server.url}",
+                            "--set", "embedding.prefix='passage: '")
+        embedded = Counter(server.embedded)
+    assert code == 0, out
+    summary = json.loads(out[out.index("{"):])
+    table = pq.read_table(sorted(Path(summary["outputs"]["embeddings"]).glob("shard-*.parquet")))
+    texts = table["text"].to_pylist()
+    assert table.num_rows == summary["chunks"] == summary["vectors"]
+    assert all(embedded[f"passage: {t}"] >= 1 for t in texts)
+    assert sum(embedded.values()) == len(texts)  # each chunk embedded exactly once, faults notwithstanding
+    got = np.array(table["embedding"].to_pylist(), dtype=np.float32)
+    want = np.stack([expected_vector(f"passage: {t}", 8) for t in texts])
+    assert np.allclose(got, want, atol=1e-6)
+
+
+def test_dry_run_estimate_matches_what_the_run_produces(tmp_path: Path) -> None:
+    make_docs(tmp_path, 12_000, seed=7)  # more than the dry run samples, so it extrapolates
+    spec = write_spec(tmp_path, shard_rows=4000)
+    code, out = run_cli(str(spec), "--dry-run", "--json")
+    assert code == 0, out
+    est = json.loads(out[out.index("{"):])
+    assert est["sample"]["documents"] < 12_000 and not est["sample"]["complete"]
+    assert est["cost_usd"] == 0.0  # nothing is spent locally
+    code, out = run_cli(str(spec), "--until", "chunk", "--json")
+    assert code == 0, out
+    ran = json.loads(out[out.index("{"):])
+    assert abs(est["chunks"] - ran["chunks"]) <= 0.02 * ran["chunks"]
+    assert abs(est["embedded_tokens"] - ran["tokens"]) <= 0.02 * ran["tokens"]
+    assert est["documents"] == ran["documents"]

@@ -28,29 +28,23 @@ TEMPLATE = "app.py.tmpl"
 PYTHON_VERSION = "3.12"
 
 # What the generated images install, pinned (matching the versions this package is developed against).
+PINS = {
+    "httpx": "0.28.1",
+    "huggingface_hub": "2.4.0",
+    "numpy": "2.4.6",
+    "orjson": "3.13.0",
+    "pyarrow": "26.0.1",
+    "pydantic": "2.14.3",
+    "pypdf": "7.1.0",
+    "pyyaml": "6.0.3",
+    "rich": "15.0.0",
+    "tokenizers": "0.23.3",
+}
 # CPU stages (download, chunk, orchestrate): readers, the tokenizer, the Hub client; never torch.
-CPU_PACKAGES = (
-    "httpx==0.28.1",
-    "huggingface_hub==2.4.0",
-    "numpy==2.4.6",
-    "orjson==3.13.0",
-    "pyarrow==26.0.1",
-    "pydantic==2.14.3",
-    "pypdf==7.1.0",
-    "pyyaml==6.0.3",
-    "rich==15.0.0",
-    "tokenizers==0.23.3",
-)
+CPU_PACKAGES = tuple(f"{name}=={version}" for name, version in PINS.items())
 # GPU stage: the TEI client and the parquet writer next to the router (huggingface_hub for the weights build step).
-TEI_PACKAGES = (
-    "httpx==0.28.1",
-    "huggingface_hub==2.4.0",
-    "numpy==2.4.6",
-    "orjson==3.13.0",
-    "pyarrow==26.0.1",
-    "pydantic==2.14.3",
-    "pyyaml==6.0.3",
-)
+TEI_PACKAGES = tuple(f"{name}=={PINS[name]}" for name in
+                     ("httpx", "huggingface_hub", "numpy", "orjson", "pyarrow", "pydantic", "pyyaml"))
 
 MODELS_DIR = "/models"
 UPLOADS_DIR = "uploads"

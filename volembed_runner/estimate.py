@@ -303,9 +303,9 @@ class _Sizes:
 
 
 def _limit(plan: Plan, total: float) -> float:
-    from volembed_runner.stages.download import _limit_rows
+    from volembed_runner.stages.download import limit_rows
 
-    return float(_limit_rows(plan.data.limit, int(total))) if plan.data.limit is not None else total
+    return float(limit_rows(plan.data.limit, int(total))) if plan.data.limit is not None else total
 
 
 def _count_local_rows(task: Any, data: Any) -> tuple[int | None, bool, str | None]:
@@ -318,12 +318,12 @@ def _count_local_rows(task: Any, data: Any) -> tuple[int | None, bool, str | Non
     if task.fmt == "parquet":
         return pq.ParquetFile(path).metadata.num_rows, True, None
     if path.is_dir():
-        return len(dl._folder_documents(path)), True, None
+        return len(dl.folder_documents(path)), True, None
     if task.fmt in ("text", "pdf"):
         return 1, True, None
     size = path.stat().st_size
     if size <= COUNT_CAP_BYTES:
-        rows = sum(t.num_rows for t in dl._read_task(Path("."), data, task, dl._Shape.of(data)))
+        rows = sum(t.num_rows for t in dl.read_task(Path("."), data, task, dl.Shape.of(data)))
         return rows, True, None
     if task.fmt == "jsonl":
         return _count_lines(path), False, f"{path.name}: rows extrapolated from its first {COUNT_CAP_BYTES >> 20} MiB"
@@ -380,8 +380,8 @@ def _local_sizes(plan: Plan, tok: _Tokenizer | None, sample_cap: int) -> _Sizes:
     unknown_fraction = sizes.rows is None and isinstance(data.limit, float)
     quotas = _quotas([r for r, _, _ in counts], wanted)
     sample = _Sample(plan.chunk.size, plan.chunk.overlap, note=tok.note)
-    shape = dl._Shape.of(data)
-    readers = [_texts_of(dl._read_task(Path("."), data, t, shape), q)
+    shape = dl.Shape.of(data)
+    readers = [_texts_of(dl.read_task(Path("."), data, t, shape), q)
                for t, q in zip(tasks, quotas, strict=True) if q != 0]
     try:
         if sizes.rows is not None and sizes.rows <= sample_cap:
@@ -408,8 +408,8 @@ def _measure_bytes(plan: Plan, sizes: _Sizes, tasks: list[Any], counts: list[Any
 
     if sizes.rows is None:
         return
-    shape = dl._Shape.of(plan.data)
-    readers = [_texts_of(dl._read_task(Path("."), plan.data, t, shape), q)
+    shape = dl.Shape.of(plan.data)
+    readers = [_texts_of(dl.read_task(Path("."), plan.data, t, shape), q)
                for t, q in zip(tasks, _quotas([r for r, _, _ in counts], sizes.rows), strict=True) if q != 0]
     seen = total = 0
     try:
@@ -536,10 +536,10 @@ def _hub_worker(plan: Plan, tok: _Tokenizer | None, sample_cap: int, found: dict
         if all(t.size is not None for t in tasks):
             found["download_bytes"] = float(sum(t.size or 0 for t in tasks))
         fs = HfFileSystem()
-        shape = dl._Shape.of(plan.data)
+        shape = dl.Shape.of(plan.data)
 
         def footer(task: Any) -> Any:
-            repo, revision, path = dl._parse_hf_uri(task.source)
+            repo, revision, path = dl.parse_hf_uri(task.source)
             return pq.ParquetFile(fs.open(f"datasets/{repo}@{revision}/{path}", "rb")).metadata
 
         from concurrent.futures import ThreadPoolExecutor
@@ -561,15 +561,15 @@ def _hub_worker(plan: Plan, tok: _Tokenizer | None, sample_cap: int, found: dict
         found["bytes_source"] = "the text column's uncompressed size in the parquet footers"
         if tok is None or not tasks:
             return
-        repo, revision, path = dl._parse_hf_uri(tasks[0].source)
+        repo, revision, path = dl.parse_hf_uri(tasks[0].source)
         pf = pq.ParquetFile(fs.open(f"datasets/{repo}@{revision}/{path}", "rb"))
         sample = _Sample(plan.chunk.size, plan.chunk.overlap, note=tok.note)
         found["sample"] = sample
         batches = pf.iter_batches(batch_size=SAMPLE_BATCH, columns=shape.needed, row_groups=[0])
 
         def texts() -> Iterator[list[str]]:
-            for row0, batch in dl._guarded(batches, lambda exc, row0: SourceError(str(exc))):
-                yield dl._shape_batch(batch, shape, path, 0, row0).column("text").to_pylist()
+            for row0, batch in dl.guarded(batches, lambda exc, row0: SourceError(str(exc))):
+                yield dl.shape_batch(batch, shape, path, 0, row0).column("text").to_pylist()
 
         _sample_texts(tok.tok, texts(), sample, sample_cap)
     except Exception as exc:  # a dry run must not fail on metadata: the reason becomes an assumption line
@@ -1270,8 +1270,8 @@ def _sample_chunks(plan: Plan, tok: _Tokenizer, want: int) -> tuple[list[str], l
     if plan.data.kind == "files":
         from volembed_runner.stages import download as dl
 
-        shape = dl._Shape.of(plan.data)
-        batches = (b for t in dl.list_tasks(plan.data) for b in _texts_of(dl._read_task(Path("."), plan.data, t, shape),
+        shape = dl.Shape.of(plan.data)
+        batches = (b for t in dl.list_tasks(plan.data) for b in _texts_of(dl.read_task(Path("."), plan.data, t, shape),
                                                                            None))
     else:
         raise BackendError("calibrate samples the job's documents from local files; for a Hub dataset, run it on a "

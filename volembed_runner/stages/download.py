@@ -96,7 +96,7 @@ def list_tasks(data: DataSettings) -> list[SourceTask]:
         if not path.exists():
             raise SourceError(f"{source}: no such file or folder")
         fmt = _detect_format(path)
-        size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for _, p in _folder_documents(path))
+        size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for _, p in folder_documents(path))
         tasks.append(SourceTask(index=index, source=source, fmt=fmt, size=size))
     return tasks
 
@@ -104,7 +104,7 @@ def list_tasks(data: DataSettings) -> list[SourceTask]:
 def _detect_format(path: Path) -> str:
     """A source's format from its suffix (`.gz` allowed on jsonl/json/csv); a folder holds .txt/.md/.pdf documents."""
     if path.is_dir():
-        docs = _folder_documents(path)
+        docs = folder_documents(path)
         if not docs:
             raise SourceError(f"{path}: folder holds no .txt, .md or .pdf file (for other files, list them by glob)")
         return "pdf" if all(p.suffix.lower() == ".pdf" for _, p in docs) else "text"
@@ -119,7 +119,7 @@ def _detect_format(path: Path) -> str:
     return fmt
 
 
-def _folder_documents(folder: Path) -> list[tuple[str, Path]]:
+def folder_documents(folder: Path) -> list[tuple[str, Path]]:
     """(relative posix path, path) of every .txt/.md/.pdf under `folder`, hidden ones skipped, sorted by path."""
     docs = []
     for path in folder.rglob("*"):
@@ -339,7 +339,7 @@ def _hf_uri(repo: str, revision: str, path: str) -> str:
     return f"{HF_SCHEME}{repo}@{quote(revision, safe='')}/{path}"
 
 
-def _parse_hf_uri(uri: str) -> tuple[str, str, str]:
+def parse_hf_uri(uri: str) -> tuple[str, str, str]:
     """Inverse of `_hf_uri`: (repo, revision, path)."""
     repo, _, rest = uri[len(HF_SCHEME) :].partition("@")
     revision, _, path = rest.partition("/")
@@ -422,7 +422,7 @@ def _first_line(exc: BaseException | str) -> str:
 
 
 @dataclass(frozen=True)
-class _Shape:
+class Shape:
     """Which source columns become the shard's `id`, `text` and keep columns."""
 
     text_column: str | None
@@ -432,7 +432,7 @@ class _Shape:
     keep_columns: tuple[str, ...]
 
     @classmethod
-    def of(cls, data: DataSettings) -> _Shape:
+    def of(cls, data: DataSettings) -> Shape:
         """The shape a DataSettings asks for; keep columns may not shadow `id` or `text`."""
         clash = [c for c in data.keep_columns if c in RESERVED_COLUMNS]
         if clash:
@@ -497,7 +497,7 @@ def _short(value: Any) -> str:
 # ---------------------------------------------------------------------------------------- arrow sources (parquet, csv)
 
 
-def _shape_batch(batch: pa.RecordBatch, shape: _Shape, name: str, task: int, row0: int) -> pa.Table:
+def shape_batch(batch: pa.RecordBatch, shape: Shape, name: str, task: int, row0: int) -> pa.Table:
     """Source rows (a batch starting at 0-based row `row0`) → the shard's columns, with one-line errors by row."""
     n = batch.num_rows
     if shape.template:
@@ -580,7 +580,7 @@ def _id_array(arr: pa.Array, name: str, column: str, row0: int) -> pa.Array:
     return arr.cast(pa.string())
 
 
-def _guarded(batches: Iterator[pa.RecordBatch], on_error: Callable[[Exception, int], SourceError]) -> Iterator[Any]:
+def guarded(batches: Iterator[pa.RecordBatch], on_error: Callable[[Exception, int], SourceError]) -> Iterator[Any]:
     """Yield (0-based first row, batch), turning a read failure into a SourceError that says where it happened."""
     row0 = 0
     while True:
@@ -594,7 +594,7 @@ def _guarded(batches: Iterator[pa.RecordBatch], on_error: Callable[[Exception, i
         row0 += batch.num_rows
 
 
-def _read_parquet(path: Path, name: str, shape: _Shape, task: int) -> Iterator[pa.Table]:
+def _read_parquet(path: Path, name: str, shape: Shape, task: int) -> Iterator[pa.Table]:
     """Stream a parquet file batch by batch (row groups are never loaded whole), only the columns needed."""
     try:
         pf = pq.ParquetFile(path)
@@ -605,11 +605,11 @@ def _read_parquet(path: Path, name: str, shape: _Shape, task: int) -> Iterator[p
     on_error = lambda exc, row0: SourceError(  # noqa: E731
         f"{name}: corrupt parquet data after row {row0} ({_first_line(exc)})"
     )
-    for row0, batch in _guarded(batches, on_error):
-        yield _shape_batch(batch, shape, name, task, row0)
+    for row0, batch in guarded(batches, on_error):
+        yield shape_batch(batch, shape, name, task, row0)
 
 
-def _read_csv(path: Path, name: str, shape: _Shape, task: int, gz: bool) -> Iterator[pa.Table]:
+def _read_csv(path: Path, name: str, shape: Shape, task: int, gz: bool) -> Iterator[pa.Table]:
     """Stream a CSV file (header row; quoted fields may span lines); the columns used are read as text."""
     needed = shape.needed
 
@@ -631,8 +631,8 @@ def _read_csv(path: Path, name: str, shape: _Shape, task: int, gz: bool) -> Iter
     except (pa.ArrowException, OSError, EOFError, zlib.error) as exc:
         raise on_error(exc, 0) from None
     shape.check_columns(name, reader.schema.names)
-    for row0, batch in _guarded(iter(reader), on_error):
-        yield _shape_batch(batch.select(needed), shape, name, task, row0)
+    for row0, batch in guarded(iter(reader), on_error):
+        yield shape_batch(batch.select(needed), shape, name, task, row0)
 
 
 def _find_bad_utf8(path: Path, gz: bool) -> tuple[int, int] | None:
@@ -660,7 +660,7 @@ def _open_binary(path: Path, gz: bool) -> Any:
 class _Records:
     """Accumulates parsed records and turns them into shard-column tables, checking each one."""
 
-    shape: _Shape
+    shape: Shape
     name: str
     ids: list[str]
     texts: list[str]
@@ -670,7 +670,7 @@ class _Records:
     rows: int = 0
 
     @classmethod
-    def start(cls, shape: _Shape, name: str) -> _Records:
+    def start(cls, shape: Shape, name: str) -> _Records:
         """An empty accumulator for the source `name`."""
         return cls(shape, name, [], [], {c: [] for c in shape.keep_columns}, set())
 
@@ -746,7 +746,7 @@ def _record_id(record: dict[str, Any], column: str | None, default: str, where: 
     raise SourceError(f"{where}: id column '{column}' is {kind} ({_short(value)}); ids are text or integers")
 
 
-def _read_jsonl(path: Path, name: str, shape: _Shape, task: int, gz: bool) -> Iterator[pa.Table]:
+def _read_jsonl(path: Path, name: str, shape: Shape, task: int, gz: bool) -> Iterator[pa.Table]:
     """Stream JSON lines (one object per line; blank lines skipped), one block of records at a time."""
     records = _Records.start(shape, name)
     offset = 0
@@ -777,7 +777,7 @@ def _read_jsonl(path: Path, name: str, shape: _Shape, task: int, gz: bool) -> It
     records.check_keep()
 
 
-def _read_json(path: Path, name: str, shape: _Shape, task: int, gz: bool) -> Iterator[pa.Table]:
+def _read_json(path: Path, name: str, shape: Shape, task: int, gz: bool) -> Iterator[pa.Table]:
     """A JSON list of records, an object mapping key → record (the key is the default id), or one record."""
     try:
         with _open_binary(path, gz) as fh:
@@ -826,9 +826,9 @@ def _looks_like_jsonl(text: str) -> bool:
         return False
 
 
-def _read_documents(path: Path, name: str, shape: _Shape) -> Iterator[pa.Table]:
+def _read_documents(path: Path, name: str, shape: Shape) -> Iterator[pa.Table]:
     """One document per .txt/.md/.pdf file (a folder, or one file): columns `path` (relative) and `text`."""
-    docs = _folder_documents(path) if path.is_dir() else [(path.name, path)]
+    docs = folder_documents(path) if path.is_dir() else [(path.name, path)]
     shape.check_columns(name, ["path", "text"])
     records = _Records.start(shape, name)
     for rel, doc in docs:
@@ -943,10 +943,10 @@ def _clear_task(folder: Path, index: int) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _read_task(root: Path, data: DataSettings, task: SourceTask, shape: _Shape) -> Iterator[pa.Table]:
+def read_task(root: Path, data: DataSettings, task: SourceTask, shape: Shape) -> Iterator[pa.Table]:
     """The shaped tables of one source, in order."""
     if task.source.startswith(HF_SCHEME):
-        repo, revision, path_in_repo = _parse_hf_uri(task.source)
+        repo, revision, path_in_repo = parse_hf_uri(task.source)
         local = _hub_call(
             repo,
             "download",
@@ -984,12 +984,12 @@ def download_task(root: Path, data: DataSettings, task: SourceTask) -> list[str]
     done = _finished_shards(folder, task.index)
     if done is not None:
         return done
-    shape = _Shape.of(data)
+    shape = Shape.of(data)
     _clear_task(folder, task.index)
     writer = _ShardWriter(folder, task.index, data.shard_rows, MAX_SHARD_TEXT_BYTES)
     # With a row-count limit no task can contribute more than `limit` rows to the first N, so it stops there.
     cap = data.limit if isinstance(data.limit, int) and not isinstance(data.limit, bool) else None
-    tables = _read_task(root, data, task, shape)
+    tables = read_task(root, data, task, shape)
     read = 0
     try:
         for table in tables:
@@ -1030,7 +1030,7 @@ def finalize(root: Path, data: DataSettings, tasks: list[SourceTask]) -> list[tu
     total = sum(rows for _, rows in shards)
     if total == 0:
         raise SourceError(f"dataset is empty: {_describe(data)} holds no rows")
-    wanted = _limit_rows(data.limit, total)
+    wanted = limit_rows(data.limit, total)
     entries, left = [], wanted
     for shard, rows in shards:
         if left == 0:
@@ -1053,7 +1053,7 @@ def _index_list(entries: list[dict[str, Any]]) -> list[tuple[str, int | None]]:
     return [(e["id"], e["take"] if e["take"] < e["rows"] else None) for e in entries]
 
 
-def _limit_rows(limit: int | float | None, total: int) -> int:
+def limit_rows(limit: int | float | None, total: int) -> int:
     """Rows kept: all, the first N, or ceil(fraction × total), computed in decimal so 0.1 × 30 is exactly 3."""
     if limit is None:
         return total

@@ -134,7 +134,9 @@ class Plan:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
         """Inverse of `to_dict`."""
-        tuples = lambda sub, keys: {k: tuple(v) if k in keys else v for k, v in sub.items()}  # noqa: E731
+        def tuples(sub: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+            return {k: tuple(v) if k in keys else v for k, v in sub.items()}
+
         return cls(
             **{k: v for k, v in d.items() if k not in ("data", "chunk", "embed", "compute", "warnings")},
             data=DataSettings(**tuples(d["data"], ("files", "keep_columns"))),
@@ -254,7 +256,8 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
     )
 
     gpu = catalog.find_gpu(spec.compute.gpu)
-    assert gpu is not None  # validated by the spec
+    if gpu is None:
+        raise SpecError([SpecIssue(str(spec_path), "compute.gpu", f"unknown GPU {spec.compute.gpu!r}")])
     engine = "tei" if (backend == "modal" or emb.endpoint) else "local"
     precision = resolve_precision(emb.precision) if engine == "local" else "float16"
     known = catalog.find_model(emb.model)

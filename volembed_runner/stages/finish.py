@@ -58,7 +58,9 @@ def totals(root: Path, plan: Plan) -> dict[str, Any]:
     """Documents, chunks, tokens and vectors of the finished shards, read from their done-markers."""
     chunk_stats = _marker_stats(store.chunks_dir(root, plan.name, plan.chunk.fingerprint))
     embed_stats = _marker_stats(store.embeddings_dir(root, plan.name, plan.embed.fingerprint))
-    total = lambda stats, key: sum(int(s.get(key, 0)) for s in stats)  # noqa: E731
+    def total(stats: list[dict[str, Any]], key: str) -> int:
+        return sum(int(s.get(key, 0)) for s in stats)
+
     return {
         "documents": total(chunk_stats, "documents"),
         "empty_documents": total(chunk_stats, "empty_documents"),

@@ -330,3 +330,11 @@ def test_text_template_names_its_columns(write_spec) -> None:
     assert load_spec(write_spec(text)).dataset.source_columns == ["title", "meta", "body"]
     (issue,) = issues_of(write_spec(VALID.replace("  hf: org/data", '  hf: org/data\n  text_template: "no fields"')))
     assert "dataset.text_template: names no column" in issue
+
+
+def test_prefix_is_counted_with_a_tokenizer_of_the_same_family_offline() -> None:
+    from volembed_runner.spec import prefix_tokens
+
+    # bge-base is not on disk here; the packaged all-MiniLM-L6-v2 shares its WordPiece vocabulary.
+    assert prefix_tokens("search_document: ", "BAAI/bge-base-en-v1.5") == 4
+    assert prefix_tokens("", "BAAI/bge-base-en-v1.5") == 0

@@ -1,0 +1,101 @@
+"""What `volembed-run SPEC` does before spending money on Modal: estimate, refuse over max_cost, ask, launch."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from volembed_runner import run as running
+from volembed_runner.backends.modal import launch
+from volembed_runner.cli import app
+
+runner = CliRunner()
+
+SPEC = """\
+version: 1
+name: paid
+backend: modal
+volume: v
+dataset:
+  hf: org/data
+  num_rows: 1000000
+  num_bytes: 2000000000
+chunking: {size: 256, overlap: 32}
+embedding: {model: BAAI/bge-base-en-v1.5}
+compute: {gpu: A10G, concurrency_limit: 10}
+"""
+
+
+@pytest.fixture
+def launched(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    calls: list[str] = []
+
+    def fake_run(plan, *, until, detach, console) -> int:
+        calls.append(plan.name)
+        return 0
+
+    monkeypatch.setattr(launch, "run", fake_run)
+    return calls
+
+
+def spec_file(tmp_path: Path, extra: str = "") -> Path:
+    path = tmp_path / "paid.yaml"
+    path.write_text(SPEC + extra)
+    return path
+
+
+def test_run_over_max_cost_is_refused_and_nothing_starts(tmp_path: Path, launched: list[str]) -> None:
+    result = runner.invoke(app, [str(spec_file(tmp_path)), "--set", "compute.max_cost=0.01"])
+    assert result.exit_code == 4
+    assert "exceeds compute.max_cost $0.01" in result.output and "--yes" in result.output
+    assert launched == []
+
+
+def test_run_of_unknown_cost_is_refused_under_max_cost(tmp_path: Path, launched: list[str]) -> None:
+    path = tmp_path / "unknown.yaml"
+    path.write_text(SPEC.replace("  num_rows: 1000000\n  num_bytes: 2000000000\n", ""))
+    result = runner.invoke(app, [str(path), "--set", "compute.max_cost=100"])
+    assert result.exit_code == 4 and "estimated cost unknown exceeds compute.max_cost" in result.output
+    assert launched == []
+
+
+def test_yes_overrides_max_cost(tmp_path: Path, launched: list[str]) -> None:
+    result = runner.invoke(app, [str(spec_file(tmp_path)), "--set", "compute.max_cost=0.01", "--yes"])
+    assert result.exit_code == 0, result.output
+    assert launched == ["paid"]
+
+
+def test_a_terminal_is_asked_before_spending(tmp_path: Path, launched: list[str], monkeypatch) -> None:
+    from volembed_runner import estimate
+    from volembed_runner.loading import load_spec
+    from volembed_runner.plan import make_plan
+
+    path = spec_file(tmp_path)
+    plan = make_plan(load_spec(path), path)
+    est = estimate.estimate(plan)
+    monkeypatch.setattr("sys.stdin", type("Tty", (io.StringIO,), {"isatty": lambda self: True})("n\n"))
+    console = Console(file=io.StringIO(), force_terminal=False)
+    monkeypatch.setattr(console, "input", lambda prompt: "n")
+    with pytest.raises(Exception, match="not started"):
+        running._confirm_spend(plan, est, yes=False, err=console)
+    monkeypatch.setattr(console, "input", lambda prompt: "y")
+    running._confirm_spend(plan, est, yes=False, err=console)
+    assert "the same job on other GPUs" in console.file.getvalue()
+
+
+def test_local_runs_never_ask_or_estimate(tmp_path: Path, monkeypatch) -> None:
+    from volembed_runner import estimate
+
+    monkeypatch.setattr(estimate, "estimate", lambda *a, **k: pytest.fail("a local run must not estimate"))
+    (tmp_path / "d.jsonl").write_text('{"text": "hello world"}\n')
+    path = tmp_path / "local.yaml"
+    path.write_text(SPEC.replace("backend: modal", "backend: local").replace(
+        "  hf: org/data\n", "  files: [d.jsonl]\n").replace("BAAI/bge-base-en-v1.5",
+                                                            "sentence-transformers/all-MiniLM-L6-v2"))
+    result = runner.invoke(app, [str(path), "--until", "chunk", "--set", "compute.max_cost=0.0001",
+                                 "--set", "chunking.size=128"])
+    assert result.exit_code == 0, result.output

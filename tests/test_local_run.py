@@ -138,41 +138,51 @@ def test_new_chunk_settings_write_a_new_folder_and_keep_the_old(tmp_path: Path) 
     assert outputs(spec, "chunk") == before
 
 
-def test_chunk_run_killed_mid_shard_resumes_to_identical_files(tmp_path: Path) -> None:
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    for folder in (tmp_path / "a", tmp_path / "b"):
-        make_docs(folder, 400, seed=3)
-        write_spec(folder, shard_rows=10)
-    env = {**os.environ, "VOLEMBED_HOME": str(tmp_path / "home-a")}
-    cmd = [sys.executable, "-m", "volembed_runner", str(tmp_path / "a" / "spec.yaml"), "--until", "chunk"]
+def _kill_after_first_marker(cmd: list[str], env: dict[str, str], folder: Path) -> None:
+    """Start the CLI in a subprocess and SIGKILL it as soon as one shard of `folder` is marked done."""
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    chunk_root = tmp_path / "home-a" / "volumes" / "testvol" / "runs" / "e2e" / "chunks"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
-        if list(chunk_root.glob("*/shard-*.done")):
+        if list(folder.glob("*/shard-*.done")):
             break
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    partial = len(list(chunk_root.glob("*/shard-*.done")))
-    assert partial >= 1
+    assert list(folder.glob("*/shard-*.done"))
 
-    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True)
+
+def _killed_then_resumed_equals_clean(tmp_path: Path, docs: int, shard_rows: int, until: str) -> None:
+    stage_folder = "chunks" if until == "chunk" else "embeddings"
+    make_docs(tmp_path, docs, seed=3)
+    spec = write_spec(tmp_path, shard_rows=shard_rows)
+    command = [sys.executable, "-m", "volembed_runner", str(spec), "--until", until]
+
+    def env(home: str) -> dict[str, str]:
+        return {**os.environ, "VOLEMBED_HOME": str(tmp_path / home)}
+
+    killed = tmp_path / "home-a" / "volumes" / "testvol" / "runs" / "e2e" / stage_folder
+    _kill_after_first_marker(command, env("home-a"), killed)
+    resumed = subprocess.run(command, env=env("home-a"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    env_b = {**os.environ, "VOLEMBED_HOME": str(tmp_path / "home-b")}
-    clean_cmd = [sys.executable, "-m", "volembed_runner", str(tmp_path / "b" / "spec.yaml"), "--until", "chunk"]
-    clean = subprocess.run(clean_cmd, env=env_b, capture_output=True, text=True)
+    clean = subprocess.run(command, env=env("home-b"), capture_output=True, text=True)
     assert clean.returncode == 0, clean.stderr
 
-    def files(home: Path) -> dict[str, bytes]:
-        folder = next((home / "volumes" / "testvol" / "runs" / "e2e" / "chunks").iterdir())
+    def files(home: str) -> dict[str, bytes]:
+        folder = next((tmp_path / home / "volumes" / "testvol" / "runs" / "e2e" / stage_folder).iterdir())
         return {p.name: p.read_bytes() for p in sorted(folder.glob("shard-*.parquet"))}
 
-    resumed_files, clean_files = files(tmp_path / "home-a"), files(tmp_path / "home-b")
-    assert len(clean_files) == 40 and resumed_files == clean_files
-    leftovers = [p for p in chunk_root.rglob("*") if p.name.endswith(".tmp")]
-    assert leftovers == []
+    resumed_files, clean_files = files("home-a"), files("home-b")
+    assert len(clean_files) == -(-docs // shard_rows) and resumed_files == clean_files
+    assert [p for p in killed.rglob("*") if p.name.endswith(".tmp")] == []
+
+
+def test_chunk_run_killed_mid_shard_resumes_to_identical_files(tmp_path: Path) -> None:
+    _killed_then_resumed_equals_clean(tmp_path, docs=400, shard_rows=10, until="chunk")
+
+
+@pytest.mark.slow
+def test_embed_run_killed_mid_shard_resumes_to_identical_files(tmp_path: Path) -> None:
+    _killed_then_resumed_equals_clean(tmp_path, docs=120, shard_rows=10, until="embed")
 
 
 def test_failed_shards_are_listed_and_retried_on_the_next_run(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -146,7 +147,8 @@ def _kill_after_first_marker(cmd: list[str], env: dict[str, str], folder: Path) 
         if list(folder.glob("*/shard-*.done")):
             break
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):  # it may have finished on its own: resume then has nothing to do
+        os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert list(folder.glob("*/shard-*.done"))
 

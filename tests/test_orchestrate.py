@@ -149,3 +149,20 @@ def test_limit_caps_rows_across_shards(tmp_path: Path) -> None:
     plan = make_plan(load_spec(spec, sets=["dataset.limit=10"]), spec)
     assert orchestrate(plan, root, StandInMapper(plan, root)).ok
     assert manifest(plan, root)["totals"]["documents"] == 10
+
+
+def test_an_error_that_ends_the_pass_is_recorded_not_left_running(tmp_path: Path, monkeypatch) -> None:
+    import pytest
+
+    from volembed_runner.errors import SourceError
+
+    plan, root = setup(tmp_path)
+
+    def unreachable(data):
+        raise SourceError("cannot list org/data on the Hugging Face Hub: network unreachable")
+
+    monkeypatch.setattr(download_stage, "list_tasks", unreachable)
+    with pytest.raises(SourceError):
+        orchestrate(plan, root, StandInMapper(plan, root))
+    m = manifest(plan, root)
+    assert m["status"] == "failed" and "network unreachable" in m["error"]

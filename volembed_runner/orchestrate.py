@@ -67,9 +67,29 @@ def orchestrate(
     clock: Callable[[], float] = time.time,
     on_event: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> Outcome:
-    """Run download → chunk → embed → finish over `root`, skipping finished shards; stop early at `deadline`."""
-    emit = on_event or (lambda kind, info: None)
+    """Run download → chunk → embed → finish over `root`, skipping finished shards; stop early at `deadline`.
+
+    An error that ends the whole pass (an unlistable source, say) is recorded in the manifest before it propagates,
+    so `status` never shows a dead run as running.
+    """
     manifest = Manifest.open(root, plan)
+    try:
+        return _passes(plan, root, mapper, manifest, until, deadline, clock, on_event or (lambda kind, info: None))
+    except BaseException as exc:
+        manifest.abort(_describe(exc))
+        raise
+
+
+def _passes(
+    plan: Plan,
+    root: Path,
+    mapper: Mapper,
+    manifest: Manifest,
+    until: str | None,
+    deadline: float | None,
+    clock: Callable[[], float],
+    emit: Callable[[str, dict[str, Any]], None],
+) -> Outcome:
     outcome = Outcome()
 
     def out_of_time() -> bool:

@@ -163,6 +163,15 @@ class Manifest:
         self.write(force=True)
         store.write_json_atomic(store.stats_path(self.root, self.plan.name), chunk_statistics(self.root, self.plan))
 
+    def abort(self, error: str) -> None:
+        """The pass ended with an error outside any shard (e.g. the source could not be listed)."""
+        for entry in self.data["stages"].values():
+            entry.pop("_t0", None)
+        self.data["status"] = "failed"
+        self.data["error"] = error
+        self.data["finished_at"] = _now()
+        self.write(force=True)
+
     def write(self, *, force: bool = False) -> None:
         """Write the manifest (throttled to one write per WRITE_EVERY_S unless forced)."""
         now = time.monotonic()

@@ -293,12 +293,14 @@ class TEIClient:
                         raise
                     task.add_done_callback(lambda _t, k=k: in_flight.release(k))
         except BaseExceptionGroup as group_error:
-            failures = group_error.subgroup(EmbedderError)
-            if failures is None:
-                raise
+            failures = group_error.subgroup(EmbedderError) or group_error
             while isinstance(failures, BaseExceptionGroup):
                 failures = failures.exceptions[0]
-            raise failures from None
+            if isinstance(failures, EmbedderError):
+                raise failures from None
+            if not isinstance(failures, Exception):  # cancellation, KeyboardInterrupt: not ours to rename
+                raise failures from group_error
+            raise EmbedderError(f"TEI client failed: {type(failures).__name__}: {failures}") from failures
         return rows.result()
 
     async def _embed_batch(self, idx: list[int], parts: list[bytes], rows: _Rows) -> None:

@@ -1,0 +1,174 @@
+"""The generated Modal app's own function bodies, run in-process with `.local()` (reference/modal-sdk.md §2.3).
+
+The Volume is a temporary folder standing in for `/vol`, `.map` is a stand-in that calls each function's `.local()`,
+and the TEI router is the TEI-protocol test server: so the code that will run in Modal's containers (download, chunk,
+Embedder, orchestrate) runs here end to end on real files, with the real chunker and the real TEI client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from modal._utils.async_utils import synchronizer
+
+from volembed_runner import store
+from volembed_runner.backends.modal import launch, render
+from volembed_runner.backends.modal.runtime import ShardFailed
+from volembed_runner.loading import load_spec
+from volembed_runner.plan import MODAL_ROOT, Plan, make_plan
+
+from .tei_server import TEIServer, expected_vector
+
+SPEC = """\
+version: 1
+name: modal-local
+backend: modal
+volume: vol
+dataset:
+  files: [docs.jsonl]
+  keep_columns: [title]
+  shard_rows: 7
+chunking: {size: 32, overlap: 4, workers: 3}
+embedding: {model: sentence-transformers/all-MiniLM-L6-v2, prefix: "passage: "}
+compute: {gpu: L4, concurrency_limit: 2, allow_concurrent_inputs: 3}
+"""
+
+
+class FolderVolume:
+    """A Volume whose commit and reload are no-ops: every 'container' here shares one folder."""
+
+    def __init__(self) -> None:
+        self.commits = 0
+        self.reloads = 0
+
+    def commit(self) -> None:
+        self.commits += 1
+
+    def reload(self) -> None:
+        self.reloads += 1
+
+
+class FakeRouter:
+    """Stands in for text-embeddings-router: the TEI-protocol test server already listens."""
+
+    @classmethod
+    def start(cls, args: list[str], *, port: int, timeout: float) -> FakeRouter:
+        return cls()
+
+    def stop(self) -> None:
+        pass
+
+
+LOOP = asyncio.new_event_loop()  # a container runs all its inputs on one event loop; so do these tests
+
+
+def _call(fn: Any, *args: Any) -> Any:
+    result = fn.local(*args)
+    return LOOP.run_until_complete(result) if inspect.iscoroutine(result) else result
+
+
+class LocalMapper:
+    """`.map(..., order_outputs=False, return_exceptions=True)` as a loop over `.local()` calls."""
+
+    def __init__(self, module: ModuleType) -> None:
+        self.module = module
+        self.embedder = module.Embedder()
+        # modal 1.6.4's `.local()` runs @modal.enter hooks before sync methods only (`_Obj._aenter` skips them for
+        # async ones, unlike in a container), so enter the local instance as a container would.
+        synchronizer._translate_in(self.embedder)._enter()
+
+    def _run(self, fn: Any, key: Any, *args: Any) -> tuple[Any, Any]:
+        try:
+            reply = _call(fn, *args)
+        except ShardFailed as exc:
+            return key, exc
+        return key, reply["result"]
+
+    def download(self, tasks: list[Any]) -> Iterator[tuple[Any, Any]]:
+        for i, task in enumerate(tasks):
+            yield self._run(self.module.download, task, str(i), task.to_dict())
+
+    def chunk(self, shards: list[tuple[str, int | None]]) -> Iterator[tuple[str, Any]]:
+        for shard, cap in shards:
+            yield self._run(self.module.chunk, shard, shard, cap)
+
+    def embed(self, shards: list[str]) -> Iterator[tuple[str, Any]]:
+        for shard in shards:
+            yield self._run(self.embedder.embed, shard, shard)
+
+
+@pytest.fixture
+def app_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[ModuleType, Path, Plan, TEIServer]]:
+    with (tmp_path / "docs.jsonl").open("w") as fh:
+        for i in range(30):
+            fh.write(json.dumps({"title": f"t{i}", "text": f"Document {i}. " + "Words of Zürich café. " * i}) + "\n")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC)
+    plan = make_plan(load_spec(spec), spec)
+    module = launch.import_app(_write(tmp_path / "app.py", render.render_app(plan)))
+
+    root = tmp_path / "vol"
+    plan_json = json.dumps(module.PLAN)
+    for local, remote in zip(plan.data.files, json.loads(plan_json)["data"]["files"], strict=True):
+        target = root / remote[len(MODAL_ROOT) + 1:]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(Path(local).read_bytes())  # what `volembed-run` uploads before the run
+    monkeypatch.setattr(module, "PLAN", json.loads(plan_json.replace(f'"{MODAL_ROOT}/', f'"{root}/')))
+    monkeypatch.setattr(module, "ROOT", str(root))
+    monkeypatch.setattr(module, "volume", FolderVolume())
+    monkeypatch.setattr(module, "TEIRouter", FakeRouter)
+    fast_retries = {"max_retries": 1, "backoff_base": 0.01, "backoff_max": 0.05}  # a poisoned text fails fast
+    monkeypatch.setattr(module, "TEI_CLIENT", {**module.TEI_CLIENT, **fast_retries})
+    monkeypatch.setattr(module, "ModalMapper", lambda **kwargs: LocalMapper(module))
+    with TEIServer(dim=8, max_client_batch_size=4) as server, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "executing locally, no access to the mounted Volume": it's a folder here
+        monkeypatch.setattr(module, "TEI_URL", server.url)
+        yield module, root, Plan.from_dict(module.PLAN), server
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_the_orchestrator_runs_every_stage_of_the_generated_app(app_module) -> None:
+    module, root, plan, server = app_module
+    summary = _call(module.orchestrate, "", 1)
+    assert summary["ok"] and summary["stages"] == ["download", "chunk", "embed"] and summary["next_call"] is None
+
+    folder = store.embeddings_dir(root, plan.name, plan.embed.fingerprint)
+    shards = store.done_shards(folder)
+    assert len(shards) == 5  # 30 documents, 7 per shard
+    table = pq.read_table([store.shard_path(folder, s) for s in shards])
+    chunks = pq.read_table([store.shard_path(store.chunks_dir(root, plan.name, plan.chunk.fingerprint), s)
+                            for s in shards])
+    assert table.num_rows == chunks.num_rows and table["title"].to_pylist() == chunks["title"].to_pylist()
+    want = np.stack([expected_vector(f"passage: {t}", 8) for t in chunks["text"].to_pylist()])
+    assert np.allclose(np.array(table["embedding"].to_pylist(), dtype=np.float32), want, atol=1e-6)
+    assert sorted(server.embedded) == sorted(f"passage: {t}" for t in chunks["text"].to_pylist())
+    manifest = json.loads(store.manifest_path(root, plan.name).read_text())
+    assert manifest["status"] == "succeeded" and manifest["totals"]["vectors"] == table.num_rows
+    assert module.volume.commits == 1 + 5 + 5 + 1  # each download task, chunk and embed shard, then the orchestrator
+
+
+def test_a_failing_shard_comes_back_keyed_and_is_listed(app_module, monkeypatch: pytest.MonkeyPatch) -> None:
+    module, root, plan, server = app_module
+    _call(module.orchestrate, "chunk", 1)
+    chunk_folder = store.chunks_dir(root, plan.name, plan.chunk.fingerprint)
+    first = store.done_shards(chunk_folder)[0]
+    server.poison = {"passage: " + pq.read_table(store.shard_path(chunk_folder, first))["text"][3].as_py()}
+    with pytest.raises(ShardFailed) as caught:
+        _call(LocalMapper(module).embedder.embed, first)
+    assert caught.value.key == first
+    summary = _call(module.orchestrate, "", 2)
+    assert not summary["ok"] and summary["failed"] == {"embed": [first]}

@@ -251,3 +251,13 @@ def test_dry_run_estimate_matches_what_the_run_produces(tmp_path: Path) -> None:
     assert abs(est["chunks"] - ran["chunks"]) <= 0.02 * ran["chunks"]
     assert abs(est["embedded_tokens"] - ran["tokens"]) <= 0.02 * ran["tokens"]
     assert est["documents"] == ran["documents"]
+
+
+def test_status_reads_a_local_runs_manifest(tmp_path: Path) -> None:
+    make_docs(tmp_path, 30)
+    spec = write_spec(tmp_path)
+    code, out = run_cli("status", str(spec))
+    assert code == 4 and "has not run here yet" in out
+    assert run_cli(str(spec), "--until", "chunk")[0] == 0
+    code, out = run_cli("status", str(spec))
+    assert code == 0 and "e2e: succeeded" in out and "chunk" in out

@@ -204,11 +204,19 @@ def status_cmd(
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Progress and failures of SPEC's run on Modal, read from the manifest on its Volume."""
+    """Progress and failures of SPEC's run, read from its manifest (on the Modal Volume, or the local folder)."""
+    from volembed_runner import store
     from volembed_runner.backends.modal import launch
+    from volembed_runner.errors import BackendError
 
     try:
-        manifest = launch.status(_load(spec, sets, backend="modal"))
+        plan = _load(spec, sets)
+        if plan.backend == "modal":
+            manifest = launch.status(plan)
+        else:
+            manifest = store.read_json(store.manifest_path(plan.local_root(), plan.name))
+            if manifest is None:
+                raise BackendError(f"{plan.name} has not run here yet (no manifest under {plan.local_root()})")
     except VolembedError as exc:
         _fail(exc, debug)
     if as_json:

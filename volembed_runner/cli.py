@@ -39,7 +39,8 @@ app = typer.Typer(
 
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a spec key, typed as YAML: --set chunking.size=256 (repeatable)."),
+    typer.Option("--set", metavar="KEY=VALUE",
+                 help="Override a spec key, typed as YAML: --set chunking.size=256 (repeatable)."),
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
@@ -96,12 +97,14 @@ def run_cmd(
     spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and estimate; start nothing.")] = False,
     until: Annotated[
-        str | None, typer.Option(help="Stop after this stage: download, chunk or embed.")
+        str | None, typer.Option(metavar="STAGE", help="Stop after this stage: download, chunk or embed.")
     ] = None,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation; override max_cost.")] = False,
-    backend: Annotated[str | None, typer.Option(help="Override the spec's backend: local or modal.")] = None,
+    backend: Annotated[str | None, typer.Option(metavar="local|modal", help="Override the spec's backend.")] = None,
     detach: Annotated[bool, typer.Option("--detach", help="Modal: return once the run is submitted.")] = False,
-    prices: Annotated[Path | None, typer.Option(help="A YAML/JSON price table overriding the catalog's.")] = None,
+    prices: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="A YAML/JSON price table overriding the catalog's.")
+    ] = None,
     sets: SetOpt = None,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
@@ -274,8 +277,8 @@ def stop_cmd(
 @app.command("calibrate")
 def calibrate_cmd(
     spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
-    chunks: Annotated[int, typer.Option("--chunks", help="Chunks of the job to embed for the measurement.")] = 256,
-    backend: Annotated[str | None, typer.Option(help="Override the spec's backend: local or modal.")] = None,
+    chunks: Annotated[int, typer.Option("--chunks", metavar="N", help="Chunks of the job to embed for the measurement.")] = 256,
+    backend: Annotated[str | None, typer.Option(metavar="local|modal", help="Override the spec's backend.")] = None,
     sets: SetOpt = None,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,

@@ -277,7 +277,9 @@ def stop_cmd(
 @app.command("calibrate")
 def calibrate_cmd(
     spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
-    chunks: Annotated[int, typer.Option("--chunks", metavar="N", help="Chunks of the job to embed for the measurement.")] = 256,
+    chunks: Annotated[
+        int, typer.Option("--chunks", metavar="N", help="Chunks of the job to embed for the measurement.")
+    ] = 256,
     backend: Annotated[str | None, typer.Option(metavar="local|modal", help="Override the spec's backend.")] = None,
     sets: SetOpt = None,
     as_json: JsonOpt = False,

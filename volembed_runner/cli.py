@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
-from volembed_runner.errors import SpecError, VolembedError
+from volembed_runner.errors import SpecError, SpecIssue, VolembedError
 
 STAGES = ("download", "chunk", "embed")
 
@@ -64,6 +66,15 @@ def _fail(exc: VolembedError, debug: bool) -> None:
     raise typer.Exit(exc.exit_code)
 
 
+@contextmanager
+def _one_line_errors(debug: bool) -> Iterator[None]:
+    """Report a VolembedError raised inside as one line per problem (see `_fail`)."""
+    try:
+        yield
+    except VolembedError as exc:
+        _fail(exc, debug)
+
+
 def _load(spec: Path, sets: list[str] | None, backend: str | None = None) -> Any:
     from volembed_runner.loading import load_spec
     from volembed_runner.plan import make_plan
@@ -110,7 +121,7 @@ def run_cmd(
     debug: DebugOpt = False,
 ) -> None:
     """Run the job in SPEC (or, with --dry-run, say what it would cost and take)."""
-    try:
+    with _one_line_errors(debug):
         if until is not None and until not in STAGES:
             raise SpecError([_option_issue("--until", f"must be one of {', '.join(STAGES)}, got {until!r}")])
         if backend is not None and backend not in ("local", "modal"):
@@ -122,14 +133,10 @@ def run_cmd(
             plan, dry_run=dry_run, until=until, yes=yes, detach=detach, prices=prices, as_json=as_json,
             out=_out(), err=_err(),
         )
-    except VolembedError as exc:
-        _fail(exc, debug)
     raise typer.Exit(code)
 
 
-def _option_issue(option: str, message: str) -> Any:
-    from volembed_runner.errors import SpecIssue
-
+def _option_issue(option: str, message: str) -> SpecIssue:
     return SpecIssue("", option, message)
 
 
@@ -172,10 +179,8 @@ def plan_cmd(
     debug: DebugOpt = False,
 ) -> None:
     """Print the resolved plan as JSON: every setting, fingerprint and output folder after defaults."""
-    try:
+    with _one_line_errors(debug):
         plan = _load(spec, sets)
-    except VolembedError as exc:
-        _fail(exc, debug)
     sys.stdout.write(json.dumps(plan.to_dict(), indent=2) + "\n")
 
 
@@ -189,14 +194,12 @@ def render_cmd(
     """Write the generated Modal app for SPEC (review it, or `modal run` it yourself)."""
     from volembed_runner.backends.modal.render import render_app, write_app
 
-    try:
+    with _one_line_errors(debug):
         plan = _load(spec, sets, backend="modal")
         if output is None:
             sys.stdout.write(render_app(plan))
             return
         write_app(plan, output)
-    except VolembedError as exc:
-        _fail(exc, debug)
     _err().print(f"wrote {output}", markup=False)
 
 
@@ -212,7 +215,7 @@ def status_cmd(
     from volembed_runner.backends.modal import launch
     from volembed_runner.errors import BackendError
 
-    try:
+    with _one_line_errors(debug):
         plan = _load(spec, sets)
         if plan.backend == "modal":
             manifest = launch.status(plan)
@@ -220,8 +223,6 @@ def status_cmd(
             manifest = store.read_json(store.manifest_path(plan.local_root(), plan.name))
             if manifest is None:
                 raise BackendError(f"{plan.name} has not run here yet (no manifest under {plan.local_root()})")
-    except VolembedError as exc:
-        _fail(exc, debug)
     if as_json:
         sys.stdout.write(json.dumps(manifest, indent=2) + "\n")
         return
@@ -266,11 +267,9 @@ def stop_cmd(
     """Stop SPEC's running app on Modal (its containers end; finished shards stay done)."""
     from volembed_runner.backends.modal import launch
 
-    try:
+    with _one_line_errors(debug):
         plan = _load(spec, sets, backend="modal")
         app_id = launch.stop(plan)
-    except VolembedError as exc:
-        _fail(exc, debug)
     _out().print(f"stopped {plan.name} (app {app_id})", markup=False)
 
 
@@ -288,11 +287,9 @@ def calibrate_cmd(
     """Embed a small sample of the job's chunks and store the measured tokens/s for later --dry-run estimates."""
     from volembed_runner.estimate import calibrate
 
-    try:
+    with _one_line_errors(debug):
         plan = _load(spec, sets, backend)
         entry = calibrate(plan, sample_chunks=chunks)
-    except VolembedError as exc:
-        _fail(exc, debug)
     if as_json:
         sys.stdout.write(json.dumps(entry) + "\n")
         return

@@ -51,12 +51,6 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-def pending_shards(done: Iterable[str], shards: Iterable[str]) -> list[str]:
-    """Shards without a done-marker, in order."""
-    finished = set(done)
-    return [s for s in shards if s not in finished]
-
-
 def orchestrate(
     plan: Plan,
     root: Path,
@@ -99,30 +93,26 @@ def _passes(
     index = download_stage.read_index(root, plan.data)
     if index is None:
         tasks = download_stage.list_tasks(plan.data)
-        manifest.start_stage("download", total=len(tasks))
-        emit("stage", {"stage": "download", "total": len(tasks)})
-        failures: dict[str, str] = {}
-        for task, result in mapper.download(tasks) if tasks else ():
-            if isinstance(result, BaseException):
-                failures[task.source] = _describe(result)
-            manifest.shard_finished("download", task.source, failures.get(task.source))
-            emit("shard", {"stage": "download", "id": task.source, "error": failures.get(task.source)})
-        if failures:
-            outcome.failed["download"] = sorted(failures)
-            manifest.finish_stage("download")
+
+        def download(todo: list[SourceTask]) -> Iterable[tuple[str, Any]]:
+            return ((task.source, result) for task, result in mapper.download(todo))
+
+        if not _run_shards("download", tasks, download, manifest, outcome, emit, out_of_time, len(tasks)):
+            return outcome
+        if outcome.failed:
             manifest.close(outcome_ok=False)
             return outcome
         index = download_stage.finalize(root, plan.data, tasks)
-        manifest.finish_stage("download")
-    outcome.stages_run.append("download")
+    else:
+        outcome.stages_run.append("download")
     if until == "download":
         manifest.close(outcome_ok=True)
         return outcome
 
     # Chunk: one input shard → one chunk shard.
     chunk_folder = store.chunks_dir(root, plan.name, plan.chunk.fingerprint)
-    todo_ids = pending_shards(store.done_shards(chunk_folder), [s for s, _ in index])
-    todo = [(s, cap) for s, cap in index if s in set(todo_ids)]
+    already = set(store.done_shards(chunk_folder))
+    todo = [(s, cap) for s, cap in index if s not in already]
     if not _run_shards("chunk", todo, mapper.chunk, manifest, outcome, emit, out_of_time, len(index)):
         return outcome
     if until == "chunk":
@@ -132,7 +122,8 @@ def _passes(
     # Embed: one chunk shard → one embedding shard.
     embed_folder = store.embeddings_dir(root, plan.name, plan.embed.fingerprint)
     chunked = store.done_shards(chunk_folder)
-    todo_embed = pending_shards(store.done_shards(embed_folder), chunked)
+    already = set(store.done_shards(embed_folder))
+    todo_embed = [s for s in chunked if s not in already]
     if not _run_shards("embed", todo_embed, mapper.embed, manifest, outcome, emit, out_of_time, len(chunked)):
         return outcome
     manifest.close(outcome_ok=outcome.ok)
@@ -157,7 +148,7 @@ def _run_shards(
         error = _describe(result) if isinstance(result, BaseException) else None
         if error:
             failed.append(shard)
-        manifest.shard_finished(stage, shard, error, None if error else result)
+        manifest.shard_finished(stage, shard, error)
         emit("shard", {"stage": stage, "id": shard, "error": error, "stats": None if error else result})
         if out_of_time():
             outcome.handover = True

@@ -176,10 +176,14 @@ def expand_files(patterns: list[str], base: Path) -> list[Path]:
 def _file_identity(path: Path) -> list[Any]:
     """What makes a source file's bytes distinct without reading it: path, size, modification time."""
     if path.is_dir():
-        return [str(path), sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
-                                  for p in path.rglob("*") if p.is_file())]
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        return [str(path), [[str(p.relative_to(path)), *_size_mtime(p)] for p in files]]
+    return [str(path), *_size_mtime(path)]
+
+
+def _size_mtime(path: Path) -> tuple[int, int]:
     st = path.stat()
-    return [str(path), st.st_size, st.st_mtime_ns]
+    return st.st_size, st.st_mtime_ns
 
 
 def git_info(path: Path) -> dict[str, Any]:

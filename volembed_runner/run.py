@@ -103,16 +103,15 @@ class _Progress:
 
 def _run_local(plan: Plan, *, until: str | None, as_json: bool, out: Console, err: Console) -> int:
     from volembed_runner.backends import local
-    from volembed_runner.stages.finish import totals
 
     progress = _Progress(err, quiet=as_json)
     started = time.monotonic()
     with progress.progress:
         outcome = local.run(plan, until=until, on_event=progress)
     seconds = time.monotonic() - started
-    root = plan.local_root()
-    counts = totals(root, plan)
-    manifest = store.read_json(store.manifest_path(root, plan.name)) or {}
+    manifest_file = store.manifest_path(plan.local_root(), plan.name)
+    manifest = store.read_json(manifest_file)
+    counts = manifest["totals"]  # refreshed from the done-markers when the run closed
     failed = {stage: entry.get("failed", {}) for stage, entry in manifest.get("stages", {}).items()
               if entry.get("failed")}
     embed_seconds = (manifest.get("stages", {}).get("embed") or {}).get("seconds")
@@ -126,8 +125,8 @@ def _run_local(plan: Plan, *, until: str | None, as_json: bool, out: Console, er
         "embedded_this_run": progress.embedded_tokens,
         "tokens_per_second": round(rate, 1) if rate else None,
         "failed": failed,
-        "outputs": manifest.get("outputs", {}),
-        "manifest": str(store.manifest_path(root, plan.name)),
+        "outputs": manifest["outputs"],
+        "manifest": str(manifest_file),
     }
     if as_json:
         out.print_json(json.dumps(summary))

@@ -7,6 +7,7 @@ valid spec is. Cross-field errors carry the offending field in their context so 
 from __future__ import annotations
 
 import re
+from functools import cache
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
@@ -271,6 +272,7 @@ class Spec(BaseModel):
         return self
 
 
+@cache
 def prefix_tokens(prefix: str, model: str) -> int:
     """Tokens the prefix adds, counted offline: with the model's tokenizer, or one of the same family on disk
     (e.g. the packaged all-MiniLM-L6-v2 for bert-base-uncased WordPiece models), else a safe overestimate."""

@@ -91,18 +91,22 @@ def chunk_statistics(root: Path, plan: Plan) -> dict[str, Any]:
 
 @dataclass
 class Manifest:
-    """manifest.json of one run, updated as shards finish and written atomically."""
+    """manifest.json of one run, updated as shards finish and written atomically.
+
+    Shard counters are written as they change (at most every WRITE_EVERY_S); the totals, which mean reading every
+    done-marker, are refreshed only at stage boundaries.
+    """
 
     root: Path
     plan: Plan
     data: dict[str, Any] = field(default_factory=dict)
+    _started: dict[str, float] = field(default_factory=dict)
     _last_write: float = 0.0
 
     @classmethod
     def open(cls, root: Path, plan: Plan) -> Manifest:
         """Start (or continue) the manifest of `plan`'s run on `root`."""
-        path = store.manifest_path(root, plan.name)
-        previous = store.read_json(path) or {}
+        previous = store.read_json(store.manifest_path(root, plan.name)) or {}
         data = {
             "name": plan.name,
             "backend": plan.backend,
@@ -133,12 +137,12 @@ class Manifest:
 
     def start_stage(self, stage: str, *, total: int, skipped: int = 0) -> None:
         """A stage begins: `skipped` of its `total` shards were already done."""
+        self._started[stage] = time.monotonic()
         self.data["stages"][stage] = {"total": total, "skipped": skipped, "done": skipped, "failed": {},
-                                      "started_at": _now(), "finished_at": None, "seconds": None,
-                                      "_t0": time.monotonic()}
+                                      "started_at": _now(), "finished_at": None, "seconds": None}
         self.write(force=True)
 
-    def shard_finished(self, stage: str, shard: str, error: str | None, stats: dict[str, Any] | None = None) -> None:
+    def shard_finished(self, stage: str, shard: str, error: str | None) -> None:
         """One shard of a stage ended, successfully or with `error`."""
         entry = self.data["stages"][stage]
         if error:
@@ -151,13 +155,11 @@ class Manifest:
         """A stage ended (all its shards were attempted)."""
         entry = self.data["stages"][stage]
         entry["finished_at"] = _now()
-        entry["seconds"] = round(time.monotonic() - entry.pop("_t0"), 3)
+        entry["seconds"] = round(time.monotonic() - self._started[stage], 3)
         self.write(force=True)
 
     def close(self, *, outcome_ok: bool, handover: bool = False) -> None:
         """Final counts, status and stats.json."""
-        for entry in self.data["stages"].values():
-            entry.pop("_t0", None)
         self.data["status"] = "handover" if handover else ("succeeded" if outcome_ok else "failed")
         self.data["finished_at"] = _now()
         self.write(force=True)
@@ -165,26 +167,18 @@ class Manifest:
 
     def abort(self, error: str) -> None:
         """The pass ended with an error outside any shard (e.g. the source could not be listed)."""
-        for entry in self.data["stages"].values():
-            entry.pop("_t0", None)
         self.data["status"] = "failed"
         self.data["error"] = error
         self.data["finished_at"] = _now()
         self.write(force=True)
 
     def write(self, *, force: bool = False) -> None:
-        """Write the manifest (throttled to one write per WRITE_EVERY_S unless forced)."""
+        """Write the manifest (throttled to one write per WRITE_EVERY_S unless forced, which also refreshes totals)."""
         now = time.monotonic()
         if not force and now - self._last_write < WRITE_EVERY_S:
             return
         self._last_write = now
         self.data["updated_at"] = _now()
-        self.data["totals"] = totals(self.root, self.plan)
-        public = {**self.data, "stages": {k: {kk: vv for kk, vv in v.items() if kk != "_t0"}
-                                          for k, v in self.data["stages"].items()}}
-        store.write_json_atomic(store.manifest_path(self.root, self.plan.name), public)
-
-    @property
-    def failed(self) -> dict[str, dict[str, str]]:
-        """Failed shards by stage, with their causes."""
-        return {k: dict(v["failed"]) for k, v in self.data["stages"].items() if v["failed"]}
+        if force:
+            self.data["totals"] = totals(self.root, self.plan)
+        store.write_json_atomic(store.manifest_path(self.root, self.plan.name), self.data)

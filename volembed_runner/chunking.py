@@ -293,8 +293,22 @@ def _shard_tokenizer(path: Path) -> Tokenizer:
     return _cached_tokenizer(str(path), stat.st_mtime_ns, stat.st_size)
 
 
-def _is_text_type(kind: pa.DataType) -> bool:
+def is_text_type(kind: pa.DataType) -> bool:
+    """True for arrow string types (string, large_string, string_view)."""
     return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+
+
+def first_invalid_utf8(arr: pa.Array) -> tuple[int, UnicodeDecodeError] | None:
+    """The first element of a string array that is not valid UTF-8 (parquet does not check on read), and its error.
+
+    Element by element, so only for naming the offending row once a whole-array conversion has failed.
+    """
+    for i in range(len(arr)):
+        try:
+            arr[i].as_py()
+        except UnicodeDecodeError as exc:
+            return i, exc
+    return None
 
 
 def _open_shard(in_path: Path, keep_columns: list[str]) -> pq.ParquetFile:
@@ -310,7 +324,7 @@ def _open_shard(in_path: Path, keep_columns: list[str]) -> pq.ParquetFile:
     for name in ["id", "text", *keep_columns]:
         if schema.get_field_index(name) < 0:
             raise SourceError(f"shard {in_path} has no column {name!r} (columns: {schema.names})")
-    if not _is_text_type(schema.field("text").type):
+    if not is_text_type(schema.field("text").type):
         raise SourceError(f"shard {in_path}: column 'text' must hold strings, found {schema.field('text').type}")
     return reader
 
@@ -364,14 +378,11 @@ def _texts(column: pa.Array, in_path: Path, first_row: int) -> list[str]:
     try:
         values = column.to_pylist()
     except UnicodeDecodeError:
-        for row in range(len(column)):
-            try:
-                column[row].as_py()
-            except UnicodeDecodeError as exc:
-                raise SourceError(
-                    f"shard {in_path}: row {first_row + row} of column 'text' is not valid UTF-8"
-                ) from exc
-        raise
+        bad = first_invalid_utf8(column)
+        if bad is None:
+            raise
+        row, exc = bad
+        raise SourceError(f"shard {in_path}: row {first_row + row} of column 'text' is not valid UTF-8") from exc
     if column.null_count:
         values = ["" if v is None else v for v in values]
     return values

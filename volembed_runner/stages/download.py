@@ -12,7 +12,7 @@ import gzip
 import math
 import re
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import asdict, dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -36,6 +36,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.hf_api import DatasetInfo, RepoFile
 
 from volembed_runner import store
+from volembed_runner.chunking import first_invalid_utf8, is_text_type
 from volembed_runner.errors import SourceError, StageError
 from volembed_runner.plan import DataSettings
 
@@ -95,19 +96,22 @@ def list_tasks(data: DataSettings) -> list[SourceTask]:
         path = Path(source)
         if not path.exists():
             raise SourceError(f"{source}: no such file or folder")
-        fmt = _detect_format(path)
-        size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for _, p in folder_documents(path))
+        if path.is_dir():
+            docs = folder_documents(path)
+            if not docs:
+                raise SourceError(
+                    f"{path}: folder holds no .txt, .md or .pdf file (for other files, list them by glob)"
+                )
+            fmt = "pdf" if all(p.suffix.lower() == ".pdf" for _, p in docs) else "text"
+            size = sum(p.stat().st_size for _, p in docs)
+        else:
+            fmt, size = _file_format(path), path.stat().st_size
         tasks.append(SourceTask(index=index, source=source, fmt=fmt, size=size))
     return tasks
 
 
-def _detect_format(path: Path) -> str:
-    """A source's format from its suffix (`.gz` allowed on jsonl/json/csv); a folder holds .txt/.md/.pdf documents."""
-    if path.is_dir():
-        docs = folder_documents(path)
-        if not docs:
-            raise SourceError(f"{path}: folder holds no .txt, .md or .pdf file (for other files, list them by glob)")
-        return "pdf" if all(p.suffix.lower() == ".pdf" for _, p in docs) else "text"
+def _file_format(path: Path) -> str:
+    """A source file's format from its suffix (`.gz` allowed on jsonl/json/csv)."""
     name = path.name.lower()
     gz = name.endswith(".gz")
     fmt = FILE_FORMATS.get(Path(name[:-3] if gz else name).suffix)
@@ -277,17 +281,17 @@ def _converted_parquet(api: HfApi, data: DataSettings) -> tuple[list[RepoFile], 
 
 def _tree(api: HfApi, repo: str, revision: str | None, prefix: str) -> list[RepoFile]:
     """Every file under `prefix` at `revision` (recursive); empty if the folder does not exist."""
-    try:
-        entries = api.list_repo_tree(
-            repo, path_in_repo=prefix or None, recursive=True, revision=revision, repo_type="dataset"
-        )
-        return [e for e in entries if isinstance(e, RepoFile)]
-    except RemoteEntryNotFoundError:
-        return []
-    except Exception as exc:
-        if not _is_hub_failure(exc):
-            raise
-        raise _hub_error(repo, "list", exc, revision) from None
+
+    def files() -> list[RepoFile]:
+        try:  # the listing is paged lazily: the requests run while it is consumed
+            entries = api.list_repo_tree(
+                repo, path_in_repo=prefix or None, recursive=True, revision=revision, repo_type="dataset"
+            )
+            return [e for e in entries if isinstance(e, RepoFile)]
+        except RemoteEntryNotFoundError:
+            return []
+
+    return _hub_call(repo, "list", files, revision)
 
 
 def _hub_call(
@@ -522,11 +526,6 @@ def _decoded(arr: pa.Array) -> pa.Array:
     return arr.dictionary_decode() if pa.types.is_dictionary(arr.type) else arr
 
 
-def _is_text_type(t: pa.DataType) -> bool:
-    """True for arrow string types (string, large_string, string_view)."""
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
-
-
 def _first_valid(arr: pa.Array) -> tuple[int, Any]:
     """Index and value of the first non-null element, to name an offending row."""
     for i in range(len(arr)):
@@ -538,19 +537,18 @@ def _first_valid(arr: pa.Array) -> tuple[int, Any]:
 def _valid_strings(arr: pa.Array, name: str, column: str, row0: int) -> None:
     """Raise naming the first row whose string is not valid UTF-8 (parquet does not check on read)."""
     arr = _decoded(arr)
-    if not _is_text_type(arr.type):
+    if not is_text_type(arr.type):
         return
     try:
         arr.validate(full=True)
     except pa.ArrowInvalid:
-        for i in range(len(arr)):
-            try:
-                arr[i].as_py()
-            except UnicodeDecodeError as exc:
-                raise SourceError(
-                    f"{name}: row {row0 + i + 1}: column '{column}' is not valid UTF-8 (byte {exc.start})"
-                ) from None
-        raise SourceError(f"{name}: column '{column}' near row {row0 + 1} is not valid UTF-8") from None
+        bad = first_invalid_utf8(arr)
+        if bad is None:
+            raise SourceError(f"{name}: column '{column}' near row {row0 + 1} is not valid UTF-8") from None
+        i, exc = bad
+        raise SourceError(
+            f"{name}: row {row0 + i + 1}: column '{column}' is not valid UTF-8 (byte {exc.start})"
+        ) from None
 
 
 def _text_array(arr: pa.Array, name: str, column: str, row0: int) -> pa.Array:
@@ -558,7 +556,7 @@ def _text_array(arr: pa.Array, name: str, column: str, row0: int) -> pa.Array:
     arr = _decoded(arr)
     if pa.types.is_null(arr.type):
         return pa.array([""] * len(arr), pa.string())
-    if not _is_text_type(arr.type):
+    if not is_text_type(arr.type):
         i, value = _first_valid(arr)
         raise SourceError(
             f"{name}: row {row0 + i + 1}: column '{column}' holds {arr.type} values ({_short(value)}), not text"
@@ -573,7 +571,7 @@ def _id_array(arr: pa.Array, name: str, column: str, row0: int) -> pa.Array:
     if arr.null_count:
         i = pc.index(pc.is_null(arr), True).as_py()
         raise SourceError(f"{name}: row {row0 + i + 1}: id column '{column}' is null")
-    if _is_text_type(arr.type):
+    if is_text_type(arr.type):
         _valid_strings(arr, name, column, row0)
     elif not pa.types.is_integer(arr.type):
         raise SourceError(f"{name}: id column '{column}' holds {arr.type} values; ids must be text or integers")
@@ -594,7 +592,7 @@ def guarded(batches: Iterator[pa.RecordBatch], on_error: Callable[[Exception, in
         row0 += batch.num_rows
 
 
-def _read_parquet(path: Path, name: str, shape: Shape, task: int) -> Iterator[pa.Table]:
+def _read_parquet(path: Path, name: str, shape: Shape, task: int) -> Generator[pa.Table, None, None]:
     """Stream a parquet file batch by batch (row groups are never loaded whole), only the columns needed."""
     try:
         pf = pq.ParquetFile(path)
@@ -609,15 +607,15 @@ def _read_parquet(path: Path, name: str, shape: Shape, task: int) -> Iterator[pa
         yield shape_batch(batch, shape, name, task, row0)
 
 
-def _read_csv(path: Path, name: str, shape: Shape, task: int, gz: bool) -> Iterator[pa.Table]:
+def _read_csv(path: Path, name: str, shape: Shape, task: int, gz: bool) -> Generator[pa.Table, None, None]:
     """Stream a CSV file (header row; quoted fields may span lines); the columns used are read as text."""
     needed = shape.needed
 
     def on_error(exc: Exception, row0: int) -> SourceError:
         if "UTF8" in str(exc):
-            where = _find_bad_utf8(path, gz)
-            if where is not None:
-                return SourceError(f"{name}: line {where[0]}: invalid UTF-8 (byte offset {where[1]} in the file)")
+            bad = _find_bad_utf8(path, name, gz)
+            if bad is not None:
+                return bad
         return SourceError(f"{name}: cannot read CSV after row {row0} ({_first_line(exc)})")
 
     try:
@@ -635,17 +633,37 @@ def _read_csv(path: Path, name: str, shape: Shape, task: int, gz: bool) -> Itera
         yield shape_batch(batch.select(needed), shape, name, task, row0)
 
 
-def _find_bad_utf8(path: Path, gz: bool) -> tuple[int, int] | None:
-    """(1-based line, byte offset in the uncompressed file) of the first invalid UTF-8, read line by line."""
-    offset = 0
-    with _open_binary(path, gz) as fh:
-        for lineno, line in enumerate(fh, 1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                return lineno, offset + exc.start
-            offset += len(line)
+def _find_bad_utf8(path: Path, name: str, gz: bool) -> SourceError | None:
+    """The error naming the line and byte offset of the file's first invalid UTF-8; None if there is none."""
+    try:
+        with _open_binary(path, gz) as fh:
+            for _ in _utf8_lines(fh, name):
+                pass
+    except SourceError as exc:
+        return exc
     return None
+
+
+def _utf8_lines(fh: Any, name: str) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line) of a binary file; invalid UTF-8 raises naming the line and its byte offset."""
+    offset = 0
+    for lineno, raw in enumerate(fh, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            at = offset + exc.start
+            raise SourceError(f"{name}: line {lineno}: invalid UTF-8 (byte offset {at} in the file)") from None
+        offset += len(raw)
+        yield lineno, line
+
+
+def _decode_utf8(raw: bytes, where: str) -> str:
+    """A whole file's bytes as text; invalid UTF-8 raises naming the line and byte offset."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise SourceError(f"{where}: line {line}: invalid UTF-8 (byte offset {exc.start})") from None
 
 
 def _open_binary(path: Path, gz: bool) -> Any:
@@ -746,23 +764,16 @@ def _record_id(record: dict[str, Any], column: str | None, default: str, where: 
     raise SourceError(f"{where}: id column '{column}' is {kind} ({_short(value)}); ids are text or integers")
 
 
-def _read_jsonl(path: Path, name: str, shape: Shape, task: int, gz: bool) -> Iterator[pa.Table]:
+def _read_jsonl(path: Path, name: str, shape: Shape, task: int, gz: bool) -> Generator[pa.Table, None, None]:
     """Stream JSON lines (one object per line; blank lines skipped), one block of records at a time."""
     records = _Records.start(shape, name)
-    offset = 0
     lineno = 0
     try:
         with _open_binary(path, gz) as fh:
-            for lineno, raw in enumerate(fh, 1):
-                where = f"{name}: line {lineno}"
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    at = offset + exc.start
-                    raise SourceError(f"{where}: invalid UTF-8 (byte offset {at} in the file)") from None
-                offset += len(raw)
+            for lineno, line in _utf8_lines(fh, name):
                 if not line.strip():
                     continue
+                where = f"{name}: line {lineno}"
                 try:
                     record = orjson.loads(line)
                 except orjson.JSONDecodeError as exc:
@@ -777,18 +788,14 @@ def _read_jsonl(path: Path, name: str, shape: Shape, task: int, gz: bool) -> Ite
     records.check_keep()
 
 
-def _read_json(path: Path, name: str, shape: Shape, task: int, gz: bool) -> Iterator[pa.Table]:
+def _read_json(path: Path, name: str, shape: Shape, task: int, gz: bool) -> Generator[pa.Table, None, None]:
     """A JSON list of records, an object mapping key → record (the key is the default id), or one record."""
     try:
         with _open_binary(path, gz) as fh:
             raw = fh.read()
     except (OSError, EOFError, zlib.error) as exc:
         raise SourceError(f"{name}: cannot read ({_first_line(exc)})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise SourceError(f"{name}: line {line}: invalid UTF-8 (byte offset {exc.start})") from None
+    text = _decode_utf8(raw, name)
     try:
         obj = orjson.loads(text)
     except orjson.JSONDecodeError as exc:
@@ -826,29 +833,27 @@ def _looks_like_jsonl(text: str) -> bool:
         return False
 
 
-def _read_documents(path: Path, name: str, shape: Shape) -> Iterator[pa.Table]:
+def _read_documents(path: Path, name: str, shape: Shape) -> Generator[pa.Table, None, None]:
     """One document per .txt/.md/.pdf file (a folder, or one file): columns `path` (relative) and `text`."""
     docs = folder_documents(path) if path.is_dir() else [(path.name, path)]
     shape.check_columns(name, ["path", "text"])
     records = _Records.start(shape, name)
+    chars = 0  # characters in `records`
     for rel, doc in docs:
         where = f"{name}/{rel}" if path.is_dir() else name
         text = _pdf_text(doc, where) if doc.suffix.lower() == ".pdf" else _plain_text(doc, where)
         records.add({"path": rel, "text": text}, rel, where)
-        if len(records) >= READ_BATCH_ROWS or sum(map(len, records.texts)) > MAX_SHARD_TEXT_BYTES // 4:
+        chars += len(text)
+        if len(records) >= READ_BATCH_ROWS or chars > MAX_SHARD_TEXT_BYTES // 4:
             yield records.take()
+            chars = 0
     if len(records):
         yield records.take()
 
 
 def _plain_text(path: Path, where: str) -> str:
     """A text document's content as UTF-8 (a leading BOM dropped); invalid bytes raise naming line and offset."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8").removeprefix("\ufeff")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise SourceError(f"{where}: line {line}: invalid UTF-8 (byte offset {exc.start})") from None
+    return _decode_utf8(path.read_bytes(), where).removeprefix("\ufeff")
 
 
 def _pdf_text(path: Path, where: str) -> str:
@@ -943,7 +948,7 @@ def _clear_task(folder: Path, index: int) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def read_task(root: Path, data: DataSettings, task: SourceTask, shape: Shape) -> Iterator[pa.Table]:
+def read_task(root: Path, data: DataSettings, task: SourceTask, shape: Shape) -> Generator[pa.Table, None, None]:
     """The shaped tables of one source, in order."""
     if task.source.startswith(HF_SCHEME):
         repo, revision, path_in_repo = parse_hf_uri(task.source)
@@ -988,7 +993,7 @@ def download_task(root: Path, data: DataSettings, task: SourceTask) -> list[str]
     _clear_task(folder, task.index)
     writer = _ShardWriter(folder, task.index, data.shard_rows, MAX_SHARD_TEXT_BYTES)
     # With a row-count limit no task can contribute more than `limit` rows to the first N, so it stops there.
-    cap = data.limit if isinstance(data.limit, int) and not isinstance(data.limit, bool) else None
+    cap = data.limit if isinstance(data.limit, int) else None
     tables = read_task(root, data, task, shape)
     read = 0
     try:
@@ -1004,9 +1009,7 @@ def download_task(root: Path, data: DataSettings, task: SourceTask) -> list[str]
         writer.discard()
         raise
     finally:
-        close = getattr(tables, "close", None)
-        if close is not None:
-            close()
+        tables.close()  # a source left early (limit) releases its file now
     record = {"source": task.source, "shards": writer.written}
     store.write_json_atomic(store.task_marker_path(folder, task.index), record)
     return list(writer.written)

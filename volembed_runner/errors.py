@@ -14,6 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def describe(exc: BaseException) -> str:
+    """`Type: first line of the message`: how a failed shard's cause is recorded in the manifest and logs."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
 class VolembedError(Exception):
     """Base of every error the CLI reports as one line instead of a traceback."""
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from volembed_runner import store
+from volembed_runner.errors import describe
 from volembed_runner.plan import Plan
 from volembed_runner.stages import download as download_stage
 from volembed_runner.stages.download import SourceTask
@@ -46,11 +47,6 @@ class Outcome:
         return not any(self.failed.values()) and not self.handover
 
 
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
 def orchestrate(
     plan: Plan,
     root: Path,
@@ -70,7 +66,7 @@ def orchestrate(
     try:
         return _passes(plan, root, mapper, manifest, until, deadline, clock, on_event or (lambda kind, info: None))
     except BaseException as exc:
-        manifest.abort(_describe(exc))
+        manifest.abort(describe(exc))
         raise
 
 
@@ -145,7 +141,7 @@ def _run_shards(
     emit("stage", {"stage": stage, "total": total, "todo": len(todo)})
     failed: list[str] = []
     for shard, result in run(todo) if todo else ():
-        error = _describe(result) if isinstance(result, BaseException) else None
+        error = describe(result) if isinstance(result, BaseException) else None
         if error:
             failed.append(shard)
         manifest.shard_finished(stage, shard, error)

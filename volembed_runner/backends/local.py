@@ -11,6 +11,7 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from volembed_runner.embedders.local import usable_cores
 from volembed_runner.orchestrate import Mapper, Outcome, orchestrate
 from volembed_runner.plan import Plan
 from volembed_runner.stages import chunk as chunk_stage
@@ -23,8 +24,7 @@ DOWNLOAD_WORKERS = 4  # the Hub serves a few parallel downloads well; local file
 
 def cpu_workers(requested: int) -> int:
     """Processes for CPU stages: the spec's `chunking.workers`, capped by the cores this process may use."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(requested, cores))
+    return max(1, min(requested, usable_cores()))
 
 
 def _quiet_tokenizers() -> None:

@@ -47,6 +47,11 @@ def native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     return False
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def resolve_precision(precision: str) -> Literal["fp32", "bf16"]:
     """The precision an engine runs at: `auto` is bf16 on CPUs with native bf16, fp32 elsewhere."""
     if precision not in PRECISIONS:
@@ -73,13 +78,6 @@ def pack_batches(lengths: list[int], batch_tokens: int, max_batch_size: int) -> 
     if current:
         batches.append(current)
     return batches
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 class LocalEmbedder:
@@ -114,10 +112,11 @@ class LocalEmbedder:
 
         import torch
 
-        self.threads = threads or _cpu_count()
+        self.threads = threads or usable_cores()
         torch.set_num_threads(self.threads)
         self._st = _load(model, self.path)
         self._modules = _forward_modules(self._st)
+        self._preprocess = getattr(self._st, "preprocess", None) or self._st.tokenize  # sentence-transformers 6 / 5
         tokenizer = self._st.tokenizer
         self.max_seq_length: int = self._st.max_seq_length or getattr(tokenizer, "model_max_length", None) or 512
         self._special_tokens = _special_tokens(tokenizer)
@@ -162,10 +161,6 @@ class LocalEmbedder:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             message = f"local engine failed on a batch of {len(texts)} texts ({self.model}): {reason}"
             raise EmbedderError(message) from exc
-
-    def _preprocess(self, texts: list[str]) -> dict[str, Any]:
-        preprocess = getattr(self._st, "preprocess", None) or self._st.tokenize  # sentence-transformers 6 / 5
-        return preprocess(texts)
 
     def _count_truncated(self, texts: list[str], attention_mask: Any) -> int:
         """Texts cut at max_seq_length; only rows that fill it are re-tokenized to check."""

@@ -207,7 +207,9 @@ class TEIClient:
         if dimensions is not None:
             tail["dimensions"] = dimensions
         self._body_tail = b"]," + orjson.dumps(tail)[1:]
-        if payload_limit <= len(self._body_head) + len(self._body_tail) + 2:
+        # JSON bytes of texts (commas included) one request may carry and stay within payload_limit.
+        self._max_text_bytes = payload_limit - 1 - len(self._body_head) - len(self._body_tail)
+        if self._max_text_bytes <= 1:
             raise EmbedderError(f"payload_limit of {payload_limit} bytes cannot hold a request")
         self._http = httpx.AsyncClient(
             base_url=base_url,
@@ -268,7 +270,7 @@ class TEIClient:
         in_flight = self._in_flight
         prefix = self.prefix
         parts = [orjson.dumps(prefix + t) for t in texts]
-        max_bytes = self.payload_limit - 1 - len(self._body_head) - len(self._body_tail)
+        max_bytes = self._max_text_bytes
         for i, part in enumerate(parts):
             if len(part) > max_bytes:
                 raise EmbedderError(
@@ -314,8 +316,7 @@ class TEIClient:
             try:
                 response = await self._http.post("/embed", content=body, headers=_JSON_HEADERS)
             except httpx.TransportError as exc:
-                cause = type(exc).__name__
-                detail = f"{cause}: {exc}" if str(exc) else cause
+                cause, detail = _transport_failure(exc)
             else:
                 status = response.status_code
                 if status == 200:
@@ -336,10 +337,8 @@ class TEIClient:
             if retries >= self.max_retries:
                 raise EmbedderError(f"TEI failed text {_describe(idx)} after {retries + 1} attempts: {detail}")
             retries += 1
-            self.stats.retries += 1
-            self.stats.retry_causes[cause] += 1
             log.info("retrying %d texts (attempt %d of %d): %s", len(idx), retries + 1, self.max_retries + 1, detail)
-            await asyncio.sleep(self._backoff(retries))
+            await self._pause_before_retry(retries, cause)
 
     def _store(self, idx: list[int], response: httpx.Response, rows: _Rows) -> None:
         """Parse a 200 answer with orjson, check its shape, write its rows and count its tokens."""
@@ -364,13 +363,19 @@ class TEIClient:
         step = min(self.backoff_max, self.backoff_base * 2 ** (retry - 1))
         return step / 2 + self._rng.uniform(0, step / 2)
 
+    async def _pause_before_retry(self, retry: int, cause: str) -> None:
+        """Count retry number `retry` and its cause, then sleep its backoff."""
+        self.stats.retries += 1
+        self.stats.retry_causes[cause] += 1
+        await asyncio.sleep(self._backoff(retry))
+
     async def _get_info(self) -> dict[str, Any]:
         retries = 0
         while True:
             try:
                 response = await self._http.get("/info")
             except httpx.TransportError as exc:
-                cause, detail = type(exc).__name__, f"{type(exc).__name__}: {exc}"
+                cause, detail = _transport_failure(exc)
             else:
                 if response.status_code == 200:
                     try:
@@ -388,14 +393,18 @@ class TEIClient:
             if retries >= self.max_retries:
                 raise EmbedderError(f"TEI at {self.base_url} failed GET /info after {retries + 1} attempts: {detail}")
             retries += 1
-            self.stats.retries += 1
-            self.stats.retry_causes[cause] += 1
-            await asyncio.sleep(self._backoff(retries))
+            await self._pause_before_retry(retries, cause)
 
 
 def _positive(data: dict[str, Any], key: str, default: int) -> int:
     value = data.get(key)
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
+
+
+def _transport_failure(exc: httpx.TransportError) -> tuple[str, str]:
+    """(cause, detail) of a failed connection: the exception's type, and its message when it has one."""
+    cause = type(exc).__name__
+    return cause, (f"{cause}: {exc}" if str(exc) else cause)
 
 
 def _describe(idx: list[int]) -> str:

@@ -50,7 +50,7 @@ def _modal_errors(action: str) -> Iterator[None]:
     from modal.exception import AuthError, Error
     from modal.exception import ConnectionError as ModalConnectionError
 
-    from volembed_runner.backends.modal.runtime import describe
+    from volembed_runner.errors import describe
 
     try:
         yield
@@ -176,10 +176,9 @@ def _record_run(folder: Path, plan: Plan, *, app_id: str | None, deployed: bool,
 
 
 def _read_run(plan: Plan) -> dict[str, Any] | None:
-    path = build_dir(plan) / RUN_RECORD
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return store.read_json(build_dir(plan) / RUN_RECORD)
+    except (OSError, ValueError):  # unreadable: `stop` falls back to the app's name
         return None
 
 

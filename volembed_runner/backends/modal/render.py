@@ -155,6 +155,11 @@ def model_slug(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "model"
 
 
+def container_model_dir(plan: Plan) -> str:
+    """Where the model's files sit inside the images (weights baked in, or a local folder copied there)."""
+    return f"{MODELS_DIR}/{model_slug(plan.embed.model)}"
+
+
 def local_model_dir(plan: Plan) -> str | None:
     """The model folder on this machine when the spec names one (it is copied into the images), else None."""
     model = plan.embed.model
@@ -181,7 +186,7 @@ def remote_plan(plan: Plan) -> dict[str, Any]:
         data["data"]["files"] = [f"{MODAL_ROOT}/{remote}" for _, remote in layout]
     local = local_model_dir(plan)
     if local is not None:
-        inside = f"{MODELS_DIR}/{model_slug(local)}"
+        inside = container_model_dir(plan)
         for stage in ("chunk", "embed"):
             if data[stage]["model"] == local:
                 data[stage]["model"] = inside
@@ -249,7 +254,7 @@ def render_app(plan: Plan) -> str:
     router = router_settings(plan)
     registry, tag = tei_image(plan)
     local = local_model_dir(plan)
-    model_dir = f"{MODELS_DIR}/{model_slug(plan.embed.model)}"
+    model_dir = container_model_dir(plan)
     values: dict[str, Any] = {
         "rendered_by": f"volembed-runner {_version()}",
         "app_name": plan.name,

@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
 
+from volembed_runner.errors import describe
+
 T = TypeVar("T")
 
 # TEI 1.9.x CUDA images are built on CUDA 12.9.1; an older driver needs the image's forward-compat libraries.
@@ -43,12 +45,6 @@ class ShardFailed(Exception):
 
     def __str__(self) -> str:
         return self.error
-
-
-def describe(exc: BaseException) -> str:
-    """`Type: first line of the message`, as the manifest records causes."""
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 @contextmanager
@@ -232,7 +228,7 @@ class TEIRouter:
                                 text=True, errors="replace")
         router = cls(proc)
         deadline = time.monotonic() + timeout
-        while not port_open(host, port):
+        while not (ready := port_open(host, port)):
             if proc.poll() is not None:
                 router._reader.join(timeout=5)
                 raise RuntimeError(f"text-embeddings-router exited with code {proc.returncode} before it was ready; "
@@ -244,7 +240,7 @@ class TEIRouter:
             router.stop()
             raise RuntimeError("text-embeddings-router found no usable CUDA device and fell back to the CPU; "
                                f"last log lines: {router.last_lines()}")
-        if not port_open(host, port):
+        if not ready:
             router.stop()
             raise TimeoutError(f"text-embeddings-router did not accept connections on {host}:{port} within "
                                f"{timeout:.0f} s; last log lines: {router.last_lines()}")

@@ -10,7 +10,6 @@ per-second prices. Every figure's source lands in `assumptions`; what cannot be 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
@@ -30,8 +29,9 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from volembed_runner import catalog
-from volembed_runner.errors import BackendError, ModelError, SourceError, SpecError, SpecIssue, VolembedError
+from volembed_runner import catalog, store
+from volembed_runner.embedders.local import usable_cores
+from volembed_runner.errors import BackendError, SourceError, SpecError, SpecIssue, VolembedError
 from volembed_runner.plan import Plan, volembed_home
 
 SAMPLE_CAP = 5_000  # documents sampled at most
@@ -45,7 +45,6 @@ HUB_TIMEOUT_S = 10.0  # all Hub metadata requests of one estimate together
 RATIO_UNCERTAINTY = 0.15  # ± on a bytes-per-token ratio measured on another corpus
 Z95 = 1.96
 CALIBRATION_FILE = "calibration.json"
-STANDIN_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 @cache
@@ -139,7 +138,7 @@ def calibration_key(backend: str, model: str, device: str, engine: str) -> str:
 def load_calibrations() -> dict[str, dict[str, Any]]:
     """Stored calibrations by key; an unreadable file counts as none."""
     try:
-        data = json.loads(calibration_path().read_text(encoding="utf-8"))
+        data = store.read_json(calibration_path())
     except (OSError, ValueError):
         return {}
     entries = data.get("entries") if isinstance(data, dict) else None
@@ -148,12 +147,9 @@ def load_calibrations() -> dict[str, dict[str, Any]]:
 
 def _store_calibration(entry: dict[str, Any]) -> Path:
     path = calibration_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
     entries = load_calibrations()
     entries[entry["key"]] = entry
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"version": 1, "entries": entries}, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    store.write_json_atomic(path, {"version": 1, "entries": entries})
     return path
 
 
@@ -172,38 +168,24 @@ def _tokenizer(plan: Plan) -> _Tokenizer | None:
     """The model's own tokenizer from disk, else a packaged tokenizer of the same catalog family (offline stand-in)."""
     from volembed_runner import chunking, models
 
-    model, revision = plan.chunk.model, plan.chunk.revision
-    try:
-        path = models.tokenizer_file(model, revision, download=False)
-        return _Tokenizer(chunking.load_tokenizer(path), f"tokens counted with {model}'s own tokenizer ({path})")
-    except (ModelError, OSError):
-        pass
-    known = catalog.find_model(model)
-    if known is None:
+    model = plan.chunk.model
+    found = models.offline_tokenizer_file(model, plan.chunk.revision)
+    if found is None:
         return None
-    for other in catalog.models().values():
-        if other.tokenizer != known.tokenizer or other.package is None:
-            continue
-        try:
-            path = models.tokenizer_file(other.id, download=False)
-            tok = chunking.load_tokenizer(path)
-        except (ModelError, OSError):
-            continue
-        return _Tokenizer(tok, f"{model}'s tokenizer is not on this machine: tokens counted with {other.id}'s "
-                               f"tokenizer, the same {known.tokenizer} family, standing in offline")
-    return None
-
-
-def _family(model: str) -> str | None:
-    known = catalog.find_model(model)
-    return known.tokenizer if known else None
+    path, source = found
+    tok = chunking.load_tokenizer(path)
+    if source == model:
+        return _Tokenizer(tok, f"tokens counted with {model}'s own tokenizer ({path})")
+    family = catalog.find_model(model).tokenizer  # a stand-in is only ever found through the catalog family
+    return _Tokenizer(tok, f"{model}'s tokenizer is not on this machine: tokens counted with {source}'s "
+                           f"tokenizer, the same {family} family, standing in offline")
 
 
 def _bytes_per_token(model: str) -> tuple[float, str]:
     ratios = table()["bytes_per_token"]
-    family = _family(model)
-    entry = ratios.get(family or "", ratios["default"])
-    name = family if family in ratios else "default"
+    known = catalog.find_model(model)
+    name = known.tokenizer if known and known.tokenizer in ratios else "default"
+    entry = ratios[name]
     return float(entry["value"]), f"{entry['value']} bytes/token for tokenizer family {name}: {entry['derivation']} " \
                                   f"({entry['source']})"
 
@@ -302,13 +284,19 @@ class _Sizes:
     warnings: list[str] = field(default_factory=list)
 
 
-def _limit(plan: Plan, total: float) -> float:
+def _set_rows(plan: Plan, sizes: _Sizes, total: float) -> str:
+    """Record `total` rows and the rows `dataset.limit` keeps of them; returns the limit's note (or "")."""
     from volembed_runner.stages.download import limit_rows
 
-    return float(limit_rows(plan.data.limit, int(total))) if plan.data.limit is not None else total
+    sizes.total_rows = total
+    if plan.data.limit is None:
+        sizes.rows = total
+        return ""
+    sizes.rows = float(limit_rows(plan.data.limit, int(total)))
+    return f", limit {plan.data.limit} → {sizes.rows:,.0f}"
 
 
-def _count_local_rows(task: Any, data: Any) -> tuple[int | None, bool, str | None]:
+def _count_local_rows(task: Any, data: Any, shape: Any) -> tuple[int | None, bool, str | None]:
     """Rows of one local source without loading it: a parquet footer, a line count, a folder's file count."""
     import pyarrow.parquet as pq
 
@@ -323,7 +311,7 @@ def _count_local_rows(task: Any, data: Any) -> tuple[int | None, bool, str | Non
         return 1, True, None
     size = path.stat().st_size
     if size <= COUNT_CAP_BYTES:
-        rows = sum(t.num_rows for t in dl.read_task(Path("."), data, task, dl.Shape.of(data)))
+        rows = sum(t.num_rows for t in dl.read_task(Path("."), data, task, shape))
         return rows, True, None
     if task.fmt == "jsonl":
         return _count_lines(path), False, f"{path.name}: rows extrapolated from its first {COUNT_CAP_BYTES >> 20} MiB"
@@ -353,8 +341,9 @@ def _local_sizes(plan: Plan, tok: _Tokenizer | None, sample_cap: int) -> _Sizes:
     data = plan.data
     sizes = _Sizes()
     try:
+        shape = dl.Shape.of(data)
         tasks = dl.list_tasks(data)
-        counts = [_count_local_rows(t, data) for t in tasks]
+        counts = [_count_local_rows(t, data, shape) for t in tasks]
     except (VolembedError, OSError, ValueError) as exc:
         sizes.notes.append(f"could not read the local files: {exc}")
         sizes.warnings.append(f"dataset files unreadable ({exc}); the run will fail the same way")
@@ -365,24 +354,19 @@ def _local_sizes(plan: Plan, tok: _Tokenizer | None, sample_cap: int) -> _Sizes:
     known = [rows for rows, _, _ in counts]
     if all(r is not None for r in known):
         total = float(sum(r for r in known if r is not None))
-        sizes.total_rows = total
-        sizes.rows = _limit(plan, total)
+        limit = _set_rows(plan, sizes, total)
         sizes.rows_exact = all(exact for _, exact, _ in counts)
         how = "parquet footers / counted rows" if sizes.rows_exact else "counted and extrapolated rows"
-        limit = f", limit {data.limit} → {sizes.rows:,.0f}" if data.limit is not None else ""
         sizes.notes.append(f"documents: {total:,.0f} rows in {len(tasks)} local source(s) ({how}){limit}")
     if tok is None:
-        _measure_bytes(plan, sizes, tasks, counts, sample_cap)
+        _measure_bytes(plan, sizes, tasks, counts, shape, sample_cap)
         return sizes
     # The sampled population is the first `limit` rows in shard order, exactly what the download stage keeps.
     int_limit = data.limit if isinstance(data.limit, int) and not isinstance(data.limit, bool) else None
     wanted = sizes.rows if sizes.rows is not None else int_limit
     unknown_fraction = sizes.rows is None and isinstance(data.limit, float)
-    quotas = _quotas([r for r, _, _ in counts], wanted)
     sample = _Sample(plan.chunk.size, plan.chunk.overlap, note=tok.note)
-    shape = dl.Shape.of(data)
-    readers = [_texts_of(dl.read_task(Path("."), data, t, shape), q)
-               for t, q in zip(tasks, quotas, strict=True) if q != 0]
+    readers = _readers(data, shape, tasks, _quotas([r for r, _, _ in counts], wanted))
     try:
         if sizes.rows is not None and sizes.rows <= sample_cap:
             _sample_texts(tok.tok, (b for r in readers for b in r), sample, sample_cap, whole=True)
@@ -402,15 +386,11 @@ def _local_sizes(plan: Plan, tok: _Tokenizer | None, sample_cap: int) -> _Sizes:
     return sizes
 
 
-def _measure_bytes(plan: Plan, sizes: _Sizes, tasks: list[Any], counts: list[Any], cap: int) -> None:
+def _measure_bytes(plan: Plan, sizes: _Sizes, tasks: list[Any], counts: list[Any], shape: Any, cap: int) -> None:
     """Without a tokenizer: the texts' UTF-8 bytes (all of them, or the first `cap` scaled by rows), for the ratio."""
-    from volembed_runner.stages import download as dl
-
     if sizes.rows is None:
         return
-    shape = dl.Shape.of(plan.data)
-    readers = [_texts_of(dl.read_task(Path("."), plan.data, t, shape), q)
-               for t, q in zip(tasks, _quotas([r for r, _, _ in counts], sizes.rows), strict=True) if q != 0]
+    readers = _readers(plan.data, shape, tasks, _quotas([r for r, _, _ in counts], sizes.rows))
     seen = total = 0
     try:
         for batch in _round_robin(readers):
@@ -441,6 +421,13 @@ def _quotas(rows: list[int | None], wanted: float | None) -> list[int | None]:
         out.append(take)
         left -= take
     return out
+
+
+def _readers(data: Any, shape: Any, tasks: list[Any], quotas: list[int | None]) -> list[Iterator[list[str]]]:
+    """Lazy text-batch readers of the local sources, each stopping after its quota of rows (sources with 0 skipped)."""
+    from volembed_runner.stages import download as dl
+
+    return [_texts_of(dl.read_task(Path("."), data, t, shape), q) for t, q in zip(tasks, quotas, strict=True) if q != 0]
 
 
 def _texts_of(tables: Iterator[Any], quota: int | None) -> Iterator[list[str]]:
@@ -474,9 +461,7 @@ def _hint_sizes(plan: Plan, sizes: _Sizes) -> None:
     ds = plan.spec.get("dataset", {})
     rows_hint, bytes_hint = ds.get("num_rows"), ds.get("num_bytes")
     if sizes.total_rows is None and rows_hint:
-        sizes.total_rows = float(rows_hint)
-        sizes.rows = _limit(plan, float(rows_hint))
-        limit = f", limit {plan.data.limit} → {sizes.rows:,.0f}" if plan.data.limit is not None else ""
+        limit = _set_rows(plan, sizes, float(rows_hint))
         sizes.notes.append(f"documents: {rows_hint:,} from the spec's dataset.num_rows hint{limit}")
     if sizes.text_bytes is None and bytes_hint:
         share = (sizes.rows / sizes.total_rows) if sizes.rows and sizes.total_rows else 1.0
@@ -509,8 +494,7 @@ def _hub_sizes(plan: Plan, tok: _Tokenizer | None, sample_cap: int, timeout: flo
     sizes.files = found.get("files")
     sizes.download_bytes = found.get("download_bytes")
     if found.get("rows") is not None:
-        sizes.total_rows = float(found["rows"])
-        sizes.rows = _limit(plan, sizes.total_rows)
+        _set_rows(plan, sizes, float(found["rows"]))
         sizes.rows_exact = bool(found.get("rows_exact"))
         sizes.notes.append(f"documents: {found['rows']:,} from {found.get('rows_source')}")
     if found.get("text_bytes") is not None and sizes.rows and sizes.total_rows:
@@ -526,6 +510,8 @@ def _hub_sizes(plan: Plan, tok: _Tokenizer | None, sample_cap: int, timeout: flo
 def _hub_worker(plan: Plan, tok: _Tokenizer | None, sample_cap: int, found: dict[str, Any]) -> None:
     """Fill `found` step by step (listing, footers, sample); any failure is recorded as `error`, never raised."""
     try:
+        from concurrent.futures import ThreadPoolExecutor
+
         import pyarrow.parquet as pq
         from huggingface_hub import HfFileSystem
 
@@ -538,11 +524,12 @@ def _hub_worker(plan: Plan, tok: _Tokenizer | None, sample_cap: int, found: dict
         fs = HfFileSystem()
         shape = dl.Shape.of(plan.data)
 
-        def footer(task: Any) -> Any:
+        def open_file(task: Any) -> Any:
             repo, revision, path = dl.parse_hf_uri(task.source)
-            return pq.ParquetFile(fs.open(f"datasets/{repo}@{revision}/{path}", "rb")).metadata
+            return fs.open(f"datasets/{repo}@{revision}/{path}", "rb")
 
-        from concurrent.futures import ThreadPoolExecutor
+        def footer(task: Any) -> Any:
+            return pq.ParquetFile(open_file(task)).metadata
 
         with ThreadPoolExecutor(8) as pool:
             metas = list(pool.map(footer, tasks[:256]))
@@ -561,8 +548,8 @@ def _hub_worker(plan: Plan, tok: _Tokenizer | None, sample_cap: int, found: dict
         found["bytes_source"] = "the text column's uncompressed size in the parquet footers"
         if tok is None or not tasks:
             return
-        repo, revision, path = dl.parse_hf_uri(tasks[0].source)
-        pf = pq.ParquetFile(fs.open(f"datasets/{repo}@{revision}/{path}", "rb"))
+        path = dl.parse_hf_uri(tasks[0].source)[2]
+        pf = pq.ParquetFile(open_file(tasks[0]), metadata=metas[0])  # its footer was read above
         sample = _Sample(plan.chunk.size, plan.chunk.overlap, note=tok.note)
         found["sample"] = sample
         batches = pf.iter_batches(batch_size=SAMPLE_BATCH, columns=shape.needed, row_groups=[0])
@@ -737,9 +724,10 @@ def tei_rate(model: str, gpu: str, calibrations: dict[str, dict[str, Any]] | Non
     else:
         same_gpu = [r for r in rows if r["gpu"] == gpu] or [r for r in rows if r["gpu"] == "A10"]
         ref = min(same_gpu, key=lambda r: abs(math.log(_params(r["model"])[0] / params)))
-        model_factor = min(_params(ref["model"])[0] / params, scaling["small_model_max_speedup"])
+        ref_params = _params(ref["model"])[0]
+        model_factor = min(ref_params / params, scaling["small_model_max_speedup"])
         factor = model_factor * speed[gpu] / speed[ref["gpu"]]
-        why = (f"{ref['model']} on {ref['gpu']} ({ref['tokens_per_second']:,}) x params {_params(ref['model'])[0]:g}M/"
+        why = (f"{ref['model']} on {ref['gpu']} ({ref['tokens_per_second']:,}) x params {ref_params:g}M/"
                f"{params:g}M (capped at {scaling['small_model_max_speedup']}x) x GPU speed {gpu}/{ref['gpu']}")
     cap = float(scaling["max_scaled_tokens_per_second"])
     tps, low, high = (min(cap, float(ref[k]) * factor) for k in ("tokens_per_second", "low", "high"))
@@ -747,10 +735,6 @@ def tei_rate(model: str, gpu: str, calibrations: dict[str, dict[str, Any]] | Non
     note = f" ({params_note})" if params_note else ""
     return Rate(tps, low, high, "scaled", f"{tps:,.0f} tokens/s per {gpu} for {model}, scaled (not measured): "
                                           f"{why}{capped}; rule {scaling['rule']}{note}")
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def local_rate(plan: Plan, calibrations: dict[str, dict[str, Any]] | None = None) -> Rate:
@@ -768,7 +752,7 @@ def local_rate(plan: Plan, calibrations: dict[str, dict[str, Any]] | None = None
                     None if load is None else float(load))
     ref = table()["local"]
     params, params_note = _params(plan.embed.model)
-    cores = _cores()
+    cores = usable_cores()
     tps = float(ref[precision]) * ref["params_m"] / params * cores / ref["cores"]
     note = f"; {params_note}" if params_note else ""
     return Rate(tps, tps * 0.7, tps * 1.3, "default",
@@ -839,12 +823,10 @@ def _sizing(gpu: str, chunk_workers: int) -> _Sizing:
     """The container sizes the generated app requests (backends/modal/render.py and the GPU catalog)."""
     from volembed_runner.backends.modal import render as r
 
-    found = catalog.find_gpu(gpu)
-    embed_cpu = float(found.embed_cpu) if found else float(catalog.gpus()["A10"].embed_cpu)
     return _Sizing(
         download=(float(r.DOWNLOAD_CPU), r.DOWNLOAD_MEMORY_MIB / 1024),
         chunk=(float(r.CHUNK_CPU), r.CHUNK_MEMORY_MIB / 1024),
-        embed=(embed_cpu, r.EMBED_MEMORY_MIB / 1024),
+        embed=(float(catalog.gpus()[gpu].embed_cpu), r.EMBED_MEMORY_MIB / 1024),
         orchestrator=(float(r.ORCHESTRATE_CPU), r.ORCHESTRATE_MEMORY_MIB / 1024),
         scaledown_s=float(r.EMBED_SCALEDOWN_S),
         download_max=min(int(r.DOWNLOAD_MAX_CONTAINERS), chunk_workers),
@@ -856,10 +838,15 @@ def _describe_res(cores: float, gib: float, gpu: str | None = None) -> str:
     return (f"{gpu}, " if gpu else "") + f"{cores:g} CPU, {gib:g} GiB"
 
 
+def _bandwidth(remote: bool) -> float:
+    """Bytes/s one download worker reads: from the Hub, or parsing local files."""
+    consts = table()["download"]
+    return float(consts["hub_bytes_per_second"] if remote else consts["local_bytes_per_second"])
+
+
 def _modal_job(plan: Plan, job: _Job, gpu: str, rate: float, prices: Prices, dim: int, remote: bool) -> _Priced:
     """Modal: download, chunk and embed containers plus the orchestrator and a month of Volume storage."""
     consts = table()["modal"]
-    dl_consts = table()["download"]
     sizing = _sizing(gpu, plan.compute.chunk_workers)
     cpu_start, gpu_start = consts["cpu_container_start_seconds"], consts["gpu_container_start_seconds"]
     load, idle = consts["tei_model_load_seconds"], sizing.scaledown_s
@@ -867,7 +854,7 @@ def _modal_job(plan: Plan, job: _Job, gpu: str, rate: float, prices: Prices, dim
 
     cores, gib = sizing.download
     n = max(1, min(job.files, sizing.download_max))
-    bandwidth = dl_consts["hub_bytes_per_second"] if remote else dl_consts["local_bytes_per_second"]
+    bandwidth = _bandwidth(remote)
     busy = job.download_bytes / bandwidth
     wall = cpu_start + busy / n + (job.download_bytes / job.files / bandwidth if job.files > n else 0.0)
     container_s = n * cpu_start + busy
@@ -919,11 +906,10 @@ def _local_job(plan: Plan, job: _Job, rate: float, remote: bool, load: float | N
     """One machine: read/convert the sources, chunk in a process pool, embed in-process. Nothing is billed."""
     from volembed_runner.backends.local import DOWNLOAD_WORKERS, cpu_workers
 
-    dl_consts = table()["download"]
     workers = cpu_workers(plan.compute.chunk_workers)
-    bandwidth = dl_consts["hub_bytes_per_second"] if remote else dl_consts["local_bytes_per_second"]
+    cores = usable_cores()
     readers = max(1, min(job.files, DOWNLOAD_WORKERS, workers))
-    download = job.download_bytes / bandwidth / readers
+    download = job.download_bytes / _bandwidth(remote) / readers
     chunk = job.tokens / (table()["chunk"]["tokens_per_second_per_core"] * workers)
     load = table()["local"]["model_load_seconds"] if load is None else load
     embed = load + job.processed / rate
@@ -932,11 +918,19 @@ def _local_job(plan: Plan, job: _Job, rate: float, remote: bool, load: float | N
               note=f"{job.files} source(s)"),
         Stage("chunk", workers, f"{workers} process(es)", chunk, chunk * workers / 3600, 0.0, 0.0,
               note=f"{job.shards} shard(s)"),
-        Stage("embed", 1, f"local engine, {_cores()} cores", embed, embed * _cores() / 3600, 0.0, 0.0,
+        Stage("embed", 1, f"local engine, {cores} cores", embed, embed * cores / 3600, 0.0, 0.0,
               note=f"{rate:,.0f} tokens/s + {load:g} s model load"),
     ]
     overhead = float(table()["local"]["overhead_seconds"])
     return _Priced(stages, overhead + download + chunk + embed, 0.0, 0.0, 0)
+
+
+def _price(plan: Plan, job: _Job, tokens_per_second: float, rate: Rate, prices: Prices, dim: int,
+           remote: bool) -> _Priced:
+    """The job on the plan's own backend at `tokens_per_second` (the rate's figure or one end of its range)."""
+    if plan.backend == "local":
+        return _local_job(plan, job, tokens_per_second, remote, rate.load_seconds)
+    return _modal_job(plan, job, plan.compute.gpu, tokens_per_second, prices, dim, remote)
 
 
 # ---------------------------------------------------------------------------------------------------------- estimate
@@ -1019,14 +1013,14 @@ def estimate(plan: Plan, *, prices: Path | None = None, sample_cap: int = SAMPLE
             unknown.append("embed time: the spec embeds through its own TEI server (embedding.endpoint), whose speed "
                            "is not known here")
         elif job is not None:
-            priced = _local_job(plan, job, rate.tokens_per_second, sizes.remote, rate.load_seconds)
+            priced = _price(plan, job, rate.tokens_per_second, rate, price_table, dim, sizes.remote)
         assumptions.append("cost: local: no spend (this machine, no cloud account)")
         assumptions.append(f"local run overhead: {table()['local']['overhead_seconds']} s "
                            f"({table()['local']['overhead_source']})")
     else:
         rate = tei_rate(model, plan.compute.gpu, calibrations)
         if job is not None:
-            priced = _modal_job(plan, job, plan.compute.gpu, rate.tokens_per_second, price_table, dim, sizes.remote)
+            priced = _price(plan, job, rate.tokens_per_second, rate, price_table, dim, sizes.remote)
             _modal_warnings(plan, job, priced, warnings)
     if rate is not None:
         assumptions.append(f"throughput: {rate.source}")
@@ -1052,7 +1046,7 @@ def estimate(plan: Plan, *, prices: Path | None = None, sample_cap: int = SAMPLE
         embedded_tokens=_round(counts.embedded),
         processed_tokens=_round(job.processed) if job else None,
         stages=priced.stages if priced else [],
-        gpu_seconds=priced.gpu_seconds if priced and plan.backend == "modal" else (0.0 if priced else None),
+        gpu_seconds=priced.gpu_seconds if priced else None,
         wall_seconds=priced.wall_seconds if priced else None,
         cost_usd=cost,
         effective_gpus=priced.effective_gpus if priced and plan.backend == "modal" else None,
@@ -1093,9 +1087,7 @@ def _job(plan: Plan, sizes: _Sizes, counts: _Counts, tok: _Tokenizer | None, ass
     """The cost model's inputs, or None while tokens are unknown."""
     if counts.embedded is None or counts.tokens is None or counts.chunks is None:
         return None
-    known = catalog.find_model(plan.embed.model)
-    special = known.special_tokens if known else 2
-    prefix = _prefix_tokens(plan, tok)
+    special, prefix = _added_tokens(plan, tok)
     processed = counts.embedded + counts.chunks * (special + prefix)
     assumptions.append(f"GPU work: chunk tokens + {special} special and {prefix} prefix token(s) per chunk = "
                        f"{processed:,.0f} processed tokens")
@@ -1117,14 +1109,17 @@ def _job(plan: Plan, sizes: _Sizes, counts: _Counts, tok: _Tokenizer | None, ass
     return _Job(docs, counts.tokens, processed, counts.chunks, text_bytes, download_bytes, files, shards)
 
 
-def _prefix_tokens(plan: Plan, tok: _Tokenizer | None) -> int:
+def _added_tokens(plan: Plan, tok: _Tokenizer | None) -> tuple[int, int]:
+    """(special, prefix) tokens the engine adds to every chunk; 2 special tokens for a model the catalog lacks."""
+    known = catalog.find_model(plan.embed.model)
+    special = known.special_tokens if known else 2
     if not plan.embed.prefix:
-        return 0
+        return special, 0
     if tok is not None:
-        return len(tok.tok.encode(plan.embed.prefix, add_special_tokens=False))
+        return special, len(tok.tok.encode(plan.embed.prefix, add_special_tokens=False))
     from volembed_runner.spec import prefix_tokens
 
-    return prefix_tokens(plan.embed.prefix, plan.embed.model)
+    return special, prefix_tokens(plan.embed.prefix, plan.embed.model)
 
 
 def _modal_warnings(plan: Plan, job: _Job, priced: _Priced, warnings: list[str]) -> None:
@@ -1188,12 +1183,9 @@ def _time_cost_interval(plan: Plan, job: _Job, counts: _Counts, rate: Rate, pric
         scale = (embedded or 0.0) / max(counts.embedded or 1.0, 1.0)
         scaled = _Job(job.documents, job.tokens * scale, job.processed * scale, job.chunks * scale,
                       job.text_bytes * scale, job.download_bytes, job.files, job.shards)
-        if plan.backend == "local":
-            ends.append(_local_job(plan, scaled, tps, remote, rate.load_seconds))
-        else:
-            ends.append(_modal_job(plan, scaled, plan.compute.gpu, tps, prices, dim, remote))
+        ends.append(_price(plan, scaled, tps, rate, prices, dim, remote))
     walls = [p.wall_seconds for p in ends]
-    costs = [0.0 if plan.backend == "local" else p.cost_usd for p in ends]
+    costs = [p.cost_usd for p in ends]
     return {"wall_seconds": None if None in walls else [min(walls), max(walls)],  # type: ignore[type-var]
             "cost_usd": None if None in costs else [min(costs), max(costs)]}  # type: ignore[type-var]
 
@@ -1218,9 +1210,7 @@ def calibrate(plan: Plan, *, sample_chunks: int = 256,
     if tok is None:
         raise BackendError(f"calibrate needs {plan.chunk.model}'s tokenizer on this machine to cut sample chunks")
     texts, n_tokens = _sample_chunks(plan, tok, sample_chunks)
-    known = catalog.find_model(plan.embed.model)
-    special = known.special_tokens if known else 2
-    processed = sum(n_tokens) + len(texts) * (special + _prefix_tokens(plan, tok))
+    processed = sum(n_tokens) + len(texts) * sum(_added_tokens(plan, tok))
     load_seconds = None
     if runner is None:
         from volembed_runner.embedders.local import LocalEmbedder
@@ -1254,7 +1244,7 @@ def calibrate(plan: Plan, *, sample_chunks: int = 256,
         "chunk_tokens": sum(n_tokens),
         "processed_tokens": processed,
         "chunk_size": plan.chunk.size,
-        "cores": _cores(),
+        "cores": usable_cores(),
         "model_load_seconds": load_seconds,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
@@ -1265,17 +1255,14 @@ def calibrate(plan: Plan, *, sample_chunks: int = 256,
 def _sample_chunks(plan: Plan, tok: _Tokenizer, want: int) -> tuple[list[str], list[int]]:
     """The first `want` chunks of the job (its first documents, cut by the real chunker)."""
     from volembed_runner import chunking
+    from volembed_runner.stages import download as dl
 
-    batches: Iterator[list[str]]
-    if plan.data.kind == "files":
-        from volembed_runner.stages import download as dl
-
-        shape = dl.Shape.of(plan.data)
-        batches = (b for t in dl.list_tasks(plan.data) for b in _texts_of(dl.read_task(Path("."), plan.data, t, shape),
-                                                                           None))
-    else:
+    if plan.data.kind != "files":
         raise BackendError("calibrate samples the job's documents from local files; for a Hub dataset, run it on a "
                            "spec with dataset.files pointing at a few of its parquet files")
+    tasks = dl.list_tasks(plan.data)
+    readers = _readers(plan.data, dl.Shape.of(plan.data), tasks, [None] * len(tasks))
+    batches = (b for reader in readers for b in reader)
     texts: list[str] = []
     n_tokens: list[int] = []
     for batch in islice(batches, 10_000):

@@ -72,3 +72,22 @@ def tokenizer_file(model: str, revision: str | None = None, *, download: bool = 
     if not path.is_file():
         raise ModelError(f"model {model} has no tokenizer.json (only fast tokenizers are supported, as in TEI)")
     return path
+
+
+def offline_tokenizer_file(model: str, revision: str | None = None) -> tuple[Path, str] | None:
+    """The model's tokenizer.json on this machine, else one of a model the catalog says shares its tokenizer
+    (e.g. the packaged all-MiniLM-L6-v2 for bert-base-uncased WordPiece models); with the id that provided it."""
+    try:
+        return tokenizer_file(model, revision, download=False), model
+    except ModelError:
+        pass
+    known = catalog.find_model(model)
+    if known is None:
+        return None
+    for other in catalog.models().values():
+        if other.tokenizer == known.tokenizer and other.id != known.id:
+            try:
+                return tokenizer_file(other.id, download=False), other.id
+            except ModelError:
+                continue
+    return None

@@ -274,20 +274,14 @@ class Spec(BaseModel):
 
 @cache
 def prefix_tokens(prefix: str, model: str) -> int:
-    """Tokens the prefix adds, counted offline: with the model's tokenizer, or one of the same family on disk
-    (e.g. the packaged all-MiniLM-L6-v2 for bert-base-uncased WordPiece models), else a safe overestimate."""
+    """Tokens the prefix adds, counted offline with the model's tokenizer or a same-family stand-in (see
+    `models.offline_tokenizer_file`), else a safe overestimate."""
     if not prefix:
         return 0
     from volembed_runner.chunking import load_tokenizer
-    from volembed_runner.errors import ModelError
-    from volembed_runner.models import tokenizer_file
+    from volembed_runner.models import offline_tokenizer_file
 
-    known = catalog.find_model(model)
-    family = [m.id for m in catalog.models().values() if known and m.tokenizer == known.tokenizer and m.id != model]
-    for candidate in (model, *family):
-        try:
-            tok = load_tokenizer(tokenizer_file(candidate, download=False))
-        except ModelError:
-            continue
-        return len(tok.encode(prefix, add_special_tokens=False).ids)
-    return len(prefix.encode("utf-8")) // 2 + 1
+    found = offline_tokenizer_file(model)
+    if found is None:
+        return len(prefix.encode("utf-8")) // 2 + 1
+    return len(load_tokenizer(found[0]).encode(prefix, add_special_tokens=False).ids)

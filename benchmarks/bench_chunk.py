@@ -78,7 +78,7 @@ def warm(tok_path: str) -> int:
 
 def run_chunk_shard(args: tuple[str, str, str, int, int]) -> tuple[dict, float]:
     """chunk_shard on one shard; returns its stats and the CPU seconds this process spent (all threads)."""
-    from volembed_runner.chunking import chunk_shard
+    from volembed_runner.stages.chunk import chunk_shard
 
     src, dst, tok_path, size, overlap = args
     cpu = time.process_time()
@@ -148,7 +148,7 @@ def peak_rss_mib() -> float:
 
 def rss_child(tok_path: str, size: int, overlap: int, out_dir: str, shards: list[str]) -> None:
     """Chunk `shards` one after another in this process and print peak RSS (MiB) before and after."""
-    from volembed_runner.chunking import chunk_shard
+    from volembed_runner.stages.chunk import chunk_shard
 
     warm(tok_path)
     before = peak_rss_mib()

@@ -64,10 +64,11 @@ def bench_dry_run(folder: Path) -> None:
 
     from volembed_runner import estimate
     from volembed_runner.cli import _load
+    from volembed_runner.ui.estimate import render
 
     imported = time.perf_counter()
     est = estimate.estimate(_load(spec, None))
-    estimate.render(est, Console(file=io.StringIO(), width=120))
+    render(est, Console(file=io.StringIO(), width=120))
     done = time.perf_counter()
     print("dry run on a spec with size hints (English Wikipedia, bge-base, 50 x A10):")
     print(f"  total {done - started:.2f} s (imports {imported - started:.2f} s, estimate+render "

@@ -71,7 +71,8 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
     from transformers.utils import logging as hf_logging
 
-    from volembed_runner.embedders.local import LocalEmbedder, native_bf16
+    from volembed_runner.embedders.local import LocalEmbedder
+    from volembed_runner.machine import native_bf16
 
     engine = LocalEmbedder(MODEL, None, precision="auto")
     texts, n_tokens = chunk(wiki_extracts(), engine.path / "tokenizer.json", args.chunks)

@@ -19,9 +19,11 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
 from volembed_runner import chunking, store
-from volembed_runner.chunking import chunk_shard, chunk_texts, load_tokenizer, windows
+from volembed_runner.chunking import chunk_texts, load_tokenizer, windows
 from volembed_runner.errors import ModelError, SourceError
 from volembed_runner.models import tokenizer_file
+from volembed_runner.stages import chunk as chunk_stage
+from volembed_runner.stages.chunk import chunk_shard
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -381,11 +383,11 @@ def test_half_written_output_is_not_taken_as_done(tmp_path: Path, tok_path: Path
 
 
 def test_killed_mid_shard_leaves_nothing_done_and_rerun_matches_clean_run(tmp_path: Path, tok_path: Path) -> None:
-    texts = [english_text(400, seed=i) for i in range(3 * chunking.READ_BATCH_ROWS)]
+    texts = [english_text(400, seed=i) for i in range(3 * chunk_stage.READ_BATCH_ROWS)]
     src = write_input(tmp_path / "in.parquet", [str(i) for i in range(len(texts))], texts)
     out = tmp_path / "chunks" / "shard-00000.parquet"
     code = (
-        "import sys; from pathlib import Path; from volembed_runner.chunking import chunk_shard; "
+        "import sys; from pathlib import Path; from volembed_runner.stages.chunk import chunk_shard; "
         "chunk_shard(Path(sys.argv[1]), Path(sys.argv[2]), tokenizer_path=Path(sys.argv[3]), size=64, overlap=8, "
         "keep_columns=[])"
     )
@@ -466,7 +468,7 @@ def test_failed_rerun_leaves_the_finished_chunk_file_in_place(tmp_path: Path, to
         chunk_shard(unreadable, out, tokenizer_path=tok_path, size=8, overlap=2, keep_columns=[])
     assert store.is_done(out) and out.read_bytes() == finished
     bad_utf8 = tmp_path / "bad.parquet"
-    texts = ["fine"] * (chunking.READ_BATCH_ROWS + 1) + [b"\xff"]
+    texts = ["fine"] * (chunk_stage.READ_BATCH_ROWS + 1) + [b"\xff"]
     column = pa.array([t.encode() if isinstance(t, str) else t for t in texts], pa.binary()).view(pa.string())
     pq.write_table(pa.table({"id": [str(i) for i in range(len(texts))], "text": column}), bad_utf8)
     with pytest.raises(SourceError, match=f"row {len(texts) - 1}"):
@@ -475,10 +477,10 @@ def test_failed_rerun_leaves_the_finished_chunk_file_in_place(tmp_path: Path, to
 
 
 def test_max_rows_chunks_only_the_first_rows_in_shard_order(tmp_path: Path, tok_path: Path) -> None:
-    n = chunking.READ_BATCH_ROWS + 5
+    n = chunk_stage.READ_BATCH_ROWS + 5
     src = write_input(tmp_path / "in.parquet", [f"d{i}" for i in range(n)], [f"document number {i}" for i in range(n)])
     out = tmp_path / "shard-00000.parquet"
-    keep = chunking.READ_BATCH_ROWS + 2
+    keep = chunk_stage.READ_BATCH_ROWS + 2
     stats = chunk_shard(src, out, tokenizer_path=tok_path, size=8, overlap=2, keep_columns=[], max_rows=keep)
     assert stats["documents"] == keep
     assert pq.read_table(out).column("doc_id").to_pylist() == [f"d{i}" for i in range(keep)]

@@ -20,8 +20,9 @@ from pypdf import PdfReader
 from volembed_runner import store
 from volembed_runner.errors import SourceError
 from volembed_runner.plan import DataSettings
-from volembed_runner.stages import download
-from volembed_runner.stages.download import SourceTask, download_task, finalize, list_tasks, read_index
+from volembed_runner.sources import SourceTask, jsonl, list_tasks
+from volembed_runner.sources import hub as hub_source
+from volembed_runner.stages.download import download_task, finalize, finished_shards, read_index
 
 
 def settings(*files: Path | str, **kw: Any) -> DataSettings:
@@ -38,6 +39,8 @@ def settings(*files: Path | str, **kw: Any) -> DataSettings:
         "keep_columns": (),
         "limit": None,
         "shard_rows": 50_000,
+        "num_rows": None,
+        "num_bytes": None,
         "fingerprint": "fp-test",
     }
     base.update(kw)
@@ -255,7 +258,7 @@ def test_source_task_round_trips_through_json() -> None:
 
 
 def test_shards_are_bounded_by_text_bytes(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(download, "MAX_SHARD_TEXT_BYTES", 100)
+    monkeypatch.setattr(store, "MAX_SHARD_TEXT_BYTES", 100)
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "x" * 40} for _ in range(5)] + [{"text": "y" * 250}])
     data = settings(path)
     folder = store.data_dir(root, data.fingerprint)
@@ -309,9 +312,10 @@ def test_rerun_skips_finished_tasks_and_redoes_unfinished(root: Path, tmp_path: 
     redo = store.marker_path(store.shard_path(folder, "00001-0000"))
     stamp = first.stat().st_mtime_ns
     redo.unlink()  # as if the run died between the shard's rename and its marker
-    assert download_task(root, data, tasks[0]) == ["00000-0000", "00000-0001", "00000-0002"]
-    assert first.stat().st_mtime_ns == stamp
+    assert finished_shards(root, data, tasks[0]) == ["00000-0000", "00000-0001", "00000-0002"]
+    assert finished_shards(root, data, tasks[1]) is None  # the orchestrator runs only this one again
     assert download_task(root, data, tasks[1]) == ["00001-0000"]
+    assert first.stat().st_mtime_ns == stamp
     assert redo.is_file()
 
 
@@ -329,7 +333,6 @@ def test_missing_text_column_lists_the_columns(root: Path, docs_parquet: Path) -
         ({"id_column": "key"}, "id_column 'key' is missing"),
         ({"keep_columns": ["lang"]}, "keep_columns 'lang' is missing"),
         ({"text_template": "{title}: {text}"}, "text_template names column 'title'"),
-        ({"keep_columns": ["text"]}, "keep_columns cannot include 'text'"),
     ],
 )
 def test_missing_columns_are_named(root: Path, docs_parquet: Path, kw: dict[str, Any], expected: str) -> None:
@@ -408,7 +411,7 @@ def test_empty_dataset_fails_at_finalize(root: Path, tmp_path: Path) -> None:
 def test_failed_task_leaves_no_finished_shard(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": f"t{i}"} for i in range(6)] + [{"text": 1}])
     data = settings(path, shard_rows=2)
-    monkeypatch.setattr(download, "READ_BATCH_ROWS", 2)  # so shards are written before the bad line is read
+    monkeypatch.setattr(jsonl, "READ_BATCH_ROWS", 2)  # so shards are written before the bad line is read
     written: list[Path] = []
     real_write_shard = store.write_shard
     monkeypatch.setattr(store, "write_shard", lambda p, w: (written.append(p), real_write_shard(p, w))[1])
@@ -522,14 +525,16 @@ def test_hub_unreachable_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "HF_HUB_OFFLINE is set" in str(pytest.raises(SourceError, list_tasks, hf()).value)
 
 
-def test_hub_task_downloads_into_volume_cache(root: Path, docs_parquet: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hub_task_downloads_to_local_disk_and_keeps_only_shards(
+    root: Path, docs_parquet: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     asked: list[tuple[str, str, str | None, Path]] = []
 
     def fake_download(repo_id: str, filename: str, *, revision: str | None, local_dir: Path, **_: Any) -> str:
         asked.append((repo_id, filename, revision, Path(local_dir)))
         return str(docs_parquet)
 
-    monkeypatch.setattr(download, "hf_hub_download", fake_download)
+    monkeypatch.setattr(hub_source, "hf_hub_download", fake_download)
     data = hf(id_column="doc", text_column="missing")
     task = SourceTask(
         index=0,
@@ -540,6 +545,8 @@ def test_hub_task_downloads_into_volume_cache(root: Path, docs_parquet: Path, mo
     with pytest.raises(SourceError, match=r"^org/set/default/train/0000.parquet: no text column 'missing'"):
         download_task(root, data, task)
     assert asked[0][:3] == ("org/set", "default/train/0000.parquet", "refs/convert/parquet")
-    assert asked[0][3].is_relative_to(root / "cache" / "hf")
+    assert not asked[0][3].is_relative_to(root)  # the raw file never reaches the volume (it is billed monthly)
+    assert not asked[0][3].exists()  # and the local copy is gone once the task ends
     ok = hf(id_column="doc")
     assert download_task(root, ok, task) == ["00000-0000"]
+    assert not asked[1][3].exists() and not (root / "cache").exists()

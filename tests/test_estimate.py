@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 from volembed_runner import catalog, chunking, estimate, models
 from volembed_runner.cli import _load, app
 from volembed_runner.errors import BackendError, SpecError
-from volembed_runner.estimate import calibrate, render
+from volembed_runner.estimate.calibrate import calibrate
+from volembed_runner.ui.estimate import render
 
 runner = CliRunner()
 
@@ -154,10 +155,10 @@ def test_unreachable_hub_is_bounded_and_reported(plan_of, no_network, monkeypatc
 
 
 def test_a_hanging_hub_call_times_out(plan_of, monkeypatch: pytest.MonkeyPatch) -> None:
-    from volembed_runner.stages import download
+    from volembed_runner import sources
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
-    monkeypatch.setattr(download, "list_tasks", lambda data: time.sleep(30))
+    monkeypatch.setattr(sources, "list_tasks", lambda data: time.sleep(30))
     started = time.monotonic()
     est = estimate.estimate(plan_of(merged(WIKIPEDIA, dataset={"num_rows": None})), hub_timeout=0.5)
     assert time.monotonic() - started < 3
@@ -347,7 +348,7 @@ def test_without_any_tokenizer_tokens_come_from_text_bytes(plan_of, tmp_path: Pa
     spec = merged(local_spec(["docs.jsonl"]), embedding={"model": "someone/unknown-model", "precision": None},
                   backend="modal")
     est = estimate.estimate(plan_of(spec))
-    ratio = estimate.table()["bytes_per_token"]["default"]["value"]
+    ratio = catalog.throughput()["bytes_per_token"]["default"]["value"]
     assert est.documents == 40 and est.sample["documents"] == 0
     assert est.tokens == round(sum(len(t.encode()) for t in texts) / ratio)
     assert est.cost_usd is not None and any("no tokenizer" in w for w in est.warnings)
@@ -441,7 +442,7 @@ def test_calibrate_cli_with_the_real_local_engine(tmp_path: Path) -> None:
 
 
 def test_table_entries_show_their_arithmetic() -> None:
-    for row in estimate.table()["tei"]:
+    for row in catalog.throughput()["tei"]:
         assert row["source"] and row["derivation"]
         assert row["low"] <= row["tokens_per_second"] <= row["high"]
     rate = estimate.tei_rate("nomic-ai/nomic-embed-text-v1.5", "A10", {})
@@ -449,7 +450,7 @@ def test_table_entries_show_their_arithmetic() -> None:
 
 
 def test_scaling_rule_for_pairs_not_in_the_table() -> None:
-    speed = estimate.table()["gpu_speed"]["factors"]
+    speed = catalog.throughput()["gpu_speed"]["factors"]
     same_model = estimate.tei_rate("nomic-ai/nomic-embed-text-v1.5", "L4", {})
     assert same_model.kind == "scaled"
     assert same_model.tokens_per_second == pytest.approx(64_800 * speed["L4"] / speed["A10"])
@@ -464,7 +465,7 @@ def test_scaling_rule_for_pairs_not_in_the_table() -> None:
 
 def test_lognormal_length_model_reproduces_finewebs_published_chunking() -> None:
     # fineweb-modal's rule (anchors.md §1.4): windows start every 450 tokens while start < n, tails kept.
-    q, sigma, mean = 800, estimate.table()["doc_length"]["sigma"], 1013
+    q, sigma, mean = 800, catalog.throughput()["doc_length"]["sigma"], 1013
     normal = __import__("statistics").NormalDist()
     m = math.log(mean) - sigma**2 / 2
     lengths = [max(1, round(math.exp(m + sigma * normal.inv_cdf((i + 0.5) / q)))) for i in range(q)]

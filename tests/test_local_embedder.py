@@ -15,8 +15,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from volembed_runner.embedders import Embedder
-from volembed_runner.embedders.local import LocalEmbedder, native_bf16, pack_batches, resolve_precision
+from volembed_runner.embedders.local import LocalEmbedder, pack_batches
 from volembed_runner.errors import ModelError
+from volembed_runner.machine import native_bf16, resolve_precision
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -162,11 +163,11 @@ def test_auto_precision_is_bf16_only_with_native_cpu_support(tmp_path, monkeypat
     assert native_bf16(with_bf16) and native_bf16(with_amx)
     assert not native_bf16(without) and not native_bf16(tmp_path / "missing")
 
-    import volembed_runner.embedders.local as local
+    import volembed_runner.machine as machine
 
-    monkeypatch.setattr(local, "native_bf16", lambda: False)
+    monkeypatch.setattr(machine, "native_bf16", lambda: False)
     assert resolve_precision("auto") == "fp32" and resolve_precision("bf16") == "bf16"
-    monkeypatch.setattr(local, "native_bf16", lambda: True)
+    monkeypatch.setattr(machine, "native_bf16", lambda: True)
     assert resolve_precision("auto") == "bf16" and resolve_precision("fp32") == "fp32"
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import ast
 import contextlib
 import dataclasses
-import io
 import json
 import os
 import py_compile
@@ -166,7 +165,7 @@ def test_function_info_carries_gpu_timeouts_volume_and_concurrency(rendered: dic
     embed = infos["embed"]
     assert embed.gpus == [(compute.gpu.upper(), 1)]
     assert embed.timeout == compute.timeout
-    assert embed.startup_timeout == render.EMBED_STARTUP_TIMEOUT_S
+    assert embed.startup_timeout == compute.embed_startup_timeout_s
     assert embed.concurrency_info is not None
     assert embed.concurrency_info.max_inputs == compute.allow_concurrent_inputs
     assert embed.max_retries == compute.retries
@@ -196,14 +195,13 @@ def test_deploy_sets_autoscaler_concurrency_and_gpu(rendered: dict[str, Rendered
     assert {"download", "chunk", "Embedder.*", "orchestrate"} <= set(fns)
     emb = fns["Embedder.*"]
     assert emb.autoscaler_settings.max_containers == compute.concurrency_limit
-    assert emb.autoscaler_settings.scaledown_window == render.EMBED_SCALEDOWN_S
+    assert emb.autoscaler_settings.scaledown_window == compute.embed_scaledown_s
     assert emb.max_concurrent_inputs == compute.allow_concurrent_inputs
     assert (emb.resources.gpu_config.gpu_type, emb.resources.gpu_config.count) == (compute.gpu.upper(), 1)
     assert emb.resources.milli_cpu == int(render.router_settings(rendered[key].plan).cpu * 1000)
     assert emb.retry_policy.retries == compute.retries
     assert fns["chunk"].autoscaler_settings.max_containers == compute.chunk_workers
-    assert fns["download"].autoscaler_settings.max_containers == min(render.DOWNLOAD_MAX_CONTAINERS,
-                                                                      compute.chunk_workers)
+    assert fns["download"].autoscaler_settings.max_containers == compute.download_max_containers <= 32
     assert fns["orchestrate"].timeout_secs == 24 * 3600
     assert not fns["chunk"].resources.HasField("gpu_config") or not fns["chunk"].resources.gpu_config.gpu_type
 
@@ -398,7 +396,7 @@ def test_a_local_model_folder_is_copied_into_the_images(tmp_path: Path) -> None:
     module = import_offline(render.render_app(plan), tmp_path / "local_model_app.py")
     local, inside = module.LOCAL_MODEL, module.MODEL_DIR
     assert (local, inside) == (str(model), "/models/my-model")
-    assert module.PLAN["chunk"]["model"] == module.PLAN["embed"]["model"] == "/models/my-model"
+    assert module.PLAN["model"]["files_dir"] == "/models/my-model"
     assert module.ROUTER_ARGS[:2] == ["--model-id", "/models/my-model"]
     with fake_modal_server() as rec:
         module.app.deploy()
@@ -474,9 +472,9 @@ def test_upload_skips_files_already_on_the_volume_with_the_same_size(tmp_path: P
     vol = FakeVolume(existing={f"uploads/{fp}/a.jsonl": len('{"text": "hello"}\n'),
                                f"uploads/{fp}/docs/one.txt": 999})
     monkeypatch.setattr(modal.Volume, "from_name", lambda *a, **k: vol)
-    from rich.console import Console
-
-    assert launch.upload_files(plan, Console(file=io.StringIO())) == 2
+    told: list[tuple[int, str]] = []
+    assert launch.upload_files(plan, lambda n, where: told.append((n, where))) == 2
+    assert told == [(2, f"{plan.volume}:/uploads/{fp}")]
     assert sorted(remote for _, remote in vol.uploaded) == [f"/uploads/{fp}/docs/one.txt",
                                                             f"/uploads/{fp}/docs/two.md"]
 
@@ -495,13 +493,12 @@ def _offline_env(tmp_path: Path) -> dict[str, str]:
 def test_run_without_credentials_is_one_line_and_writes_nothing(tmp_path: Path) -> None:
     script = textwrap.dedent(f"""
         from pathlib import Path
-        from rich.console import Console
         from volembed_runner.backends.modal import launch
         from volembed_runner.cli import _load
         from volembed_runner.errors import BackendError
         plan = _load(Path({str(REPO / 'pipelines' / 'wikipedia.yaml')!r}), None, backend="modal")
         try:
-            launch.run(plan, until=None, detach=False, console=Console())
+            launch.run(plan, until=None, detach=False)
         except BackendError as exc:
             print("BackendError:", exc)
     """)
@@ -523,11 +520,10 @@ def test_status_without_credentials_exits_4_with_one_line(tmp_path: Path) -> Non
 
 
 def test_detached_run_deploys_under_the_job_name_and_spawns_the_orchestrator(tmp_path: Path) -> None:
-    from rich.console import Console
-
     plan = pipeline_plan(REPO / "pipelines" / "wikipedia.yaml")
     with fake_modal_server() as rec:
-        assert launch.run(plan, until="chunk", detach=True, console=Console(file=io.StringIO())) == 0
+        launched = launch.run(plan, until="chunk", detach=True)
+    assert launched.detached and launched.app_id and launched.call_id
     folder = launch.build_dir(plan)
     assert (folder / "app.py").read_text(encoding="utf-8") == render.render_app(plan)
     assert [r.name for r in rec.requests("AppPublish")] == [plan.name]

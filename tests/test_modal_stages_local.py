@@ -25,6 +25,7 @@ from volembed_runner import store
 from volembed_runner.backends.modal import launch, render
 from volembed_runner.backends.modal.runtime import ShardFailed
 from volembed_runner.loading import load_spec
+from volembed_runner.models import resolve_model_dir
 from volembed_runner.plan import MODAL_ROOT, Plan, make_plan
 
 from .tei_server import TEIServer, expected_vector
@@ -123,7 +124,10 @@ def app_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tupl
         target = root / remote[len(MODAL_ROOT) + 1:]
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(Path(local).read_bytes())  # what `volembed-run` uploads before the run
-    monkeypatch.setattr(module, "PLAN", json.loads(plan_json.replace(f'"{MODAL_ROOT}/', f'"{root}/')))
+    remote = json.loads(plan_json.replace(f'"{MODAL_ROOT}/', f'"{root}/'))
+    # The images hold the model's files at MODEL_DIR; here, the packaged model folder stands in for that copy.
+    remote["model"]["files_dir"] = str(resolve_model_dir(plan.model.ref, download=False))
+    monkeypatch.setattr(module, "PLAN", remote)
     monkeypatch.setattr(module, "ROOT", str(root))
     monkeypatch.setattr(module, "volume", FolderVolume())
     monkeypatch.setattr(module, "TEIRouter", FakeRouter)

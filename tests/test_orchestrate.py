@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from volembed_runner import store
+from volembed_runner import sources, store
 from volembed_runner.loading import load_spec
 from volembed_runner.orchestrate import orchestrate
 from volembed_runner.plan import Plan, make_plan
@@ -34,6 +34,7 @@ class HashEmbedder:
     """A deterministic stand-in engine: a vector per text from its hash (no model needed)."""
 
     dim = 8
+    truncated = 0
 
     def embed(self, texts: list[str], n_tokens: list[int]) -> np.ndarray:
         return np.array([[(hash(t) >> i) % 7 for i in range(self.dim)] for t in texts], dtype=np.float32)
@@ -161,7 +162,7 @@ def test_an_error_that_ends_the_pass_is_recorded_not_left_running(tmp_path: Path
     def unreachable(data):
         raise SourceError("cannot list org/data on the Hugging Face Hub: network unreachable")
 
-    monkeypatch.setattr(download_stage, "list_tasks", unreachable)
+    monkeypatch.setattr(sources, "list_tasks", unreachable)
     with pytest.raises(SourceError):
         orchestrate(plan, root, StandInMapper(plan, root))
     m = manifest(plan, root)

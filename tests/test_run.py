@@ -34,9 +34,9 @@ compute: {gpu: A10G, concurrency_limit: 10}
 def launched(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     calls: list[str] = []
 
-    def fake_run(plan, *, until, detach, console) -> int:
+    def fake_run(plan, *, until, detach, on_upload=None) -> launch.Launched:
         calls.append(plan.name)
-        return 0
+        return launch.Launched(plan.name, "ap-1", None, detached=False, summary={"ok": True, "stages": []})
 
     monkeypatch.setattr(launch, "run", fake_run)
     return calls
@@ -73,18 +73,19 @@ def test_a_terminal_is_asked_before_spending(tmp_path: Path, launched: list[str]
     from volembed_runner import estimate
     from volembed_runner.loading import load_spec
     from volembed_runner.plan import make_plan
+    from volembed_runner.ui.console import ask
 
     path = spec_file(tmp_path)
     plan = make_plan(load_spec(path), path)
     est = estimate.estimate(plan)
-    monkeypatch.setattr("sys.stdin", type("Tty", (io.StringIO,), {"isatty": lambda self: True})("n\n"))
     console = Console(file=io.StringIO(), force_terminal=False)
-    monkeypatch.setattr(console, "input", lambda prompt: "n")
+    asked: list[str] = []
+    monkeypatch.setattr(console, "input", lambda prompt, **kw: asked.append(prompt) or "n")
     with pytest.raises(Exception, match="not started"):
-        running._confirm_spend(plan, est, yes=False, err=console)
-    monkeypatch.setattr(console, "input", lambda prompt: "y")
-    running._confirm_spend(plan, est, yes=False, err=console)
-    assert "the same job on other GPUs" in console.file.getvalue()
+        running.check_spend(plan, est, yes=False, confirm=lambda e: ask(console, "Start? [y/N] "))
+    assert asked == ["Start? [y/N] "]
+    monkeypatch.setattr(console, "input", lambda prompt, **kw: "y")
+    running.check_spend(plan, est, yes=False, confirm=lambda e: ask(console, "Start? [y/N] "))
 
 
 def test_local_runs_never_ask_or_estimate(tmp_path: Path, monkeypatch) -> None:

@@ -7,15 +7,25 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import click
 import typer
-from rich.console import Console
-from rich.table import Table
 from typer.core import TyperGroup
 
 from volembed_runner.errors import SpecError, SpecIssue, VolembedError
+from volembed_runner.ui.console import (
+    ask,
+    err_console,
+    out_console,
+    print_calibration,
+    print_plan,
+    print_status,
+    print_summary,
+)
+
+if TYPE_CHECKING:
+    from volembed_runner.plan import Plan
 
 STAGES = ("download", "chunk", "embed")
 
@@ -48,19 +58,11 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks instead
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
 
 
-def _out() -> Console:
-    return Console(highlight=False, soft_wrap=True)
-
-
-def _err() -> Console:
-    return Console(stderr=True, highlight=False, soft_wrap=True)
-
-
 def _fail(exc: VolembedError, debug: bool) -> None:
     """Print an error as one line per problem (no traceback unless --debug) and exit with its status."""
     if debug:
         raise exc
-    console = _err()
+    console = err_console()
     for line in str(exc).splitlines() or [type(exc).__name__]:
         console.print(f"error: {line}", markup=False)
     raise typer.Exit(exc.exit_code)
@@ -75,32 +77,13 @@ def _one_line_errors(debug: bool) -> Iterator[None]:
         _fail(exc, debug)
 
 
-def _load(spec: Path, sets: list[str] | None, backend: str | None = None) -> Any:
+def _load(spec: Path, sets: list[str] | None, backend: str | None = None) -> Plan:
+    """The spec file, loaded, validated and resolved into a plan."""
     from volembed_runner.loading import load_spec
     from volembed_runner.plan import make_plan
 
     loaded = load_spec(spec, sets)
     return make_plan(loaded, spec, backend=backend)
-
-
-def _print_plan(plan: Any, console: Console) -> None:
-    table = Table(title=f"plan: {plan.name} ({plan.backend})", show_header=False, box=None)
-    table.add_column(style="bold")
-    table.add_column(overflow="fold")
-    d, c, e, k = plan.data, plan.chunk, plan.embed, plan.compute
-    source = f"hf {d.hf} [{d.config or 'default'}/{d.split}]" if d.kind == "hf" else f"{len(d.files)} file(s)"
-    table.add_row("dataset", f"{source}" + (f", limit {d.limit}" if d.limit else ""))
-    table.add_row("chunks", f"{c.size} tokens, overlap {c.overlap}, tokenizer {c.tokenizer_id}")
-    table.add_row("embedding", f"{e.model} via {e.engine}" + (f", prefix {e.prefix!r}" if e.prefix else ""))
-    if plan.backend == "modal":
-        table.add_row("compute", f"{k.gpu} × ≤{k.concurrency_limit} containers, "
-                      f"{k.allow_concurrent_inputs} shards in flight each")
-    table.add_row("fingerprints", f"data {d.fingerprint}  chunks {c.fingerprint}  embeddings {e.fingerprint}")
-    root = plan.local_root() if plan.backend == "local" else f"modal volume {plan.volume}"
-    table.add_row("outputs", str(root))
-    console.print(table)
-    for warning in plan.warnings:
-        console.print(f"warning: {warning}", markup=False)
 
 
 @app.command("run")
@@ -127,13 +110,69 @@ def run_cmd(
         if backend is not None and backend not in ("local", "modal"):
             raise SpecError([_option_issue("--backend", f"must be local or modal, got {backend!r}")])
         plan = _load(spec, sets, backend)
-        from volembed_runner import run as runner
+        if dry_run:
+            _dry_run(plan, prices, as_json)
+        elif plan.backend == "modal":
+            _run_modal(plan, until=until, yes=yes, detach=detach, prices=prices, as_json=as_json)
+        else:
+            _run_local(plan, until=until, as_json=as_json)
 
-        code = runner.run(
-            plan, dry_run=dry_run, until=until, yes=yes, detach=detach, prices=prices, as_json=as_json,
-            out=_out(), err=_err(),
-        )
-    raise typer.Exit(code)
+
+def _dry_run(plan: Plan, prices: Path | None, as_json: bool) -> None:
+    from volembed_runner.estimate import estimate
+    from volembed_runner.ui.estimate import render
+
+    est = estimate(plan, prices=prices)
+    out = out_console()
+    if as_json:
+        fingerprints = {"data": plan.data.fingerprint, "chunks": plan.chunk.fingerprint,
+                        "embeddings": plan.embed.fingerprint}
+        summary = {"name": plan.name, "backend": plan.backend, "fingerprints": fingerprints}
+        out.print_json(json.dumps({"plan": summary, **est.to_dict()}))
+        return
+    print_plan(plan, out)
+    render(est, out)
+
+
+def _run_modal(plan: Plan, *, until: str | None, yes: bool, detach: bool, prices: Path | None,
+               as_json: bool) -> None:
+    from volembed_runner.estimate import Estimate, estimate
+    from volembed_runner.run import check_spend, run_modal
+    from volembed_runner.ui.estimate import render
+
+    err = err_console()
+
+    def confirm(est: Estimate) -> bool:
+        render(est, err)
+        shown = "unknown" if est.cost_usd is None else f"${est.cost_usd:,.2f}"
+        return ask(err, f"Start {plan.name} on Modal (estimated {shown})? [y/N] ")
+
+    check_spend(plan, estimate(plan, prices=prices), yes=yes, confirm=confirm if sys.stdin.isatty() else None)
+    launched = run_modal(plan, until=until, detach=detach,
+                         on_upload=lambda n, where: err.print(f"uploading {n} file(s) to Modal volume {where}",
+                                                              markup=False))
+    if launched.detached:
+        err.print(f"submitted {plan.name} (app {launched.app_id}, call {launched.call_id}); follow it with "
+                  "`volembed-run status SPEC`, end it with `volembed-run stop SPEC`", markup=False)
+    elif as_json:
+        out_console().print_json(json.dumps(launched.summary))
+    else:
+        err.print(f"{plan.name}: done ({', '.join(launched.summary.get('stages') or [])})", markup=False)
+
+
+def _run_local(plan: Plan, *, until: str | None, as_json: bool) -> None:
+    from volembed_runner.run import failures, run_local
+    from volembed_runner.ui.progress import RunProgress
+
+    with RunProgress(err_console(), quiet=as_json) as progress:
+        summary = run_local(plan, until=until, on_event=progress)
+    if as_json:
+        out_console().print_json(json.dumps(summary.to_dict()))
+    else:
+        print_summary(summary, out_console())
+    error = failures(summary)
+    if error is not None:
+        raise error
 
 
 def _option_issue(option: str, message: str) -> SpecIssue:
@@ -158,9 +197,9 @@ def validate_cmd(
             if debug:
                 raise
             for issue in exc.issues:
-                _err().print(f"error: {issue}", markup=False)
+                err_console().print(f"error: {issue}", markup=False)
             continue
-        _out().print(f"ok: {path}", markup=False)
+        out_console().print(f"ok: {path}", markup=False)
     raise typer.Exit(2 if failed else 0)
 
 
@@ -200,7 +239,7 @@ def render_cmd(
             sys.stdout.write(render_app(plan))
             return
         write_app(plan, output)
-    _err().print(f"wrote {output}", markup=False)
+    err_console().print(f"wrote {output}", markup=False)
 
 
 @app.command("status")
@@ -211,51 +250,22 @@ def status_cmd(
     debug: DebugOpt = False,
 ) -> None:
     """Progress and failures of SPEC's run, read from its manifest (on the Modal Volume, or the local folder)."""
-    from volembed_runner import store
     from volembed_runner.backends.modal import launch
     from volembed_runner.errors import BackendError
+    from volembed_runner.run import manifest_of
 
     with _one_line_errors(debug):
         plan = _load(spec, sets)
         if plan.backend == "modal":
             manifest = launch.status(plan)
         else:
-            manifest = store.read_json(store.manifest_path(plan.local_root(), plan.name))
+            manifest = manifest_of(plan)
             if manifest is None:
                 raise BackendError(f"{plan.name} has not run here yet (no manifest under {plan.local_root()})")
     if as_json:
         sys.stdout.write(json.dumps(manifest, indent=2) + "\n")
         return
-    _print_status(manifest, _out())
-
-
-FAILURES_SHOWN = 10
-
-
-def _print_status(manifest: dict[str, Any], console: Console) -> None:
-    """A manifest as a short table: one row per stage, then the failed shards with their causes."""
-    console.print(f"{manifest.get('name')}: {manifest.get('status')} (pass {manifest.get('passes')}, "
-                  f"updated {manifest.get('updated_at') or manifest.get('started_at')})", markup=False)
-    stages = manifest.get("stages") or {}
-    table = Table(box=None, show_header=True)
-    for column in ("stage", "done", "total", "skipped", "failed", "seconds"):
-        table.add_column(column, justify="left" if column == "stage" else "right")
-    for name, entry in stages.items():
-        table.add_row(name, *(str(entry.get(k) if entry.get(k) is not None else "–")
-                              for k in ("done", "total", "skipped")),
-                      str(len(entry.get("failed") or {})), str(entry.get("seconds") or "–"))
-    if stages:
-        console.print(table)
-    totals = manifest.get("totals") or {}
-    if totals:
-        console.print("totals: " + ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}"
-                                             for k, v in totals.items()), markup=False)
-    for name, entry in stages.items():
-        failed = entry.get("failed") or {}
-        for shard, cause in list(failed.items())[:FAILURES_SHOWN]:
-            console.print(f"failed: {name} {shard}: {cause}", markup=False)
-        if len(failed) > FAILURES_SHOWN:
-            console.print(f"failed: {name}: {len(failed) - FAILURES_SHOWN} more (see --json)", markup=False)
+    print_status(manifest, out_console())
 
 
 @app.command("stop")
@@ -270,7 +280,7 @@ def stop_cmd(
     with _one_line_errors(debug):
         plan = _load(spec, sets, backend="modal")
         app_id = launch.stop(plan)
-    _out().print(f"stopped {plan.name} (app {app_id})", markup=False)
+    out_console().print(f"stopped {plan.name} (app {app_id})", markup=False)
 
 
 @app.command("calibrate")
@@ -285,7 +295,7 @@ def calibrate_cmd(
     debug: DebugOpt = False,
 ) -> None:
     """Embed a small sample of the job's chunks and store the measured tokens/s for later --dry-run estimates."""
-    from volembed_runner.estimate import calibrate
+    from volembed_runner.estimate.calibrate import calibrate
 
     with _one_line_errors(debug):
         plan = _load(spec, sets, backend)
@@ -293,15 +303,7 @@ def calibrate_cmd(
     if as_json:
         sys.stdout.write(json.dumps(entry) + "\n")
         return
-    load = entry.get("model_load_seconds")
-    _out().print(
-        f"calibrated {entry['model']} ({entry['backend']}, {entry['device']}, {entry['engine']} engine): "
-        f"{entry['tokens_per_second']:,.0f} tokens/s over {entry['chunks']} chunks "
-        f"({entry['processed_tokens']:,} tokens in {entry['seconds']:.2f} s"
-        + (f"; model load {load:.1f} s" if load is not None else "")
-        + f"); stored in {entry['path']}",
-        markup=False,
-    )
+    print_calibration(entry, out_console())
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ VolembedError                 base; never raised itself
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -18,6 +19,21 @@ def describe(exc: BaseException) -> str:
     """`Type: first line of the message`: how a failed shard's cause is recorded in the manifest and logs."""
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def first_line(exc: BaseException | str) -> str:
+    """The first line of an error's message (its type's name when it has none), so a message stays on one line."""
+    text = str(exc).strip()
+    if text:
+        return text.splitlines()[0].strip()
+    return exc if isinstance(exc, str) else type(exc).__name__
+
+
+def name_list(names: Iterable[object], most: int = 12) -> str:
+    """A comma-separated list of names for a message, cut after `most` with a count of the rest."""
+    items = [str(n) for n in names]
+    more = f", … ({len(items) - most} more)" if len(items) > most else ""
+    return (", ".join(items[:most]) or "none") + more
 
 
 class VolembedError(Exception):

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from volembed_runner import catalog
-from volembed_runner.errors import ModelError
+from volembed_runner.errors import ModelError, first_line
 
 # What a sentence-transformers / TEI model folder needs; skips ONNX/OpenVINO variants and pickled weights.
 MODEL_FILE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "1_Pooling/*", "2_Dense*/*"]
@@ -61,8 +61,7 @@ def resolve_model_dir(model: str, revision: str | None = None, *, download: bool
     try:
         return Path(snapshot_download(model, revision=revision, allow_patterns=MODEL_FILE_PATTERNS))
     except Exception as exc:  # huggingface_hub raises many network/auth types; all mean "not obtainable here"
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        message = f"model {model} is not on this machine and the Hub download failed ({reason}): {hint}"
+        message = f"model {model} is not on this machine and the Hub download failed ({first_line(exc)}): {hint}"
         raise ModelError(message) from exc
 
 

@@ -1,8 +1,9 @@
 """The pipeline's control flow, shared by both backends: which shards to run, resume, failure accounting, hand-over.
 
 A backend supplies a `Mapper` (a process pool locally; `Function.map` on Modal) and the orchestrator decides what to
-map: it skips shards whose done-marker exists, records every failure in the manifest with its cause, and stops
-cleanly before a deadline so a fresh orchestrator can pick up where it left off (resume makes that safe).
+map. It is the one place that checks done-markers: it skips finished work, records every failure in the manifest
+with its cause, reports progress as typed events, and stops cleanly before a deadline so a fresh orchestrator can
+pick up where it left off (resume makes that safe). Stage functions just do the work they are given.
 """
 
 from __future__ import annotations
@@ -11,16 +12,18 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from volembed_runner import store
+from volembed_runner import sources, store
 from volembed_runner.errors import describe
 from volembed_runner.plan import Plan
+from volembed_runner.sources import SourceTask
 from volembed_runner.stages import download as download_stage
-from volembed_runner.stages.download import SourceTask
 from volembed_runner.stages.finish import Manifest
 
-Result = dict[str, Any] | BaseException
+STAGES = ("download", "chunk", "embed")
+Stats = dict[str, Any]  # what a finished shard's done-marker records
+K = TypeVar("K")
 
 
 class Mapper(Protocol):
@@ -28,9 +31,31 @@ class Mapper(Protocol):
 
     def download(self, tasks: list[SourceTask]) -> Iterable[tuple[SourceTask, list[str] | BaseException]]: ...
 
-    def chunk(self, shards: list[tuple[str, int | None]]) -> Iterable[tuple[str, Result]]: ...
+    def chunk(self, shards: list[tuple[str, int | None]]) -> Iterable[tuple[str, Stats | BaseException]]: ...
 
-    def embed(self, shards: list[str]) -> Iterable[tuple[str, Result]]: ...
+    def embed(self, shards: list[str]) -> Iterable[tuple[str, Stats | BaseException]]: ...
+
+
+@dataclass(frozen=True)
+class StageStarted:
+    """A stage begins: `todo` of its `total` shards (or download tasks) will run, the rest were done before."""
+
+    stage: str
+    total: int
+    todo: int
+
+
+@dataclass(frozen=True)
+class ShardFinished:
+    """One shard of a stage ended: with its stats, or with `error` (the cause, one line)."""
+
+    stage: str
+    shard: str
+    error: str | None
+    stats: Stats | None
+
+
+Event = StageStarted | ShardFinished
 
 
 @dataclass
@@ -55,7 +80,7 @@ def orchestrate(
     until: str | None = None,
     deadline: float | None = None,
     clock: Callable[[], float] = time.time,
-    on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    on_event: Callable[[Event], None] | None = None,
 ) -> Outcome:
     """Run download → chunk → embed → finish over `root`, skipping finished shards; stop early at `deadline`.
 
@@ -64,7 +89,7 @@ def orchestrate(
     """
     manifest = Manifest.open(root, plan)
     try:
-        return _passes(plan, root, mapper, manifest, until, deadline, clock, on_event or (lambda kind, info: None))
+        return _passes(plan, root, mapper, manifest, until, deadline, clock, on_event or (lambda event: None))
     except BaseException as exc:
         manifest.abort(describe(exc))
         raise
@@ -78,22 +103,23 @@ def _passes(
     until: str | None,
     deadline: float | None,
     clock: Callable[[], float],
-    emit: Callable[[str, dict[str, Any]], None],
+    emit: Callable[[Event], None],
 ) -> Outcome:
     outcome = Outcome()
 
     def out_of_time() -> bool:
         return deadline is not None and clock() >= deadline
 
-    # Download: one task per source file; a task whose shards are all marked done returns at once.
+    # Download: one task per source file, skipping tasks whose shards are all marked done.
     index = download_stage.read_index(root, plan.data)
     if index is None:
-        tasks = download_stage.list_tasks(plan.data)
+        tasks = sources.list_tasks(plan.data)
+        todo_tasks = [t for t in tasks if download_stage.finished_shards(root, plan.data, t) is None]
 
-        def download(todo: list[SourceTask]) -> Iterable[tuple[str, Any]]:
+        def download(todo: list[SourceTask]) -> Iterable[tuple[str, list[str] | BaseException]]:
             return ((task.source, result) for task, result in mapper.download(todo))
 
-        if not _run_shards("download", tasks, download, manifest, outcome, emit, out_of_time, len(tasks)):
+        if not _run_shards("download", todo_tasks, len(tasks), download, manifest, outcome, emit, out_of_time):
             return outcome
         if outcome.failed:
             manifest.close(outcome_ok=False)
@@ -109,7 +135,7 @@ def _passes(
     chunk_folder = store.chunks_dir(root, plan.name, plan.chunk.fingerprint)
     already = set(store.done_shards(chunk_folder))
     todo = [(s, cap) for s, cap in index if s not in already]
-    if not _run_shards("chunk", todo, mapper.chunk, manifest, outcome, emit, out_of_time, len(index)):
+    if not _run_shards("chunk", todo, len(index), mapper.chunk, manifest, outcome, emit, out_of_time):
         return outcome
     if until == "chunk":
         manifest.close(outcome_ok=outcome.ok)
@@ -120,7 +146,7 @@ def _passes(
     chunked = store.done_shards(chunk_folder)
     already = set(store.done_shards(embed_folder))
     todo_embed = [s for s in chunked if s not in already]
-    if not _run_shards("embed", todo_embed, mapper.embed, manifest, outcome, emit, out_of_time, len(chunked)):
+    if not _run_shards("embed", todo_embed, len(chunked), mapper.embed, manifest, outcome, emit, out_of_time):
         return outcome
     manifest.close(outcome_ok=outcome.ok)
     return outcome
@@ -128,24 +154,24 @@ def _passes(
 
 def _run_shards(
     stage: str,
-    todo: list[Any],
-    run: Callable[[list[Any]], Iterable[tuple[str, Result]]],
+    todo: list[K],
+    total: int,
+    run: Callable[[list[K]], Iterable[tuple[str, Any]]],
     manifest: Manifest,
     outcome: Outcome,
-    emit: Callable[[str, dict[str, Any]], None],
+    emit: Callable[[Event], None],
     out_of_time: Callable[[], bool],
-    total: int,
 ) -> bool:
     """Map one stage over its pending shards; False when the pass must end here (hand-over at the deadline)."""
     manifest.start_stage(stage, total=total, skipped=total - len(todo))
-    emit("stage", {"stage": stage, "total": total, "todo": len(todo)})
+    emit(StageStarted(stage, total, len(todo)))
     failed: list[str] = []
     for shard, result in run(todo) if todo else ():
         error = describe(result) if isinstance(result, BaseException) else None
         if error:
             failed.append(shard)
         manifest.shard_finished(stage, shard, error)
-        emit("shard", {"stage": stage, "id": shard, "error": error, "stats": None if error else result})
+        emit(ShardFinished(stage, shard, error, None if error or not isinstance(result, dict) else result))
         if out_of_time():
             outcome.handover = True
             manifest.finish_stage(stage)

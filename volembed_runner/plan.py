@@ -21,12 +21,15 @@ from typing import Any
 import orjson
 
 from volembed_runner import catalog
-from volembed_runner.embedders.local import resolve_precision
 from volembed_runner.errors import SpecError, SpecIssue
+from volembed_runner.machine import native_bf16, resolve_precision, usable_cores
 from volembed_runner.spec import Spec
 
 PACKAGE_SCHEME = "package:"
-MODAL_ROOT = "/vol"
+MODAL_ROOT = "/vol"  # where the Volume is mounted in every Modal container (never /data: TEI's image uses it)
+MODAL_MODELS_DIR = "/models"  # where the images hold the model's files
+LOCAL_DOWNLOAD_WORKERS = 4
+DEFAULT_SPECIAL_TOKENS = 2  # [CLS]/[SEP] or <s>/</s>: assumed for a model the catalog does not know
 
 
 def fingerprint(obj: Any) -> str:
@@ -55,19 +58,40 @@ class DataSettings:
     keep_columns: tuple[str, ...]
     limit: int | float | None
     shard_rows: int
+    num_rows: int | None  # the spec's size hints, for the dry run
+    num_bytes: int | None
     fingerprint: str = ""
 
 
 @dataclass(frozen=True)
+class ModelSettings:
+    """The embedding model, resolved once: which one, where the stages find its files, what the catalog knows."""
+
+    ref: str  # a Hub id as written, or an absolute local folder
+    revision: str | None
+    files_dir: str | None  # where the stages read its files when the plan knows (on Modal: the images' copy)
+    tokenizer_id: str  # models sharing a tokenizer share chunk outputs
+    known: bool  # the catalog knows it; the facts below are the catalog's, else None / safe defaults
+    dim: int | None
+    max_input_tokens: int | None
+    special_tokens: int
+    params_m: float | None
+    tokenizer_family: str | None
+    known_issues: tuple[str, ...]
+
+    @property
+    def location(self) -> str:
+        """What the stages resolve the model's files from: its folder when the plan knows it, else the reference."""
+        return self.files_dir or self.ref
+
+
+@dataclass(frozen=True)
 class ChunkSettings:
-    """How chunk shards are cut, and with which tokenizer."""
+    """How chunk shards are cut (with the model's tokenizer, `Plan.model`)."""
 
     data_fingerprint: str
     size: int
     overlap: int
-    model: str
-    revision: str | None
-    tokenizer_id: str
     keep_columns: tuple[str, ...]
     fingerprint: str = ""
 
@@ -79,13 +103,11 @@ class EmbedSettings:
     chunk_fingerprint: str
     engine: str  # "local" (in-process) or "tei" (a TEI server: on Modal, or embedding.endpoint)
     precision: str  # what the engine runs at: fp32 | bf16 locally (auto resolved for this CPU), float16 on TEI
-    model: str
-    revision: str | None
     prefix: str
     normalize: bool
     dimensions: int | None
     endpoint: str | None
-    dim: int | None  # from the catalog when known; the engine reports the truth
+    dim: int | None  # the vectors' width when known before running: `dimensions`, else the catalog's
     include_text: bool
     keep_columns: tuple[str, ...]
     max_batch_tokens: int
@@ -93,8 +115,21 @@ class EmbedSettings:
 
 
 @dataclass(frozen=True)
+class Container:
+    """What one container of a stage requests: physical cores and memory."""
+
+    cpu: float
+    memory_mib: int
+
+    @property
+    def memory_gib(self) -> float:
+        """Memory in GiB, as prices are quoted."""
+        return self.memory_mib / 1024
+
+
+@dataclass(frozen=True)
 class ComputeSettings:
-    """Fan-out and Modal settings."""
+    """Fan-out, container sizes (catalog `containers.yaml`, GPU `embed_cpu`) and Modal settings."""
 
     gpu: str
     concurrency_limit: int
@@ -104,6 +139,21 @@ class ComputeSettings:
     max_cost: float | None
     timeout: int
     retries: int
+    download: Container
+    chunk: Container
+    embed: Container
+    orchestrator: Container
+    download_max_containers: int
+    embed_scaledown_s: int
+    embed_startup_timeout_s: int
+
+
+@dataclass(frozen=True)
+class MachineFacts:
+    """The machine that planned the run: what the local backend and its estimate run on."""
+
+    cores: int
+    native_bf16: bool
 
 
 @dataclass(frozen=True)
@@ -118,14 +168,26 @@ class Plan:
     spec_hash: str
     git: dict[str, Any]
     data: DataSettings
+    model: ModelSettings
     chunk: ChunkSettings
     embed: EmbedSettings
     compute: ComputeSettings
+    machine: MachineFacts
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
     def local_root(self) -> Path:
         """The folder standing in for the Volume on the local backend."""
         return volembed_home() / "volumes" / self.volume
+
+    @property
+    def local_workers(self) -> int:
+        """Processes the local backend runs CPU stages in: `chunking.workers`, capped by the machine's cores."""
+        return max(1, min(self.compute.chunk_workers, self.machine.cores))
+
+    @property
+    def local_download_workers(self) -> int:
+        """Sources the local backend reads at once: the Hub serves a few parallel downloads well, files gain little."""
+        return min(self.local_workers, LOCAL_DOWNLOAD_WORKERS)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (for worker processes and the generated Modal app)."""
@@ -134,15 +196,21 @@ class Plan:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
         """Inverse of `to_dict`."""
-        def tuples(sub: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+        def tuples(sub: dict[str, Any], *keys: str) -> dict[str, Any]:
             return {k: tuple(v) if k in keys else v for k, v in sub.items()}
 
+        compute = dict(d["compute"])
+        for kind in ("download", "chunk", "embed", "orchestrator"):
+            compute[kind] = Container(**compute[kind])
         return cls(
-            **{k: v for k, v in d.items() if k not in ("data", "chunk", "embed", "compute", "warnings")},
-            data=DataSettings(**tuples(d["data"], ("files", "keep_columns"))),
-            chunk=ChunkSettings(**tuples(d["chunk"], ("keep_columns",))),
-            embed=EmbedSettings(**tuples(d["embed"], ("keep_columns",))),
-            compute=ComputeSettings(**tuples(d["compute"], ("secrets",))),
+            **{k: v for k, v in d.items() if k not in ("data", "model", "chunk", "embed", "compute", "machine",
+                                                       "warnings")},
+            data=DataSettings(**tuples(d["data"], "files", "keep_columns")),
+            model=ModelSettings(**tuples(d["model"], "known_issues")),
+            chunk=ChunkSettings(**tuples(d["chunk"], "keep_columns")),
+            embed=EmbedSettings(**tuples(d["embed"], "keep_columns")),
+            compute=ComputeSettings(**tuples(compute, "secrets")),
+            machine=MachineFacts(**d["machine"]),
             warnings=tuple(d.get("warnings", ())),
         )
 
@@ -209,6 +277,63 @@ def tokenizer_identity(model: str, revision: str | None) -> str:
     return f"{model}@{revision or 'main'}"
 
 
+def model_slug(model: str) -> str:
+    """A folder name for a model: `org/name` → `org--name`; a local folder → its name."""
+    name = Path(model).name if model.startswith("/") else model.replace("/", "--")
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "model"
+
+
+def resolve_model(ref: str, revision: str | None, backend: str) -> ModelSettings:
+    """The model's record: the catalog's facts, and where its files are (a local folder; the images' copy on Modal,
+    where the weights are baked into the GPU image and the tokenizer into the CPU image)."""
+    known = catalog.find_model(ref)
+    if backend == "modal":
+        files_dir: str | None = f"{MODAL_MODELS_DIR}/{model_slug(ref)}"
+    else:
+        files_dir = ref if Path(ref).is_dir() else None
+    return ModelSettings(
+        ref=ref,
+        revision=revision,
+        files_dir=files_dir,
+        tokenizer_id=tokenizer_identity(ref, revision),
+        known=known is not None,
+        dim=known.dim if known else None,
+        max_input_tokens=known.max_input_tokens if known else None,
+        special_tokens=known.special_tokens if known else DEFAULT_SPECIAL_TOKENS,
+        params_m=known.params_m if known else None,
+        tokenizer_family=known.tokenizer if known else None,
+        known_issues=known.known_issues if known else (),
+    )
+
+
+def resolve_compute(spec: Spec) -> ComputeSettings:
+    """Fan-out from the spec; container sizes from the catalog (`containers.yaml`, the GPU's `embed_cpu`)."""
+    gpu = catalog.gpus()[spec.compute.gpu]  # validated: spec.py maps aliases to the catalog's name
+    sizes = catalog.containers()
+
+    def container(kind: str, cpu: float | None = None) -> Container:
+        return Container(cpu=float(cpu if cpu is not None else sizes[kind]["cpu"]),
+                         memory_mib=int(sizes[kind]["memory_mib"]))
+
+    return ComputeSettings(
+        gpu=gpu.name,
+        concurrency_limit=spec.compute.concurrency_limit,
+        allow_concurrent_inputs=spec.compute.allow_concurrent_inputs,
+        chunk_workers=spec.chunking.workers,
+        secrets=tuple(spec.compute.secrets),
+        max_cost=spec.compute.max_cost,
+        timeout=spec.compute.timeout,
+        retries=spec.compute.retries,
+        download=container("download"),
+        chunk=container("chunk"),
+        embed=container("embed", gpu.embed_cpu),
+        orchestrator=container("orchestrator"),
+        download_max_containers=min(int(sizes["download"]["max_containers"]), spec.chunking.workers),
+        embed_scaledown_s=int(sizes["embed"]["scaledown_seconds"]),
+        embed_startup_timeout_s=int(sizes["embed"]["startup_timeout_seconds"]),
+    )
+
+
 def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Plan:
     """Resolve a validated spec into a Plan (local files are globbed and fingerprinted here)."""
     spec_path = Path(spec_path)
@@ -236,39 +361,35 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
     }
     data = DataSettings(
         **{**data_key, "files": tuple(str(f) for f in files), "keep_columns": tuple(ds.keep_columns)},
+        num_rows=ds.num_rows,
+        num_bytes=ds.num_bytes,
         fingerprint=fingerprint(data_key),
     )
 
     emb = spec.embedding
-    model = model_ref(emb.model, spec_path)
+    model = resolve_model(model_ref(emb.model, spec_path), emb.revision, backend)
     chunk_key = {
         "data": data.fingerprint,
         "size": spec.chunking.size,
         "overlap": spec.chunking.overlap_tokens,
-        "tokenizer": tokenizer_identity(model, emb.revision),
+        "tokenizer": model.tokenizer_id,
         "keep_columns": ds.keep_columns,
     }
     chunk = ChunkSettings(
         data_fingerprint=data.fingerprint,
         size=spec.chunking.size,
         overlap=spec.chunking.overlap_tokens,
-        model=model,
-        revision=emb.revision,
-        tokenizer_id=chunk_key["tokenizer"],
         keep_columns=tuple(ds.keep_columns),
         fingerprint=fingerprint(chunk_key),
     )
 
-    gpu = catalog.find_gpu(spec.compute.gpu)
-    if gpu is None:
-        raise SpecError([SpecIssue(str(spec_path), "compute.gpu", f"unknown GPU {spec.compute.gpu!r}")])
+    compute = resolve_compute(spec)
     engine = "tei" if (backend == "modal" or emb.endpoint) else "local"
     precision = resolve_precision(emb.precision) if engine == "local" else "float16"
-    known = catalog.find_model(emb.model)
     embed_key = {
         "chunks": chunk.fingerprint,
         "engine": engine,
-        "model": model,
+        "model": model.ref,
         "revision": emb.revision,
         "prefix": spec.prefix,
         "normalize": emb.normalize,
@@ -279,32 +400,20 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
     embed = EmbedSettings(
         chunk_fingerprint=chunk.fingerprint,
         engine=engine,
-        model=model,
-        revision=emb.revision,
+        precision=precision,
         prefix=spec.prefix,
         normalize=emb.normalize,
         dimensions=emb.dimensions,
-        precision=precision,
         endpoint=emb.endpoint,
-        dim=emb.dimensions or (known.dim if known else None),
+        dim=emb.dimensions or model.dim,
         include_text=spec.output.include_text,
         keep_columns=tuple(ds.keep_columns),
-        max_batch_tokens=spec.compute.max_batch_tokens or gpu.tei_max_batch_tokens,
+        max_batch_tokens=spec.compute.max_batch_tokens or catalog.gpus()[compute.gpu].tei_max_batch_tokens,
         fingerprint=fingerprint(embed_key),
     )
-    compute = ComputeSettings(
-        gpu=gpu.name,
-        concurrency_limit=spec.compute.concurrency_limit,
-        allow_concurrent_inputs=spec.compute.allow_concurrent_inputs,
-        chunk_workers=spec.chunking.workers,
-        secrets=tuple(spec.compute.secrets),
-        max_cost=spec.compute.max_cost,
-        timeout=spec.compute.timeout,
-        retries=spec.compute.retries,
-    )
     warnings = []
-    if known is not None and engine == "tei" and not re.fullmatch(r"[0-9a-f]{40}", emb.revision or ""):
-        warnings.extend(f"{known.id}: {issue}" for issue in known.known_issues)
+    if model.known and engine == "tei" and not re.fullmatch(r"[0-9a-f]{40}", emb.revision or ""):
+        warnings.extend(f"{model.ref}: {issue}" for issue in model.known_issues)
     resolved = spec.model_dump(mode="json")
     return Plan(
         name=spec.name,
@@ -315,9 +424,11 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
         spec_hash=fingerprint(resolved),
         git=git_info(spec_path.resolve()),
         data=data,
+        model=model,
         chunk=chunk,
         embed=embed,
         compute=compute,
+        machine=MachineFacts(cores=usable_cores(), native_bf16=native_bf16()),
         warnings=tuple(warnings),
     )
 

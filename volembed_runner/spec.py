@@ -16,6 +16,8 @@ from pydantic_core import PydanticCustomError
 from volembed_runner import catalog
 
 SPEC_VERSION = 1
+# Columns the shards, chunks and vectors have of their own: a kept source column may not take one of these names.
+RESERVED_COLUMNS = ("id", "text", "doc_id", "chunk_index", "char_start", "char_end", "n_tokens", "embedding")
 
 
 def _no_bool(value: Any) -> Any:
@@ -109,10 +111,10 @@ class Dataset(_Section):
             raise _cross(field, "exactly one of dataset.hf and dataset.files must be set")
         if self.files is not None and not self.files:
             raise _cross("files", "must list at least one path or glob")
-        reserved = sorted({"id", "text"} & set(self.keep_columns))
+        reserved = [name for name in RESERVED_COLUMNS if name in self.keep_columns]
         if reserved:
-            raise _cross("keep_columns", "cannot keep {names}: every shard already has id and text columns",
-                         names=" and ".join(reserved))
+            raise _cross("keep_columns", "cannot keep {names}: the output files have columns of that name ({all})",
+                         names=" and ".join(reserved), all=", ".join(RESERVED_COLUMNS))
         if self.text_column is not None and self.text_template is not None:
             raise _cross("text_template", "set text_column or text_template, not both")
         if self.text_template is not None:

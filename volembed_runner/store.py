@@ -26,6 +26,8 @@ from typing import Any
 import orjson
 
 DONE_SUFFIX = ".done"
+# A source shard holds at most `dataset.shard_rows` documents and about this much text, so memory stays bounded.
+MAX_SHARD_TEXT_BYTES = 128 * 2**20
 
 
 def data_dir(root: Path, data_fp: str) -> Path:

@@ -49,6 +49,7 @@ TEI_TAG = '86-1.9.3'  # the TEI build for this GPU's architecture, pinned to a p
 MODEL_ID = 'BAAI/bge-base-en-v1.5'
 MODEL_REVISION = None  # None means the Hub's main at image build time: pin a commit to reproduce
 MODEL_FILES = ['*.json', '*.safetensors', '*.txt', '1_Pooling/*', '2_Dense*/*']
+TOKENIZER_FILES = ['tokenizer.json']  # all the chunk stage reads of the model
 LOCAL_MODEL = None  # a model folder on the rendering machine, copied into the images instead
 MODEL_DIR = '/models/BAAI--bge-base-en-v1.5'
 
@@ -154,15 +155,27 @@ PLAN = {
         'keep_columns': ['url', 'title'],
         'limit': None,
         'shard_rows': 20000,
+        'num_rows': 6458670,
+        'num_bytes': 19560538957,
         'fingerprint': '3274ed508dd421b1',
+    },
+    'model': {
+        'ref': 'BAAI/bge-base-en-v1.5',
+        'revision': None,
+        'files_dir': '/models/BAAI--bge-base-en-v1.5',
+        'tokenizer_id': 'family:bert-base-uncased-wordpiece',
+        'known': True,
+        'dim': 768,
+        'max_input_tokens': 512,
+        'special_tokens': 2,
+        'params_m': 109,
+        'tokenizer_family': 'bert-base-uncased-wordpiece',
+        'known_issues': [],
     },
     'chunk': {
         'data_fingerprint': '3274ed508dd421b1',
         'size': 510,
         'overlap': 50,
-        'model': 'BAAI/bge-base-en-v1.5',
-        'revision': None,
-        'tokenizer_id': 'family:bert-base-uncased-wordpiece',
         'keep_columns': ['url', 'title'],
         'fingerprint': 'a0d75ca702d016a9',
     },
@@ -170,8 +183,6 @@ PLAN = {
         'chunk_fingerprint': 'a0d75ca702d016a9',
         'engine': 'tei',
         'precision': 'float16',
-        'model': 'BAAI/bge-base-en-v1.5',
-        'revision': None,
         'prefix': '',
         'normalize': True,
         'dimensions': None,
@@ -191,7 +202,15 @@ PLAN = {
         'max_cost': None,
         'timeout': 3600,
         'retries': 3,
+        'download': {'cpu': 2.0, 'memory_mib': 4096},
+        'chunk': {'cpu': 2.0, 'memory_mib': 4096},
+        'embed': {'cpu': 4.0, 'memory_mib': 8192},
+        'orchestrator': {'cpu': 1.0, 'memory_mib': 2048},
+        'download_max_containers': 32,
+        'embed_scaledown_s': 60,
+        'embed_startup_timeout_s': 1200,
     },
+    'machine': {'cores': 2, 'native_bf16': False},
     'warnings': [],
 }
 
@@ -208,20 +227,30 @@ package_files = ~modal.FilePatternMatcher("**/*.py", "**/*.yaml")
 
 
 # ── Images ───────────────────────────────────────────────────────────────────────────────────────────────────────
-def download_weights(repo_id: str, revision: str | None, local_dir: str, allow_patterns: list[str]) -> None:
-    """Image build step: fetch the model's files at a pinned revision into the TEI image (no GPU needed)."""
+def download_weights(
+    repo_id: str, revision: str | None, local_dir: str, allow_patterns: list[str], required: list[str]
+) -> None:
+    """Image build step: fetch the model's files at a pinned revision into an image (no GPU needed)."""
     from huggingface_hub import snapshot_download
 
     snapshot_download(repo_id, revision=revision, local_dir=local_dir, allow_patterns=allow_patterns)
-    missing = [name for name in ("config.json", "tokenizer.json") if not Path(local_dir, name).is_file()]
+    missing = [name for name in required if not Path(local_dir, name).is_file()]
     if missing:
-        raise RuntimeError(f"{repo_id}@{revision or 'main'} has no {', '.join(missing)}; TEI cannot serve it")
+        raise RuntimeError(f"{repo_id}@{revision or 'main'} has no {', '.join(missing)}; it cannot be used here")
 
 
-# CPU stages (download, chunk, orchestrate): pinned libraries only, never torch; the package is mounted last.
+# CPU stages (download, chunk, orchestrate): pinned libraries only, never torch; the package is mounted last. The
+# chunk stage cuts tokens with the model's own tokenizer, so its file (and only it) is baked in at the same revision.
 cpu_image = modal.Image.debian_slim(python_version=PYTHON_VERSION).uv_pip_install(*CPU_PACKAGES)
-if LOCAL_MODEL:  # the chunk stage cuts tokens with the model's own tokenizer
+if LOCAL_MODEL:
     cpu_image = cpu_image.add_local_dir(LOCAL_MODEL, MODEL_DIR, copy=True, ignore=["*.safetensors", "*.bin"])
+else:
+    cpu_image = cpu_image.run_function(
+        download_weights,
+        secrets=secrets,
+        kwargs={"repo_id": MODEL_ID, "revision": MODEL_REVISION, "local_dir": MODEL_DIR,
+                "allow_patterns": TOKENIZER_FILES, "required": TOKENIZER_FILES},
+    )
 cpu_image = cpu_image.add_local_python_source("volembed_runner", ignore=package_files)
 
 # GPU stage: TEI's image for this GPU, its router ENTRYPOINT dropped so Modal can start Python in it, the client's
@@ -237,22 +266,25 @@ else:
     tei_image = tei_image.run_function(
         download_weights,
         secrets=secrets,
-        kwargs={"repo_id": MODEL_ID, "revision": MODEL_REVISION, "local_dir": MODEL_DIR, "allow_patterns": MODEL_FILES},
+        kwargs={"repo_id": MODEL_ID, "revision": MODEL_REVISION, "local_dir": MODEL_DIR, "allow_patterns": MODEL_FILES,
+                "required": ["config.json", "tokenizer.json"]},
     )
 tei_image = tei_image.add_local_python_source("volembed_runner", ignore=package_files)
 
-# The stage code: importable wherever volembed-runner is installed and in both images, but not in build steps.
-with cpu_image.imports(), tei_image.imports():
-    from volembed_runner.backends.modal.runtime import shard_errors
-    from volembed_runner.plan import Plan
+# The stage code: importable wherever volembed-runner is installed and in both images, but not in build steps. Each
+# image imports what its functions use, in a block of its own, so an import that fails is reported on its image.
 with cpu_image.imports():
-    from volembed_runner.backends.modal.runtime import ModalMapper, follow_handovers
+    from volembed_runner.backends.modal.runtime import ModalMapper, follow_handovers, shard_errors
+    from volembed_runner.orchestrate import Event, ShardFinished, StageStarted
     from volembed_runner.orchestrate import orchestrate as run_pipeline
+    from volembed_runner.plan import Plan
+    from volembed_runner.sources import SourceTask
     from volembed_runner.stages.chunk import run_shard
-    from volembed_runner.stages.download import SourceTask, download_task
+    from volembed_runner.stages.download import download_task
 with tei_image.imports():
-    from volembed_runner.backends.modal.runtime import TEIRouter, sync_volume
+    from volembed_runner.backends.modal.runtime import TEIRouter, shard_errors, sync_volume
     from volembed_runner.embedders.tei import TEIClient
+    from volembed_runner.plan import Plan
     from volembed_runner.stages.embed import embed_shard_async
 
 
@@ -324,12 +356,12 @@ class Embedder:
 # ── Orchestrator ─────────────────────────────────────────────────────────────────────────────────────────────────
 # The control flow runs inside Modal, so a detached run survives a closed laptop. It skips finished shards, records
 # failures in the manifest, and before its 24 h limit hands over to a fresh call (resume makes that safe).
-def log_event(kind: str, info: dict) -> None:
+def log_event(event: Event) -> None:
     """One log line per stage and per failed shard; progress lives in the manifest (`volembed-run status`)."""
-    if kind == "stage":
-        print(f"[{info['stage']}] {info.get('todo', info['total'])} of {info['total']} to run", flush=True)
-    elif info.get("error"):
-        print(f"[{info['stage']}] {info['id']} failed: {info['error']}", flush=True)
+    if isinstance(event, StageStarted):
+        print(f"[{event.stage}] {event.todo} of {event.total} to run", flush=True)
+    elif isinstance(event, ShardFinished) and event.error:
+        print(f"[{event.stage}] {event.shard} failed: {event.error}", flush=True)
 
 
 @app.function(image=cpu_image, volumes=VOLUMES, secrets=secrets, cpu=ORCHESTRATE_CPU, memory=ORCHESTRATE_MEMORY_MIB,

@@ -6,26 +6,21 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from volembed_runner.embedders.local import usable_cores
-from volembed_runner.orchestrate import Mapper, Outcome, orchestrate
+from volembed_runner.embedders import AsyncEmbedder, InProcess
+from volembed_runner.orchestrate import Event, Mapper, Outcome, Stats, orchestrate
 from volembed_runner.plan import Plan
+from volembed_runner.sources import SourceTask
 from volembed_runner.stages import chunk as chunk_stage
 from volembed_runner.stages import download as download_stage
 from volembed_runner.stages import embed as embed_stage
-from volembed_runner.stages.download import SourceTask
 
-DOWNLOAD_WORKERS = 4  # the Hub serves a few parallel downloads well; local files gain little beyond that
-
-
-def cpu_workers(requested: int) -> int:
-    """Processes for CPU stages: the spec's `chunking.workers`, capped by the cores this process may use."""
-    return max(1, min(requested, usable_cores()))
-
+T = TypeVar("T")
 
 def _quiet_tokenizers() -> None:
     """Pool workers tokenize one shard each; letting each also spread over every core only adds contention."""
@@ -39,7 +34,8 @@ def _pool(workers: int) -> Executor:
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_quiet_tokenizers)
 
 
-def _map(pool_size: int, fn: Any, items: list[Any], key: Any, *args: Any) -> Iterator[tuple[Any, Any]]:
+def _map(pool_size: int, fn: Callable[..., T], items: list[Any], key: Callable[[Any], Any],
+         *args: Any) -> Iterator[tuple[Any, T | BaseException]]:
     """Run fn(*args, item) for every item, yielding (key(item), result-or-exception) as each finishes."""
     if not items:
         return
@@ -53,64 +49,82 @@ def _map(pool_size: int, fn: Any, items: list[Any], key: Any, *args: Any) -> Ite
                 yield key(item), exc
 
 
+def _drive(results: AsyncGenerator[T, None]) -> Iterator[T]:
+    """Iterate an async iterator from synchronous code, on one event loop that lives as long as the iteration."""
+    with asyncio.Runner() as runner:
+        try:
+            while True:
+                try:
+                    yield runner.run(anext(results))
+                except StopAsyncIteration:
+                    return
+        finally:
+            runner.run(results.aclose())
+
+
 class LocalMapper(Mapper):
     """Places each stage on this machine."""
 
     def __init__(self, plan: Plan, root: Path) -> None:
         self.plan, self.root = plan, root
-        self.workers = cpu_workers(plan.compute.chunk_workers)
 
-    def download(self, tasks: list[SourceTask]) -> Iterable[tuple[SourceTask, Any]]:
+    def download(self, tasks: list[SourceTask]) -> Iterator[tuple[SourceTask, list[str] | BaseException]]:
         """Source files in a small pool."""
-        return _map(min(self.workers, DOWNLOAD_WORKERS), download_stage.download_task, tasks, lambda t: t,
+        return _map(self.plan.local_download_workers, download_stage.download_task, tasks, lambda t: t,
                     self.root, self.plan.data)
 
-    def chunk(self, shards: list[tuple[str, int | None]]) -> Iterable[tuple[str, Any]]:
+    def chunk(self, shards: list[tuple[str, int | None]]) -> Iterator[tuple[str, Stats | BaseException]]:
         """Chunk shards in a process pool of `chunking.workers` (capped by cores)."""
-        return _map(self.workers, chunk_stage.run_shard, shards, lambda s: s[0], self.root, self.plan)
+        return _map(self.plan.local_workers, chunk_stage.run_shard, shards, lambda s: s[0], self.root, self.plan)
 
-    def embed(self, shards: list[str]) -> Iterable[tuple[str, Any]]:
-        """Embed shards one at a time in this process: the engine already uses every core."""
+    def embed(self, shards: list[str]) -> Iterator[tuple[str, Stats | BaseException]]:
+        """Embed shards in this process: one at a time through the local engine (it uses every core), or
+        `allow_concurrent_inputs` at a time through the spec's TEI server, as a Modal GPU container would."""
         if not shards:
-            return
-        if self.plan.embed.engine == "tei":
-            yield from self._embed_tei(shards)
-            return
-        from volembed_runner.embedders.local import LocalEmbedder
+            return iter(())
+        in_flight = self.plan.compute.allow_concurrent_inputs if self.plan.embed.engine == "tei" else 1
+        return _drive(self._embed_all(shards, in_flight))
 
-        e = self.plan.embed
-        engine = LocalEmbedder(model=e.model, revision=e.revision, prefix=e.prefix, normalize=e.normalize,
-                               precision=e.precision, dimensions=e.dimensions)
-        for shard in shards:
-            try:
-                yield shard, embed_stage.embed_shard(self.root, self.plan, shard, engine)
-            except Exception as exc:
-                yield shard, exc
+    async def _embed_all(
+        self, shards: list[str], in_flight: int
+    ) -> AsyncGenerator[tuple[str, Stats | BaseException], None]:
+        async with self._embedder() as embedder:
+            slots = asyncio.Semaphore(in_flight)
 
-    def _embed_tei(self, shards: list[str]) -> Iterator[tuple[str, Any]]:
-        """Embed through the spec's own TEI server, several shards in flight sharing one client."""
-        from volembed_runner.embedders.tei import TEIClient
+            async def one(shard: str) -> tuple[str, Stats | BaseException]:
+                async with slots:
+                    try:
+                        return shard, await embed_stage.embed_shard_async(self.root, self.plan, shard, embedder)
+                    except Exception as exc:  # recorded as the shard's failure; the others go on
+                        return shard, exc
 
-        async def run_all() -> list[tuple[str, Any]]:
-            e = self.plan.embed
-            async with TEIClient(base_url=e.endpoint or "", prefix=e.prefix, normalize=e.normalize,
-                                 dimensions=e.dimensions) as client:
-                await client.info()
-                in_flight = asyncio.Semaphore(self.plan.compute.allow_concurrent_inputs)
+            for finished in asyncio.as_completed([asyncio.ensure_future(one(s)) for s in shards]):
+                yield await finished
 
-                async def one(shard: str) -> tuple[str, Any]:
-                    async with in_flight:
-                        try:
-                            return shard, await embed_stage.embed_shard_async(self.root, self.plan, shard, client)
-                        except Exception as exc:
-                            return shard, exc
+    def _embedder(self) -> AbstractAsyncContextManager[AsyncEmbedder]:
+        """The plan's engine: the spec's TEI server through the client, else the in-process engine."""
+        e, model = self.plan.embed, self.plan.model
 
-                return await asyncio.gather(*(one(s) for s in shards))
+        @asynccontextmanager
+        async def engine() -> AsyncIterator[AsyncEmbedder]:
+            if e.engine == "tei":
+                from volembed_runner.embedders.tei import TEIClient
 
-        yield from asyncio.run(run_all())
+                async with TEIClient(base_url=e.endpoint or "", prefix=e.prefix, normalize=e.normalize,
+                                     dimensions=e.dimensions) as client:
+                    await client.info()
+                    yield client
+                return
+            from volembed_runner.embedders.local import LocalEmbedder
+
+            yield InProcess(LocalEmbedder(model=model.location, revision=model.revision, prefix=e.prefix,
+                                          normalize=e.normalize, precision=e.precision, dimensions=e.dimensions,
+                                          threads=self.plan.machine.cores))
+
+        return engine()
 
 
-def run(plan: Plan, *, until: str | None = None, on_event: Any = None) -> Outcome:
+def run(plan: Plan, *, until: str | None = None, on_event: Callable[[Event], None] | None = None) -> Outcome:
     """Run the plan's stages on this machine into the local volume folder."""
     root = plan.local_root()
     root.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""The catalog: data about GPUs and models, read from the YAML files beside this module (data, not code)."""
+"""The catalog: data about GPUs, models, containers and throughput, read from the YAML files beside this module
+(data, not code)."""
 
 from __future__ import annotations
 
@@ -88,6 +89,18 @@ def models() -> dict[str, Model]:
         fields = {k: v for k, v in m.items() if k not in ("package", "known_issues")}
         out[model_id] = Model(id=model_id, package=package, known_issues=issues, **fields)
     return out
+
+
+@cache
+def containers() -> dict[str, Any]:
+    """`containers.yaml`: cores, memory and scaling of each kind of Modal container."""
+    return _load("containers.yaml")
+
+
+@cache
+def throughput() -> dict[str, Any]:
+    """`throughput.yaml`: measured and derived rates, the scaling rule and the dry run's cost-model constants."""
+    return _load("throughput.yaml")
 
 
 def find_model(model_id: str) -> Model | None:

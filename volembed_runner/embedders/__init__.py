@@ -1,8 +1,8 @@
 """Embedding engines: one interface, two implementations.
 
-`Embedder` is what the embed stage calls. `embedders.local.LocalEmbedder` runs the model in-process (torch on CPU,
-the `local` extra); `embedders.tei` talks to a Text Embeddings Inference server. Neither is imported here, so the
-core package never pulls torch.
+`Embedder` is what an in-process engine offers (`embedders.local.LocalEmbedder`: torch on CPU, the `local` extra);
+`AsyncEmbedder` is what the embed stage awaits, which the TEI client (`embedders.tei`) is and `InProcess` makes of
+an in-process engine. Neither engine is imported here, so the core package never pulls torch.
 """
 
 from __future__ import annotations
@@ -15,13 +15,45 @@ if TYPE_CHECKING:
 
 @runtime_checkable
 class Embedder(Protocol):
-    """Turns chunk texts into vectors.
+    """Turns chunk texts into vectors, in this process.
 
     `texts` are chunk texts as stored (the engine adds `embedding.prefix` itself, exactly once); `n_tokens[i]` is
     the token count of `texts[i]` under the model's tokenizer without special tokens, used only to pack batches.
-    The result is float32 with shape [len(texts), dim], row i for texts[i].
+    The result is float32 with shape [len(texts), dim], row i for texts[i]. `truncated` counts, over the engine's
+    life, the texts it had to cut to the model's input limit.
     """
 
     dim: int
+    truncated: int
 
     def embed(self, texts: list[str], n_tokens: list[int]) -> numpy.ndarray: ...
+
+
+class AsyncEmbedder(Protocol):
+    """An embedder the embed stage awaits (the TEI client; an in-process engine through `InProcess`)."""
+
+    dim: int | None
+    truncated: int
+
+    async def embed(self, texts: list[str], n_tokens: list[int]) -> numpy.ndarray: ...
+
+
+class InProcess:
+    """An in-process engine as an `AsyncEmbedder`: its work runs on the caller's thread, one shard at a time."""
+
+    def __init__(self, engine: Embedder) -> None:
+        self.engine = engine
+
+    @property
+    def dim(self) -> int:
+        """The engine's vector width."""
+        return self.engine.dim
+
+    @property
+    def truncated(self) -> int:
+        """The engine's count of texts cut to the model's limit."""
+        return self.engine.truncated
+
+    async def embed(self, texts: list[str], n_tokens: list[int]) -> numpy.ndarray:
+        """The engine's vectors for `texts` (it blocks the event loop: the local backend runs one shard at a time)."""
+        return self.engine.embed(texts, n_tokens)

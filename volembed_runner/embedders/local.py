@@ -11,54 +11,22 @@ torch and sentence-transformers are imported when an engine is built, never when
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from volembed_runner.errors import EmbedderError, ModelError
+from volembed_runner.machine import Precision, resolve_precision, usable_cores
 from volembed_runner.models import resolve_model_dir
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
-Precision = Literal["auto", "fp32", "bf16"]
-PRECISIONS = ("auto", "fp32", "bf16")
-
 # Padded tokens per forward pass and texts per pass: 32 x 256 was the fastest shape on a 2-core CPU; the token
 # budget also bounds attention memory for long-context models (one 8,192-token text runs alone).
 DEFAULT_BATCH_TOKENS = 8192
 DEFAULT_MAX_BATCH_SIZE = 32
-
-_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-def native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
-    """Whether this CPU computes bf16 natively (avx512_bf16 or amx_bf16 in its flags); False when unknown."""
-    try:
-        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.partition(":")[2].split())
-            return any(f in flags for f in _BF16_FLAGS)
-    return False
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def resolve_precision(precision: str) -> Literal["fp32", "bf16"]:
-    """The precision an engine runs at: `auto` is bf16 on CPUs with native bf16, fp32 elsewhere."""
-    if precision not in PRECISIONS:
-        raise EmbedderError(f"embedding.precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
-    if precision == "auto":
-        return "bf16" if native_bf16() else "fp32"
-    return precision  # type: ignore[return-value]
 
 
 def pack_batches(lengths: list[int], batch_tokens: int, max_batch_size: int) -> list[list[int]]:

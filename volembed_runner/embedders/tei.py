@@ -202,6 +202,7 @@ class TEIClient:
         self.max_requests_in_flight = max_requests_in_flight
         self.dim: int | None = dimensions
         self.stats = TEIStats()
+        self.truncated = 0  # the client never asks TEI to truncate: an over-long input is an error
         self._body_head = b'{"inputs":['
         tail: dict[str, Any] = {"normalize": normalize, "truncate": False}
         if dimensions is not None:

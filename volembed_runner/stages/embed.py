@@ -1,13 +1,15 @@
 """Embed stage: one chunk shard → one embedding shard, through any embedder (local engine or a TEI server).
 
-The output keeps the chunk shard's row order and columns, adds `embedding` as fixed_size_list<float32>[dim], and is
-only marked done after its row count matches the chunk shard's.
+One code path, `embed_shard_async`; `embed_shard` runs it for an in-process engine. The output keeps the chunk
+shard's row order and columns, adds `embedding` as fixed_size_list<float32>[dim], and is only marked done after its
+row count matches the chunk shard's.
 """
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -15,17 +17,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from volembed_runner import store
-from volembed_runner.embedders import Embedder
+from volembed_runner.embedders import AsyncEmbedder, Embedder, InProcess
 from volembed_runner.errors import StageError
 from volembed_runner.plan import Plan
 
 BASE_COLUMNS = ("doc_id", "chunk_index", "char_start", "char_end", "n_tokens")
-
-
-class AsyncEmbedder(Protocol):
-    """An embedder whose `embed` is a coroutine (the TEI client)."""
-
-    async def embed(self, texts: list[str], n_tokens: list[int]) -> np.ndarray: ...
 
 
 def paths(root: Path, plan: Plan, shard: str) -> tuple[Path, Path]:
@@ -50,11 +46,12 @@ def _vectors_column(vectors: np.ndarray, rows: int, shard: str) -> pa.FixedSizeL
     return pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), type=pa.float32()), vectors.shape[1])
 
 
-def _write(plan: Plan, chunks: pa.Table, vectors: np.ndarray, out: Path, shard: str, extra: dict[str, Any]) -> dict:
+def _write(plan: Plan, chunks: pa.Table, vectors: np.ndarray, out: Path, shard: str,
+           extra: dict[str, Any]) -> dict[str, Any]:
     column = _vectors_column(vectors, chunks.num_rows, shard)
     names = [*BASE_COLUMNS, *plan.embed.keep_columns, *(["text"] if plan.embed.include_text else [])]
     table = chunks.select(list(dict.fromkeys(names))).append_column("embedding", column)
-    metadata = {b"volembed.model": plan.embed.model.encode(), b"volembed.fingerprint": plan.embed.fingerprint.encode()}
+    metadata = {b"volembed.model": plan.model.ref.encode(), b"volembed.fingerprint": plan.embed.fingerprint.encode()}
     table = table.replace_schema_metadata(metadata)
 
     def write(tmp: Path) -> dict[str, Any]:
@@ -68,30 +65,19 @@ def _write(plan: Plan, chunks: pa.Table, vectors: np.ndarray, out: Path, shard: 
     return store.write_shard(out, write)
 
 
-def embed_shard(root: Path, plan: Plan, shard: str, embedder: Embedder) -> dict[str, Any]:
-    """Embed one chunk shard with a synchronous embedder (the local engine); a finished shard is left as it is."""
+async def embed_shard_async(root: Path, plan: Plan, shard: str, embedder: AsyncEmbedder) -> dict[str, Any]:
+    """Embed one finished chunk shard into its embedding shard; several shards may share one embedder."""
     src, out = paths(root, plan, shard)
-    if store.is_done(out):
-        return store.read_marker(out)
     chunks = _read_chunks(src, shard)
     texts = chunks["text"].to_pylist()
-    truncated_before = int(getattr(embedder, "truncated", 0) or 0)
-    vectors = embedder.embed(texts, chunks["n_tokens"].to_pylist()) if texts else _empty(plan, embedder)
-    extra = {"truncated": int(getattr(embedder, "truncated", 0) or 0) - truncated_before}
-    return _write(plan, chunks, vectors, out, shard, extra)
+    truncated_before = embedder.truncated
+    if texts:
+        vectors = await embedder.embed(texts, chunks["n_tokens"].to_pylist())
+    else:
+        vectors = np.zeros((0, int(embedder.dim or plan.embed.dim or 0)), dtype=np.float32)
+    return _write(plan, chunks, vectors, out, shard, {"truncated": embedder.truncated - truncated_before})
 
 
-async def embed_shard_async(root: Path, plan: Plan, shard: str, client: AsyncEmbedder) -> dict[str, Any]:
-    """Embed one chunk shard through an async client (TEI); several shards may share one client."""
-    src, out = paths(root, plan, shard)
-    if store.is_done(out):
-        return store.read_marker(out)
-    chunks = _read_chunks(src, shard)
-    texts = chunks["text"].to_pylist()
-    vectors = await client.embed(texts, chunks["n_tokens"].to_pylist()) if texts else _empty(plan, client)
-    return _write(plan, chunks, vectors, out, shard, {})
-
-
-def _empty(plan: Plan, embedder: Any) -> np.ndarray:
-    dim = getattr(embedder, "dim", None) or plan.embed.dim or 0
-    return np.zeros((0, int(dim)), dtype=np.float32)
+def embed_shard(root: Path, plan: Plan, shard: str, engine: Embedder) -> dict[str, Any]:
+    """`embed_shard_async` for an in-process engine, from synchronous code."""
+    return asyncio.run(embed_shard_async(root, plan, shard, InProcess(engine)))

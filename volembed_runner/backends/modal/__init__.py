@@ -3,5 +3,4 @@
     render.py       Plan → app.py source (the template `app.py.tmpl`, values entering only as literals)
     runtime.py      what the generated app imports inside its containers: the `.map` adapter, the TEI launcher
     launch.py       run / status / stop through the `modal` SDK (credentials checked before any network call)
-    commands.py     the `render`, `status` and `stop` CLI verbs
 """

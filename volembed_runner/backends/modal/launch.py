@@ -11,13 +11,12 @@ import importlib.util
 import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
-
-from rich.console import Console
 
 from volembed_runner import store
 from volembed_runner.backends.modal import render
@@ -27,6 +26,17 @@ from volembed_runner.plan import Plan, volembed_home
 CREDENTIALS_HINT = ("no Modal credentials: run `modal setup` (or `modal token new`), "
                     "or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET")
 RUN_RECORD = "run.json"
+
+
+@dataclass(frozen=True)
+class Launched:
+    """A Modal run: followed to its end (`summary`), or submitted and left running (`detached`)."""
+
+    name: str
+    app_id: str | None
+    call_id: str | None
+    detached: bool
+    summary: dict[str, Any] = field(default_factory=dict)
 
 
 def has_credentials() -> bool:
@@ -89,10 +99,10 @@ def _local_files(local: Path, remote: str) -> Iterator[tuple[Path, str]]:
         yield local, remote
 
 
-def upload_files(plan: Plan, console: Console) -> int:
+def upload_files(plan: Plan, on_upload: Callable[[int, str], None] | None = None) -> int:
     """Upload a `files` plan's dataset to `uploads/<data_fp>/` on its Volume, skipping files there with the same size.
 
-    Returns the number of files uploaded.
+    `on_upload(count, where)` hears of an upload before it starts. Returns the number of files uploaded.
     """
     import modal
     from modal.exception import NotFoundError
@@ -109,15 +119,17 @@ def upload_files(plan: Plan, console: Console) -> int:
     todo = [(path, remote) for local, rel in layout for path, remote in _local_files(local, rel)
             if existing.get(remote) != path.stat().st_size]
     if todo:
-        console.print(f"uploading {len(todo)} file(s) to Modal volume {plan.volume}:/{prefix}", markup=False)
+        if on_upload is not None:
+            on_upload(len(todo), f"{plan.volume}:/{prefix}")
         with vol.batch_upload(force=True) as batch:
             for path, remote in todo:
                 batch.put_file(str(path), f"/{remote}")
     return len(todo)
 
 
-def run(plan: Plan, *, until: str | None, detach: bool, console: Console) -> int:
-    """Render `plan` into the build folder and run it on Modal; 0 when every shard finished.
+def run(plan: Plan, *, until: str | None, detach: bool,
+        on_upload: Callable[[int, str], None] | None = None) -> Launched:
+    """Render `plan` into the build folder and run it on Modal.
 
     Attached, the app is ephemeral and this process follows the orchestrator (through its hand-overs) to the end.
     With `detach`, the app is deployed under the job's name and the orchestrator spawned on it, so the job, its
@@ -129,7 +141,7 @@ def run(plan: Plan, *, until: str | None, detach: bool, console: Console) -> int
 
     folder = build_dir(plan)
     with _modal_errors("upload the dataset files"):
-        upload_files(plan, console)
+        upload_files(plan, on_upload)
     path = render.write_app(plan, folder / "app.py")
     module = import_app(path)
     if detach:
@@ -137,13 +149,12 @@ def run(plan: Plan, *, until: str | None, detach: bool, console: Console) -> int
             module.app.deploy(name=plan.name)
             call = module.orchestrate.spawn(until or "")
         _record_run(folder, plan, app_id=module.app.app_id, deployed=True, call_id=call.object_id)
-        console.print(f"submitted {plan.name} (app {module.app.app_id}, call {call.object_id}); follow it with "
-                      "`volembed-run status SPEC`, end it with `volembed-run stop SPEC`", markup=False)
-        return 0
+        return Launched(plan.name, module.app.app_id, call.object_id, detached=True)
     with _modal_errors("run the app"), modal.enable_output(), module.app.run():
         _record_run(folder, plan, app_id=module.app.app_id, deployed=False, call_id=None)
         summary = _follow(module.orchestrate.remote(until or ""))
-    return _report(plan, summary, console)
+    _check(plan, summary)
+    return Launched(plan.name, module.app.app_id, None, detached=False, summary=summary)
 
 
 def _follow(summary: dict[str, Any]) -> dict[str, Any]:
@@ -154,7 +165,8 @@ def _follow(summary: dict[str, Any]) -> dict[str, Any]:
     return follow_handovers(summary, lambda call_id: modal.FunctionCall.from_id(call_id).get())
 
 
-def _report(plan: Plan, summary: dict[str, Any], console: Console) -> int:
+def _check(plan: Plan, summary: dict[str, Any]) -> None:
+    """Raise StageError when the run left failed shards or stopped without finishing."""
     failed = {stage: shards for stage, shards in (summary.get("failed") or {}).items() if shards}
     if failed:
         listed = "; ".join(f"{stage}: {len(shards)} shard(s) ({', '.join(shards[:5])}"
@@ -164,8 +176,6 @@ def _report(plan: Plan, summary: dict[str, Any], console: Console) -> int:
     if summary.get("handover"):
         raise StageError(f"{plan.name}: stopped after {summary.get('passes')} orchestrator passes without finishing; "
                          "rerun the spec to continue")
-    console.print(f"{plan.name}: done ({', '.join(summary.get('stages') or [])})", markup=False)
-    return 0
 
 
 def _record_run(folder: Path, plan: Plan, *, app_id: str | None, deployed: bool, call_id: str | None) -> None:

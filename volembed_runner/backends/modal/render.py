@@ -46,21 +46,14 @@ CPU_PACKAGES = tuple(f"{name}=={version}" for name, version in PINS.items())
 TEI_PACKAGES = tuple(f"{name}=={PINS[name]}" for name in
                      ("httpx", "huggingface_hub", "numpy", "orjson", "pyarrow", "pydantic", "pyyaml"))
 
-MODELS_DIR = "/models"
 UPLOADS_DIR = "uploads"
 TEI_HOST = "127.0.0.1"
 TEI_PORT = 8000
 TEI_PROMETHEUS_PORT = 9000
+# The chunk stage reads only the tokenizer: the CPU image gets this file, the GPU image the whole model.
+TOKENIZER_FILES = ["tokenizer.json"]
 
-# Physical cores per GPU container: TEI tokenizes on the CPU, and faster GPUs eat tokens faster (tei.md §4.3).
-EMBED_MEMORY_MIB = 8192
-EMBED_SCALEDOWN_S = 60  # GPU idle time is billed; shards arrive back to back until a stage ends
-EMBED_STARTUP_TIMEOUT_S = 1200  # image pull + weights load + TEI warm-up at --max-batch-tokens
-ROUTER_READY_TIMEOUT_S = EMBED_STARTUP_TIMEOUT_S - 120
-CHUNK_CPU, CHUNK_MEMORY_MIB = 2.0, 4096
-DOWNLOAD_CPU, DOWNLOAD_MEMORY_MIB = 2.0, 4096
-DOWNLOAD_MAX_CONTAINERS = 32  # parallel downloads from one source (the Hub throttles more)
-ORCHESTRATE_CPU, ORCHESTRATE_MEMORY_MIB = 1.0, 2048  # it only maps shards and writes the manifest
+ROUTER_READY_MARGIN_S = 120  # the router's own deadline, shorter than Modal's startup timeout, so it says why
 ORCHESTRATE_TIMEOUT_S = 24 * 3600  # Modal's maximum per attempt
 HANDOVER_AFTER_S = 23 * 3600 + 1800  # leaves 30 min to record the manifest and spawn the next orchestrator
 MAX_PASSES = 60  # hand-overs before giving up: 60 × 23.5 h ≈ 59 days
@@ -105,22 +98,13 @@ class RouterSettings:
         ]
 
 
-def _gpu(plan: Plan) -> catalog.Gpu:
-    gpu = catalog.find_gpu(plan.compute.gpu)
-    if gpu is None:
-        raise BackendError(f"compute.gpu {plan.compute.gpu!r} is not in the GPU catalog; one of: "
-                           f"{', '.join(catalog.gpus())}")
-    return gpu
-
-
 def _round_up(value: int, step: int) -> int:
     return -(-value // step) * step
 
 
 def router_settings(plan: Plan) -> RouterSettings:
     """Size TEI so `allow_concurrent_inputs` shards keep its queue full while texts in flight stay ≤ its permits."""
-    gpu = _gpu(plan)
-    cpu = float(gpu.embed_cpu)
+    cpu = plan.compute.embed.cpu
     size = max(1, plan.chunk.size)
     tokens = plan.embed.max_batch_tokens
     client_batch = min(MAX_CLIENT_BATCH, max(MIN_CLIENT_BATCH, tokens // size))
@@ -146,24 +130,12 @@ def router_settings(plan: Plan) -> RouterSettings:
 def tei_image(plan: Plan) -> tuple[str, str]:
     """(registry, tag) of the TEI image for the plan's GPU architecture, pinned to the catalog's patch release."""
     table = catalog.gpu_table()
-    return str(table["tei_registry"]), f"{_gpu(plan).tei_prefix}{table['tei_version']}"
-
-
-def model_slug(model: str) -> str:
-    """A folder name for a model: `org/name` → `org--name`; a local folder → its name."""
-    name = Path(model).name if model.startswith("/") else model.replace("/", "--")
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "model"
-
-
-def container_model_dir(plan: Plan) -> str:
-    """Where the model's files sit inside the images (weights baked in, or a local folder copied there)."""
-    return f"{MODELS_DIR}/{model_slug(plan.embed.model)}"
+    return str(table["tei_registry"]), f"{catalog.gpus()[plan.compute.gpu].tei_prefix}{table['tei_version']}"
 
 
 def local_model_dir(plan: Plan) -> str | None:
     """The model folder on this machine when the spec names one (it is copied into the images), else None."""
-    model = plan.embed.model
-    return model if model.startswith("/") and Path(model).is_dir() else None
+    return plan.model.ref if Path(plan.model.ref).is_dir() else None
 
 
 def upload_layout(plan: Plan) -> list[tuple[Path, str]]:
@@ -176,20 +148,15 @@ def upload_layout(plan: Plan) -> list[tuple[Path, str]]:
 
 
 def remote_plan(plan: Plan) -> dict[str, Any]:
-    """The plan as the containers see it (JSON data): uploaded files and a local model at their container paths.
+    """The plan as the containers see it (JSON data): `dataset.files` at their uploaded copies on the Volume.
 
-    Fingerprints are kept: they were computed from the local files, which the uploads copy byte for byte.
+    Fingerprints are kept: they were computed from the local files, which the uploads copy byte for byte. (The
+    model's files need no rewriting: the plan already names the images' copy, `plan.model.files_dir`.)
     """
     data = json.loads(json.dumps(plan.to_dict()))
     layout = upload_layout(plan)
     if layout:
         data["data"]["files"] = [f"{MODAL_ROOT}/{remote}" for _, remote in layout]
-    local = local_model_dir(plan)
-    if local is not None:
-        inside = container_model_dir(plan)
-        for stage in ("chunk", "embed"):
-            if data[stage]["model"] == local:
-                data[stage]["model"] = inside
     return data
 
 
@@ -254,7 +221,8 @@ def render_app(plan: Plan) -> str:
     router = router_settings(plan)
     registry, tag = tei_image(plan)
     local = local_model_dir(plan)
-    model_dir = container_model_dir(plan)
+    model_dir = str(plan.model.files_dir)
+    compute = plan.compute
     values: dict[str, Any] = {
         "rendered_by": f"volembed-runner {_version()}",
         "app_name": plan.name,
@@ -266,32 +234,33 @@ def render_app(plan: Plan) -> str:
         "tei_packages": list(TEI_PACKAGES),
         "tei_registry": registry,
         "tei_tag": tag,
-        "model_id": plan.embed.model,
-        "model_revision": plan.embed.revision,
+        "model_id": plan.model.ref,
+        "model_revision": plan.model.revision,
         "model_files": list(MODEL_FILE_PATTERNS),
+        "tokenizer_files": list(TOKENIZER_FILES),
         "local_model": local,
         "model_dir": model_dir,
         "gpu": plan.compute.gpu,
         "embed_max_containers": plan.compute.concurrency_limit,
         "embed_max_inputs": plan.compute.allow_concurrent_inputs,
         "embed_cpu": router.cpu,
-        "embed_memory_mib": EMBED_MEMORY_MIB,
-        "embed_scaledown_s": EMBED_SCALEDOWN_S,
-        "embed_startup_timeout_s": EMBED_STARTUP_TIMEOUT_S,
-        "router_ready_timeout_s": ROUTER_READY_TIMEOUT_S,
+        "embed_memory_mib": compute.embed.memory_mib,
+        "embed_scaledown_s": compute.embed_scaledown_s,
+        "embed_startup_timeout_s": compute.embed_startup_timeout_s,
+        "router_ready_timeout_s": compute.embed_startup_timeout_s - ROUTER_READY_MARGIN_S,
         "tei_url": f"http://{TEI_HOST}:{TEI_PORT}",
         "tei_port": TEI_PORT,
         "tei_client": {"payload_limit": router.payload_limit, "max_requests_in_flight": router.client_max_requests},
         "chunk_max_containers": plan.compute.chunk_workers,
-        "chunk_cpu": CHUNK_CPU,
-        "chunk_memory_mib": CHUNK_MEMORY_MIB,
-        "download_max_containers": min(DOWNLOAD_MAX_CONTAINERS, plan.compute.chunk_workers),
-        "download_cpu": DOWNLOAD_CPU,
-        "download_memory_mib": DOWNLOAD_MEMORY_MIB,
+        "chunk_cpu": compute.chunk.cpu,
+        "chunk_memory_mib": compute.chunk.memory_mib,
+        "download_max_containers": compute.download_max_containers,
+        "download_cpu": compute.download.cpu,
+        "download_memory_mib": compute.download.memory_mib,
         "timeout_s": plan.compute.timeout,
         "retries": plan.compute.retries,
-        "orchestrate_cpu": ORCHESTRATE_CPU,
-        "orchestrate_memory_mib": ORCHESTRATE_MEMORY_MIB,
+        "orchestrate_cpu": compute.orchestrator.cpu,
+        "orchestrate_memory_mib": compute.orchestrator.memory_mib,
         "orchestrate_timeout_s": ORCHESTRATE_TIMEOUT_S,
         "handover_after_s": HANDOVER_AFTER_S,
         "max_passes": MAX_PASSES,

@@ -97,7 +97,7 @@ class Committable(Protocol):
 
 
 class Task(Protocol):
-    """A download task: JSON-able through `to_dict` (`volembed_runner.stages.download.SourceTask`)."""
+    """A download task: JSON-able through `to_dict` (`volembed_runner.sources.SourceTask`)."""
 
     def to_dict(self) -> dict[str, Any]: ...
 

@@ -1,0 +1,233 @@
+"""The cost model: each stage's containers, wall time, CPU/GPU hours and dollars, on Modal or on this machine.
+
+Container sizes come from the plan (the same figures the generated app requests); start-up, storage and chunking
+rates from the catalog's throughput table.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from volembed_runner import catalog
+from volembed_runner.estimate.prices import Prices
+from volembed_runner.estimate.rates import Rate, tei_rate
+from volembed_runner.estimate.sizes import Counts
+from volembed_runner.plan import Plan
+
+
+@dataclass
+class Stage:
+    """One stage of the job: how many containers, for how long, at what price."""
+
+    name: str
+    containers: int
+    resources: str
+    seconds: float | None  # wall time of the stage
+    cpu_hours: float | None
+    gpu_hours: float | None
+    cost_usd: float | None
+    gpu_cost_usd: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Job:
+    """What the cost model needs from the counts."""
+
+    documents: float
+    tokens: float
+    processed: float  # chunk tokens + special and prefix tokens per chunk: what the GPU runs
+    chunks: float
+    text_bytes: float
+    download_bytes: float
+    files: int
+    shards: int
+
+
+@dataclass
+class Priced:
+    """The job priced on one backend and GPU: its stages, wall time, cost and GPU-seconds."""
+
+    stages: list[Stage]
+    wall_seconds: float | None
+    cost_usd: float | None
+    gpu_seconds: float | None
+    effective_gpus: int
+
+
+def total(values: list[float | None]) -> float | None:
+    """The sum, or None (unknown) when any part is unknown."""
+    return None if any(v is None for v in values) else float(sum(v for v in values if v is not None))
+
+
+def describe_resources(cores: float, gib: float, gpu: str | None = None) -> str:
+    """A container's size as the tables show it: `A10, 4 CPU, 8 GiB`."""
+    return (f"{gpu}, " if gpu else "") + f"{cores:g} CPU, {gib:g} GiB"
+
+
+def bandwidth(remote: bool) -> float:
+    """Bytes/s one download worker reads: from the Hub, or parsing local files."""
+    consts = catalog.throughput()["download"]
+    return float(consts["hub_bytes_per_second"] if remote else consts["local_bytes_per_second"])
+
+
+def modal_job(plan: Plan, job: Job, gpu: str, rate: float, prices: Prices, dim: int, remote: bool) -> Priced:
+    """Modal: download, chunk and embed containers plus the orchestrator and a month of Volume storage."""
+    consts = catalog.throughput()["modal"]
+    compute = plan.compute  # container sizes as the generated app requests them
+    cpu_start, gpu_start = consts["cpu_container_start_seconds"], consts["gpu_container_start_seconds"]
+    load, idle = consts["tei_model_load_seconds"], compute.embed_scaledown_s
+    stages: list[Stage] = []
+
+    cores, gib = compute.download.cpu, compute.download.memory_gib
+    n = max(1, min(job.files, compute.download_max_containers))
+    per_second = bandwidth(remote)
+    busy = job.download_bytes / per_second
+    wall = cpu_start + busy / n + (job.download_bytes / job.files / per_second if job.files > n else 0.0)
+    container_s = n * cpu_start + busy
+    stages.append(Stage("download", n, describe_resources(cores, gib), wall, container_s * cores / 3600, 0.0,
+                        prices.container(container_s, cores, gib), note=f"{job.files} source file(s)"))
+
+    cores, gib = compute.chunk.cpu, compute.chunk.memory_gib
+    n = max(1, min(plan.compute.chunk_workers, job.shards))
+    per_shard = job.tokens / job.shards / (catalog.throughput()["chunk"]["tokens_per_second_per_core"] * cores)
+    wall = cpu_start + math.ceil(job.shards / n) * per_shard
+    container_s = n * cpu_start + job.shards * per_shard
+    stages.append(Stage("chunk", n, describe_resources(cores, gib), wall, container_s * cores / 3600, 0.0,
+                        prices.container(container_s, cores, gib), note=f"{job.shards} shard(s)"))
+
+    # Another GPU type of the same job (the alternatives) gets that GPU's cores from the catalog.
+    cores = compute.embed.cpu if gpu == compute.gpu else float(catalog.gpus()[gpu].embed_cpu)
+    gib = compute.embed.memory_gib
+    aci = plan.compute.allow_concurrent_inputs
+    g = max(1, min(plan.compute.concurrency_limit, math.ceil(job.shards / aci)))
+    shard_s = job.processed / job.shards / rate
+    if job.shards <= g * aci:
+        busy_wall = math.ceil(job.shards / g) * shard_s
+    else:
+        busy_wall = job.processed / (rate * g) + 0.5 * shard_s
+    wall = gpu_start + load + busy_wall
+    gpu_s = g * (gpu_start + load + idle) + job.processed / rate
+    gpu_price = prices.gpu.get(gpu)
+    stages.append(Stage("embed", g, describe_resources(cores, gib, gpu), wall, gpu_s * cores / 3600, gpu_s / 3600,
+                        prices.container(gpu_s, cores, gib, gpu), None if gpu_price is None else gpu_s * gpu_price,
+                        note=f"{rate:,.0f} tokens/s per GPU; start {gpu_start + load:g} s + scaledown {idle:g} s each"))
+
+    work_wall = total([s.seconds for s in stages])
+    cores, gib = compute.orchestrator.cpu, compute.orchestrator.memory_gib
+    orch_s = cpu_start + (work_wall or 0.0)
+    stages.append(Stage("orchestrator", 1, describe_resources(cores, gib), orch_s, orch_s * cores / 3600, 0.0,
+                        prices.container(orch_s, cores, gib)))
+
+    ratio = catalog.throughput()["download"]["parquet_ratio"]
+    chunk_bytes = job.text_bytes * (job.processed / max(job.tokens, 1.0)) * ratio + job.chunks * 40
+    vectors = job.chunks * dim * 4 + (chunk_bytes if plan.embed.include_text else 0)
+    gib_stored = (job.text_bytes * ratio + chunk_bytes + vectors) / 2**30
+    months = consts["storage_months"]
+    storage = None if prices.volume_gib_month is None else gib_stored * prices.volume_gib_month * months
+    stages.append(Stage("storage", 0, f"{gib_stored:,.1f} GiB × {months} mo", None, 0.0, 0.0, storage,
+                        note="data + chunks + vectors on the Volume; Modal's free TiB per workspace not deducted"))
+    wall_total = None if work_wall is None else work_wall + cpu_start
+    return Priced(stages, wall_total, total([s.cost_usd for s in stages]), gpu_s, g)
+
+
+def local_job(plan: Plan, job: Job, rate: float, remote: bool, load: float | None = None) -> Priced:
+    """One machine: read/convert the sources, chunk in a process pool, embed in-process. Nothing is billed."""
+    workers = plan.local_workers
+    cores = plan.machine.cores
+    readers = max(1, min(job.files, plan.local_download_workers))
+    download = job.download_bytes / bandwidth(remote) / readers
+    chunk = job.tokens / (catalog.throughput()["chunk"]["tokens_per_second_per_core"] * workers)
+    load = catalog.throughput()["local"]["model_load_seconds"] if load is None else load
+    embed = load + job.processed / rate
+    stages = [
+        Stage("download", readers, f"{readers} process(es)", download, download * readers / 3600, 0.0, 0.0,
+              note=f"{job.files} source(s)"),
+        Stage("chunk", workers, f"{workers} process(es)", chunk, chunk * workers / 3600, 0.0, 0.0,
+              note=f"{job.shards} shard(s)"),
+        Stage("embed", 1, f"local engine, {cores} cores", embed, embed * cores / 3600, 0.0, 0.0,
+              note=f"{rate:,.0f} tokens/s + {load:g} s model load"),
+    ]
+    overhead = float(catalog.throughput()["local"]["overhead_seconds"])
+    return Priced(stages, overhead + download + chunk + embed, 0.0, 0.0, 0)
+
+
+def price(plan: Plan, job: Job, tokens_per_second: float, rate: Rate, prices: Prices, dim: int,
+           remote: bool) -> Priced:
+    """The job on the plan's own backend at `tokens_per_second` (the rate's figure or one end of its range)."""
+    if plan.backend == "local":
+        return local_job(plan, job, tokens_per_second, remote, rate.load_seconds)
+    return modal_job(plan, job, plan.compute.gpu, tokens_per_second, prices, dim, remote)
+
+
+def modal_warnings(plan: Plan, job: Job, priced: Priced, warnings: list[str]) -> None:
+    """Warn where the Modal plan's GPU cap or the number of shards keeps GPUs idle."""
+    caps = catalog.throughput()["modal"]["plan_gpu_caps"]
+    limit = plan.compute.concurrency_limit
+    over = [f"{name} {cap}" for name, cap in caps.items() if limit > cap]
+    if over:
+        warnings.append(f"compute.concurrency_limit {limit} exceeds the Modal plan GPU cap of {', '.join(over)} "
+                        f"concurrent GPUs: on such a plan at most that many run at once and the job takes longer")
+    g, aci = priced.effective_gpus, plan.compute.allow_concurrent_inputs
+    embed = next(s for s in priced.stages if s.name == "embed")
+    if g < limit and (embed.seconds or 0) > 600:
+        most = max(1, job.documents // (limit * aci))
+        warnings.append(f"only {g} of {limit} GPU containers get work: {job.shards} shard(s) ÷ "
+                        f"{aci} per container (allow_concurrent_inputs); set dataset.shard_rows <= {most:,.0f} "
+                        f"to use all {limit}")
+
+
+def modal_assumptions(plan: Plan, prices: Prices) -> list[str]:
+    """The Modal cost model's inputs, each with its source."""
+    table = catalog.throughput()
+    consts, chunk, download = table["modal"], table["chunk"], table["download"]
+    c = plan.compute
+    sizes = ", ".join(f"{kind} {size.cpu:g} CPU/{size.memory_gib:g} GiB" for kind, size in (
+        ("download", c.download), ("chunk", c.chunk), (f"embed ({c.gpu})", c.embed), ("orchestrator", c.orchestrator)))
+    return [
+        f"prices: {prices.source}",
+        f"containers: {sizes}, scaledown {c.embed_scaledown_s:g} s, ≤ {c.download_max_containers} download "
+        "containers (as the generated app requests them: catalog containers.yaml, GPU embed_cpu)",
+        f"start-up: {consts['source']}",
+        f"chunking: {chunk['tokens_per_second_per_core']:,} tokens/s per core ({chunk['source']})",
+        f"download: {download['hub_source']}; local sources: {download['local_source']}",
+        f"Modal plan caps: {consts['plan_source']}",
+    ]
+
+
+def other_gpus(plan: Plan, job: Job | None, prices: Prices, calibrations: dict[str, dict[str, Any]], dim: int,
+               remote: bool) -> list[dict[str, Any]]:
+    """The same job on every other catalog GPU (all of them for a local job), sorted by cost (unknown last)."""
+    out = []
+    for name in catalog.gpus():
+        if plan.backend == "modal" and name == plan.compute.gpu:
+            continue
+        rate = tei_rate(plan.model.ref, name, calibrations)
+        row: dict[str, Any] = {"gpu": name, "usd_per_hour": None if prices.gpu.get(name) is None
+                               else prices.gpu[name] * 3600, "tokens_per_second": rate.tokens_per_second,
+                               "rate_kind": rate.kind, "wall_seconds": None, "gpu_hours": None, "cost_usd": None}
+        if job is not None:
+            priced = modal_job(plan, job, name, rate.tokens_per_second, prices, dim, remote)
+            row.update(wall_seconds=priced.wall_seconds, gpu_hours=(priced.gpu_seconds or 0) / 3600,
+                       cost_usd=priced.cost_usd, effective_gpus=priced.effective_gpus)
+        out.append(row)
+    return sorted(out, key=lambda r: (r["cost_usd"] is None, r["cost_usd"] or 0.0, r["gpu"]))
+
+
+def time_cost_interval(plan: Plan, job: Job, counts: Counts, rate: Rate, prices: Prices, dim: int,
+                        remote: bool) -> dict[str, list[float] | None]:
+    """Wall time and cost at the low and high ends of the token interval and the throughput range."""
+    lo_e, hi_e = counts.interval.get("embedded_tokens", (counts.embedded, counts.embedded))
+    ends = []
+    for embedded, tps in ((lo_e, rate.high), (hi_e, rate.low)):
+        scale = (embedded or 0.0) / max(counts.embedded or 1.0, 1.0)
+        scaled = Job(job.documents, job.tokens * scale, job.processed * scale, job.chunks * scale,
+                      job.text_bytes * scale, job.download_bytes, job.files, job.shards)
+        ends.append(price(plan, scaled, tps, rate, prices, dim, remote))
+    walls = [p.wall_seconds for p in ends]
+    costs = [p.cost_usd for p in ends]
+    return {"wall_seconds": None if None in walls else [min(walls), max(walls)],  # type: ignore[type-var]
+            "cost_usd": None if None in costs else [min(costs), max(costs)]}  # type: ignore[type-var]
+

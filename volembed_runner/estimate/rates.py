@@ -1,0 +1,134 @@
+"""Throughput: processed tokens/s per GPU under TEI, or of the local engine, and where each figure came from.
+
+A stored calibration (`volembed-run calibrate`) wins; else the catalog's table of measured and derived rates
+(`catalog/throughput.yaml`); else the stated scaling rule, marked "scaled". Calibrations live in
+`$VOLEMBED_HOME/calibration.json`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from volembed_runner import catalog, store
+from volembed_runner.plan import Plan, volembed_home
+
+CALIBRATION_FILE = "calibration.json"
+
+
+def calibration_path() -> Path:
+    """Where measured throughputs are stored: `$VOLEMBED_HOME/calibration.json`."""
+    return volembed_home() / CALIBRATION_FILE
+
+
+def calibration_key(backend: str, model: str, device: str, engine: str) -> str:
+    """One calibration per (backend, model, GPU or local precision, engine)."""
+    return "|".join((backend, model, device, engine))
+
+
+def load_calibrations() -> dict[str, dict[str, Any]]:
+    """Stored calibrations by key; an unreadable file counts as none."""
+    try:
+        data = store.read_json(calibration_path())
+    except (OSError, ValueError):
+        return {}
+    entries = data.get("entries") if isinstance(data, dict) else None
+    return entries if isinstance(entries, dict) else {}
+
+
+def store_calibration(entry: dict[str, Any]) -> Path:
+    """Add (or replace) one calibration under its key; returns the file."""
+    path = calibration_path()
+    entries = load_calibrations()
+    entries[entry["key"]] = entry
+    store.write_json_atomic(path, {"version": 1, "entries": entries})
+    return path
+
+
+@dataclass(frozen=True)
+class Rate:
+    """Processed tokens/s per GPU (or for the local engine) and where the figure came from."""
+
+    tokens_per_second: float
+    low: float
+    high: float
+    kind: str  # calibrated | table | scaled | default
+    source: str
+    load_seconds: float | None = None  # the local engine's measured start (imports + model load)
+
+
+def model_params(model: str) -> tuple[float, str | None]:
+    """Millions of parameters of a catalog model, or the scaling rule's stated default (with its source)."""
+    known = catalog.find_model(model)
+    if known is not None:
+        return float(known.params_m), None
+    scaling = catalog.throughput()["scaling"]
+    return float(scaling["default_params_m"]), scaling["default_params_source"]
+
+
+def tei_rate(model: str, gpu: str, calibrations: dict[str, dict[str, Any]] | None = None) -> Rate:
+    """Tokens/s per GPU for (model, GPU) under TEI: a calibration, the table, or the stated scaling rule."""
+    calibrations = load_calibrations() if calibrations is None else calibrations
+    entry = calibrations.get(calibration_key("modal", model, gpu, "tei"))
+    if entry:
+        tps = float(entry["tokens_per_second"])
+        return Rate(tps, tps, tps, "calibrated", f"calibrated on Modal {entry.get('date')}: {tps:,.0f} tokens/s "
+                                                 f"over {entry.get('chunks', '?')} chunks ({calibration_path()})")
+    rows = catalog.throughput()["tei"]
+    scaling = catalog.throughput()["scaling"]
+    speed = catalog.throughput()["gpu_speed"]["factors"]
+    for row in rows:
+        if row["model"].lower() == model.lower() and row["gpu"] == gpu:
+            return Rate(row["tokens_per_second"], row["low"], row["high"], "table",
+                        f"{row['tokens_per_second']:,} tokens/s per {gpu} for {row['model']}: {row['derivation']} "
+                        f"(source: {row['source']})")
+    params, params_note = model_params(model)
+    same_model = [r for r in rows if r["model"].lower() == model.lower()]
+    same_model += [{"model": model, "gpu": e["device"], "tokens_per_second": e["tokens_per_second"],
+                    "low": e["tokens_per_second"], "high": e["tokens_per_second"]}
+                   for e in calibrations.values() if e.get("backend") == "modal" and e.get("model") == model]
+    if same_model:
+        ref = same_model[0]
+        factor = speed[gpu] / speed[ref["gpu"]]
+        why = f"{model} on {ref['gpu']} ({ref['tokens_per_second']:,.0f}) x GPU speed {gpu}/{ref['gpu']} {factor:.2f}"
+    else:
+        same_gpu = [r for r in rows if r["gpu"] == gpu] or [r for r in rows if r["gpu"] == "A10"]
+        ref = min(same_gpu, key=lambda r: abs(math.log(model_params(r["model"])[0] / params)))
+        ref_params = model_params(ref["model"])[0]
+        model_factor = min(ref_params / params, scaling["small_model_max_speedup"])
+        factor = model_factor * speed[gpu] / speed[ref["gpu"]]
+        why = (f"{ref['model']} on {ref['gpu']} ({ref['tokens_per_second']:,}) x params {ref_params:g}M/"
+               f"{params:g}M (capped at {scaling['small_model_max_speedup']}x) x GPU speed {gpu}/{ref['gpu']}")
+    cap = float(scaling["max_scaled_tokens_per_second"])
+    tps, low, high = (min(cap, float(ref[k]) * factor) for k in ("tokens_per_second", "low", "high"))
+    capped = f", capped at {cap:,.0f} ({scaling['max_scaled_source']})" if tps >= cap else ""
+    note = f" ({params_note})" if params_note else ""
+    return Rate(tps, low, high, "scaled", f"{tps:,.0f} tokens/s per {gpu} for {model}, scaled (not measured): "
+                                          f"{why}{capped}; rule {scaling['rule']}{note}")
+
+
+def local_rate(plan: Plan, calibrations: dict[str, dict[str, Any]] | None = None) -> Rate:
+    """Tokens/s of the in-process engine on this machine: a calibration, else the stated default scaled."""
+    calibrations = load_calibrations() if calibrations is None else calibrations
+    precision = plan.embed.precision  # resolved for this CPU by the plan
+    entry = calibrations.get(calibration_key("local", plan.model.ref, precision, "local"))
+    if entry:
+        tps = float(entry["tokens_per_second"])
+        load = entry.get("model_load_seconds")
+        return Rate(tps, tps, tps, "calibrated",
+                    f"local engine calibrated {entry.get('date')}: {tps:,.0f} tokens/s ({precision}, "
+                    f"{entry.get('cores')} cores, {entry.get('chunks')} chunks of the job"
+                    + (f", engine start {load:.1f} s" if load is not None else "") + f"; {calibration_path()})",
+                    None if load is None else float(load))
+    ref = catalog.throughput()["local"]
+    params, params_note = model_params(plan.model.ref)
+    cores = plan.machine.cores
+    tps = float(ref[precision]) * ref["params_m"] / params * cores / ref["cores"]
+    note = f"; {params_note}" if params_note else ""
+    return Rate(tps, tps * 0.7, tps * 1.3, "default",
+                f"local engine default: {ref[precision]:,} tokens/s for {ref['model']} ({precision}, {ref['cores']} "
+                f"cores) x params {ref['params_m']}M/{params:g}M x cores {cores}/{ref['cores']} = {tps:,.0f} tokens/s "
+                f"({ref['source']}){note}; run `volembed-run calibrate` to measure it (±30% until then)")
+

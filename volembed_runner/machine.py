@@ -1,0 +1,43 @@
+"""Facts about the machine a run's stages execute on: usable cores and native bf16, and the precision they imply.
+
+The plan resolves these once (so the fingerprint records what actually ran) and the engines and estimate read them
+from the plan; they live here, below the plan, so nothing above has to import an engine to learn them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+PRECISIONS = ("auto", "fp32", "bf16")
+Precision = Literal["auto", "fp32", "bf16"]
+
+_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def native_bf16(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
+    """Whether this CPU computes bf16 natively (avx512_bf16 or amx_bf16 in its flags); False when unknown."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.partition(":")[2].split())
+            return any(f in flags for f in _BF16_FLAGS)
+    return False
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def resolve_precision(precision: str) -> Literal["fp32", "bf16"]:
+    """The precision the local engine runs at: `auto` is bf16 on CPUs with native bf16, fp32 elsewhere."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "auto":
+        return "bf16" if native_bf16() else "fp32"
+    return precision  # type: ignore[return-value]

@@ -1,0 +1,107 @@
+"""The plan, a run's status and a finished run's summary, printed: rich tables on a terminal, plain when piped."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from volembed_runner.plan import Plan
+    from volembed_runner.run import RunSummary
+
+FAILURES_SHOWN = 10
+
+
+def out_console() -> Console:
+    """Standard output, as the tables are printed."""
+    return Console(highlight=False, soft_wrap=True)
+
+
+def err_console() -> Console:
+    """Standard error: progress, questions and error lines."""
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def print_plan(plan: Plan, console: Console) -> None:
+    """The resolved plan in a few lines: source, chunking, model, compute, fingerprints, outputs, warnings."""
+    table = Table(title=f"plan: {plan.name} ({plan.backend})", show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    d, c, e, k = plan.data, plan.chunk, plan.embed, plan.compute
+    source = f"hf {d.hf} [{d.config or 'default'}/{d.split}]" if d.kind == "hf" else f"{len(d.files)} file(s)"
+    table.add_row("dataset", f"{source}" + (f", limit {d.limit}" if d.limit else ""))
+    table.add_row("chunks", f"{c.size} tokens, overlap {c.overlap}, tokenizer {plan.model.tokenizer_id}")
+    table.add_row("embedding", f"{plan.model.ref} via {e.engine}" + (f", prefix {e.prefix!r}" if e.prefix else ""))
+    if plan.backend == "modal":
+        table.add_row("compute", f"{k.gpu} × ≤{k.concurrency_limit} containers, "
+                      f"{k.allow_concurrent_inputs} shards in flight each")
+    table.add_row("fingerprints", f"data {d.fingerprint}  chunks {c.fingerprint}  embeddings {e.fingerprint}")
+    root = plan.local_root() if plan.backend == "local" else f"modal volume {plan.volume}"
+    table.add_row("outputs", str(root))
+    console.print(table)
+    for warning in plan.warnings:
+        console.print(f"warning: {warning}", markup=False)
+
+
+def print_status(manifest: dict[str, Any], console: Console) -> None:
+    """A manifest as a short table: one row per stage, then the failed shards with their causes."""
+    console.print(f"{manifest.get('name')}: {manifest.get('status')} (pass {manifest.get('passes')}, "
+                  f"updated {manifest.get('updated_at') or manifest.get('started_at')})", markup=False)
+    stages = manifest.get("stages") or {}
+    table = Table(box=None, show_header=True)
+    for column in ("stage", "done", "total", "skipped", "failed", "seconds"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for name, entry in stages.items():
+        table.add_row(name, *(str(entry.get(k) if entry.get(k) is not None else "–")
+                              for k in ("done", "total", "skipped")),
+                      str(len(entry.get("failed") or {})), str(entry.get("seconds") or "–"))
+    if stages:
+        console.print(table)
+    totals = manifest.get("totals") or {}
+    if totals:
+        console.print("totals: " + ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}"
+                                             for k, v in totals.items()), markup=False)
+    for name, entry in stages.items():
+        failed = entry.get("failed") or {}
+        for shard, cause in list(failed.items())[:FAILURES_SHOWN]:
+            console.print(f"failed: {name} {shard}: {cause}", markup=False)
+        if len(failed) > FAILURES_SHOWN:
+            console.print(f"failed: {name}: {len(failed) - FAILURES_SHOWN} more (see --json)", markup=False)
+
+
+def print_summary(summary: RunSummary, console: Console) -> None:
+    """A finished local run: its counts, the embed rate, and where the files and the manifest are."""
+    table = Table(title=f"{summary.name}: {summary.status} in {summary.seconds:.1f} s", show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    for key in ("documents", "empty_documents", "chunks", "tokens", "vectors"):
+        table.add_row(key.replace("_", " "), f"{getattr(summary, key):,}")
+    if summary.tokens_per_second:
+        table.add_row("embed rate", f"{summary.tokens_per_second:,.0f} tokens/s (embed stage, this run)")
+    elif "embed" in summary.stages:
+        table.add_row("embed rate", "nothing to embed: every shard was already done")
+    last = summary.stages[-1] if summary.stages else None
+    folder = {"download": "data", "chunk": "chunks", "embed": "embeddings"}.get(last or "", "embeddings")
+    console.print(table)
+    console.print(f"files:    {summary.outputs.get(folder, '')}", markup=False)
+    console.print(f"manifest: {summary.manifest}", markup=False)
+
+
+def print_calibration(entry: dict[str, Any], console: Console) -> None:
+    """A stored calibration in one line: the rate, over what, and where it was stored."""
+    load = entry.get("model_load_seconds")
+    console.print(
+        f"calibrated {entry['model']} ({entry['backend']}, {entry['device']}, {entry['engine']} engine): "
+        f"{entry['tokens_per_second']:,.0f} tokens/s over {entry['chunks']} chunks "
+        f"({entry['processed_tokens']:,} tokens in {entry['seconds']:.2f} s"
+        + (f"; model load {load:.1f} s" if load is not None else "")
+        + f"); stored in {entry['path']}",
+        markup=False,
+    )
+
+
+def ask(console: Console, question: str) -> bool:
+    """Ask a yes/no question on the terminal (the text is shown as written); only an answer starting with y is yes."""
+    return console.input(question, markup=False).strip().lower().startswith("y")

@@ -374,7 +374,9 @@ def test_half_written_output_is_not_taken_as_done(tmp_path: Path, tok_path: Path
     out = tmp_path / "chunks" / "shard-00000.parquet"
     out.parent.mkdir()
     out.write_bytes(b"PAR1 torn")
-    (out.parent / f".{out.name}.x1y2.tmp").write_bytes(b"PAR1 partial")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed_writer = f"{store.writer_tag().rsplit('-', 1)[0]}-{dead.stdout.strip()}"  # a writer that is gone
+    (out.parent / f".{out.name}.{killed_writer}.x1y2.tmp").write_bytes(b"PAR1 partial")
     assert not store.is_done(out) and store.done_shards(out.parent) == []
     chunk_shard(src, out, tokenizer_path=tok_path, size=8, overlap=2, keep_columns=[])
     assert store.done_shards(out.parent) == ["00000"]

@@ -261,3 +261,19 @@ def test_status_reads_a_local_runs_manifest(tmp_path: Path) -> None:
     assert run_cli(str(spec), "--until", "chunk")[0] == 0
     code, out = run_cli("status", str(spec))
     assert code == 0 and "e2e: succeeded" in out and "chunk" in out
+
+
+def test_a_second_run_of_a_live_spec_is_refused_and_writes_nothing(tmp_path: Path) -> None:
+    from volembed_runner.lease import FileLeaseStore, Holder, Lease
+
+    make_docs(tmp_path, 10)
+    spec = write_spec(tmp_path)
+    plan = make_plan(load_spec(spec), spec)
+    live = Lease.acquire(FileLeaseStore(store.lease_dir(plan.local_root(), plan.name)), Holder.here("local"))
+    code, output = run_cli(str(spec), "--until", "chunk")
+    assert code == 6
+    (line,) = output.strip().splitlines()
+    assert line.startswith("error: this run is being written by") and f"pid {os.getpid()}" in line
+    assert not store.manifest_path(plan.local_root(), plan.name).exists()  # nothing of the live run touched
+    live.release()
+    assert run_cli(str(spec), "--until", "chunk")[0] == 0

@@ -59,6 +59,26 @@ class FolderVolume:
         self.reloads += 1
 
 
+class DictStandIn:
+    """A `modal.Dict` for one process: `put(..., skip_if_exists=True)` writes only an absent key and says whether it
+    wrote, as modal 1.6.4's `_Dict.put` returns `DictUpdateResponse.created`."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+
+    def put(self, key: str, value: Any, *, skip_if_exists: bool = False) -> bool:
+        if skip_if_exists and key in self.data:
+            return False
+        self.data[key] = json.loads(json.dumps(value))
+        return True
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.data.get(key, default)
+
+    def pop(self, key: str, default: Any = None) -> Any:
+        return self.data.pop(key, default)
+
+
 class FakeRouter:
     """Stands in for text-embeddings-router: the TEI-protocol test server already listens."""
 
@@ -130,6 +150,7 @@ def app_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tupl
     monkeypatch.setattr(module, "PLAN", remote)
     monkeypatch.setattr(module, "ROOT", str(root))
     monkeypatch.setattr(module, "volume", FolderVolume())
+    monkeypatch.setattr(module, "leases", DictStandIn())
     monkeypatch.setattr(module, "TEIRouter", FakeRouter)
     fast_retries = {"max_retries": 1, "backoff_base": 0.01, "backoff_max": 0.05}  # a poisoned text fails fast
     monkeypatch.setattr(module, "TEI_CLIENT", {**module.TEI_CLIENT, **fast_retries})

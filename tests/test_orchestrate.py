@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 
 from volembed_runner import sources, store
+from volembed_runner.lease import FileLeaseStore, Holder
 from volembed_runner.loading import load_spec
-from volembed_runner.orchestrate import orchestrate
+from volembed_runner.orchestrate import Outcome, orchestrate
 from volembed_runner.plan import Plan, make_plan
 from volembed_runner.stages import chunk as chunk_stage
 from volembed_runner.stages import download as download_stage
@@ -72,6 +73,12 @@ class StandInMapper:
                                  lambda s=s: embed_stage.embed_shard(self.root, self.plan, s, HashEmbedder()))
 
 
+def run_pass(plan: Plan, root: Path, mapper: StandInMapper, **kw: Any) -> Outcome:
+    """One orchestrator pass holding the run's lease on the local volume, as the local backend runs it."""
+    return orchestrate(plan, root, mapper, lease_store=FileLeaseStore(store.lease_dir(root, plan.name)),
+                       holder=Holder.here("local"), **kw)
+
+
 def setup(tmp_path: Path, docs: int = 20) -> tuple[Plan, Path]:
     with (tmp_path / "docs.jsonl").open("w") as fh:
         for i in range(docs):
@@ -89,7 +96,7 @@ def manifest(plan: Plan, root: Path) -> dict:
 def test_runs_every_stage_and_counts_from_markers(tmp_path: Path) -> None:
     plan, root = setup(tmp_path)
     mapper = StandInMapper(plan, root)
-    outcome = orchestrate(plan, root, mapper)
+    outcome = run_pass(plan, root, mapper)
     assert outcome.ok and outcome.stages_run == ["download", "chunk", "embed"]
     assert len(mapper.calls["chunk"]) == len(mapper.calls["embed"]) == 5
     m = manifest(plan, root)
@@ -99,16 +106,16 @@ def test_runs_every_stage_and_counts_from_markers(tmp_path: Path) -> None:
 
 def test_rerun_skips_finished_shards(tmp_path: Path) -> None:
     plan, root = setup(tmp_path)
-    orchestrate(plan, root, StandInMapper(plan, root))
+    run_pass(plan, root, StandInMapper(plan, root))
     again = StandInMapper(plan, root)
-    outcome = orchestrate(plan, root, again)
+    outcome = run_pass(plan, root, again)
     assert outcome.ok and again.calls == {"download": [], "chunk": [], "embed": []}
     assert manifest(plan, root)["passes"] == 2
 
 
 def test_failed_shards_are_recorded_with_cause_and_retried_next_time(tmp_path: Path) -> None:
     plan, root = setup(tmp_path)
-    outcome = orchestrate(plan, root, StandInMapper(plan, root, fail=["chunk:00000-0002"]))
+    outcome = run_pass(plan, root, StandInMapper(plan, root, fail=["chunk:00000-0002"]))
     assert outcome.failed == {"chunk": ["00000-0002"]} and not outcome.ok
     m = manifest(plan, root)
     assert m["status"] == "failed"
@@ -116,7 +123,7 @@ def test_failed_shards_are_recorded_with_cause_and_retried_next_time(tmp_path: P
     assert len(store.done_shards(store.embeddings_dir(root, plan.name, plan.embed.fingerprint))) == 4
 
     retry = StandInMapper(plan, root)
-    assert orchestrate(plan, root, retry).ok
+    assert run_pass(plan, root, retry).ok
     assert retry.calls["chunk"] == ["00000-0002"] and retry.calls["embed"] == ["00000-0002"]
 
 
@@ -124,14 +131,14 @@ def test_hands_over_at_the_deadline_and_the_next_pass_finishes(tmp_path: Path) -
     plan, root = setup(tmp_path)
     ticks = iter(range(1000))
     first = StandInMapper(plan, root)
-    outcome = orchestrate(plan, root, first, deadline=3, clock=lambda: next(ticks))
+    outcome = run_pass(plan, root, first, deadline=3, clock=lambda: next(ticks))
     assert outcome.handover and not outcome.ok
     assert manifest(plan, root)["status"] == "handover"
     done_before = len(first.calls["chunk"])
     assert 0 < done_before < 5
 
     second = StandInMapper(plan, root)
-    assert orchestrate(plan, root, second).ok
+    assert run_pass(plan, root, second).ok
     assert sorted(first.calls["chunk"] + second.calls["chunk"]) == [f"00000-{i:04d}" for i in range(5)]
     assert manifest(plan, root)["status"] == "succeeded"
 
@@ -139,7 +146,7 @@ def test_hands_over_at_the_deadline_and_the_next_pass_finishes(tmp_path: Path) -
 def test_until_download_stops_after_the_index(tmp_path: Path) -> None:
     plan, root = setup(tmp_path)
     mapper = StandInMapper(plan, root)
-    outcome = orchestrate(plan, root, mapper, until="download")
+    outcome = run_pass(plan, root, mapper, until="download")
     assert outcome.stages_run == ["download"] and mapper.calls["chunk"] == []
     assert download_stage.read_index(root, plan.data) is not None
 
@@ -148,7 +155,7 @@ def test_limit_caps_rows_across_shards(tmp_path: Path) -> None:
     plan, root = setup(tmp_path)
     spec = tmp_path / "spec.yaml"
     plan = make_plan(load_spec(spec, sets=["dataset.limit=10"]), spec)
-    assert orchestrate(plan, root, StandInMapper(plan, root)).ok
+    assert run_pass(plan, root, StandInMapper(plan, root)).ok
     assert manifest(plan, root)["totals"]["documents"] == 10
 
 
@@ -164,6 +171,6 @@ def test_an_error_that_ends_the_pass_is_recorded_not_left_running(tmp_path: Path
 
     monkeypatch.setattr(sources, "list_tasks", unreachable)
     with pytest.raises(SourceError):
-        orchestrate(plan, root, StandInMapper(plan, root))
+        run_pass(plan, root, StandInMapper(plan, root))
     m = manifest(plan, root)
     assert m["status"] == "failed" and "network unreachable" in m["error"]

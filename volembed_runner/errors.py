@@ -6,7 +6,8 @@ VolembedError                 base; never raised itself
 ├── ModelError                a model or tokenizer cannot be resolved                                   (exit 3)
 ├── EmbedderError             the embedding engine or TEI server failed beyond its retries              (exit 1)
 ├── StageError                one or more shards of a stage failed; the manifest lists them             (exit 1)
-└── BackendError              the backend cannot run the job (no Modal credentials, app failed)         (exit 4)
+├── BackendError              the backend cannot run the job (no Modal credentials, app failed)         (exit 4)
+└── RunHeld                   another writer holds the run's lease (one writer per run)                 (exit 6)
 """
 
 from __future__ import annotations
@@ -94,3 +95,9 @@ class BackendError(VolembedError):
     """The backend cannot run the job (e.g. no Modal credentials)."""
 
     exit_code = 4
+
+
+class RunHeld(VolembedError):
+    """Another run holds this run's lease (or took it over): one writer per run, so this one does not write."""
+
+    exit_code = 6

@@ -9,13 +9,14 @@ pick up where it left off (resume makes that safe). Stage functions just do the 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from volembed_runner import sources, store
 from volembed_runner.errors import describe
+from volembed_runner.lease import Holder, Keeper, LeaseStore, held
 from volembed_runner.plan import Plan
 from volembed_runner.sources import SourceTask
 from volembed_runner.stages import download as download_stage
@@ -27,13 +28,35 @@ K = TypeVar("K")
 
 
 class Mapper(Protocol):
-    """Runs one stage function over many inputs somewhere, yielding (input, result-or-exception) as they finish."""
+    """Runs one stage function over many inputs somewhere, yielding (input, result-or-exception) as they finish.
 
-    def download(self, tasks: list[SourceTask]) -> Iterable[tuple[SourceTask, list[str] | BaseException]]: ...
+    A mapper pulls its inputs from the iterator as it has room for them (never all at once), and yields a result
+    for every input it pulled: when the orchestrator stops feeding (a hand-over), whatever is in flight drains.
+    """
 
-    def chunk(self, shards: list[tuple[str, int | None]]) -> Iterable[tuple[str, Stats | BaseException]]: ...
+    def download(self, tasks: Iterator[SourceTask]) -> Iterable[tuple[SourceTask, list[str] | BaseException]]: ...
 
-    def embed(self, shards: list[str]) -> Iterable[tuple[str, Stats | BaseException]]: ...
+    def chunk(self, shards: Iterator[tuple[str, int | None]]) -> Iterable[tuple[str, Stats | BaseException]]: ...
+
+    def embed(self, shards: Iterator[str]) -> Iterable[tuple[str, Stats | BaseException]]: ...
+
+
+class Feed(Iterator[K]):
+    """The inputs of one stage, handed to the mapper one by one until `stop()` says no more (the deadline)."""
+
+    def __init__(self, items: list[K], stop: Callable[[], bool]) -> None:
+        self._items = iter(items)
+        self._stop = stop
+        self.stopped = False
+        self.fed = 0
+
+    def __next__(self) -> K:
+        if self.stopped or self._stop():
+            self.stopped = True
+            raise StopIteration
+        item = next(self._items)
+        self.fed += 1
+        return item
 
 
 @dataclass(frozen=True)
@@ -77,6 +100,10 @@ def orchestrate(
     root: Path,
     mapper: Mapper,
     *,
+    lease_store: LeaseStore,
+    holder: Holder,
+    work_seconds: float = 0.0,
+    wait: float = 0.0,
     until: str | None = None,
     deadline: float | None = None,
     clock: Callable[[], float] = time.time,
@@ -84,15 +111,20 @@ def orchestrate(
 ) -> Outcome:
     """Run download → chunk → embed → finish over `root`, skipping finished shards; stop early at `deadline`.
 
+    The pass holds the run's lease (`lease.py`) from before it touches the manifest to its end, so a second run of
+    the same spec is refused (RunHeld) without writing anything. `work_seconds` is how long one submitted input may
+    run if this process dies (the lease then stays taken that long); `wait` how long to wait for a stopped holder's.
     An error that ends the whole pass (an unlistable source, say) is recorded in the manifest before it propagates,
     so `status` never shows a dead run as running.
     """
-    manifest = Manifest.open(root, plan)
-    try:
-        return _passes(plan, root, mapper, manifest, until, deadline, clock, on_event or (lambda event: None))
-    except BaseException as exc:
-        manifest.abort(describe(exc))
-        raise
+    with held(lease_store, holder, work_seconds=work_seconds, wait=wait) as keeper:
+        manifest = Manifest.open(root, plan)
+        try:
+            return _passes(plan, root, mapper, manifest, keeper, until, deadline, clock,
+                           on_event or (lambda event: None))
+        except BaseException as exc:
+            manifest.abort(describe(exc))
+            raise
 
 
 def _passes(
@@ -100,6 +132,7 @@ def _passes(
     root: Path,
     mapper: Mapper,
     manifest: Manifest,
+    keeper: Keeper,
     until: str | None,
     deadline: float | None,
     clock: Callable[[], float],
@@ -116,10 +149,11 @@ def _passes(
         tasks = sources.list_tasks(plan.data)
         todo_tasks = [t for t in tasks if download_stage.finished_shards(root, plan.data, t) is None]
 
-        def download(todo: list[SourceTask]) -> Iterable[tuple[str, list[str] | BaseException]]:
+        def download(todo: Iterator[SourceTask]) -> Iterable[tuple[str, list[str] | BaseException]]:
             return ((task.source, result) for task, result in mapper.download(todo))
 
-        if not _run_shards("download", todo_tasks, len(tasks), download, manifest, outcome, emit, out_of_time):
+        if not _run_shards("download", todo_tasks, len(tasks), download, manifest, keeper, outcome, emit,
+                           out_of_time):
             return outcome
         if outcome.failed:
             manifest.close(outcome_ok=False)
@@ -135,7 +169,7 @@ def _passes(
     chunk_folder = store.chunks_dir(root, plan.name, plan.chunk.fingerprint)
     already = set(store.done_shards(chunk_folder))
     todo = [(s, cap) for s, cap in index if s not in already]
-    if not _run_shards("chunk", todo, len(index), mapper.chunk, manifest, outcome, emit, out_of_time):
+    if not _run_shards("chunk", todo, len(index), mapper.chunk, manifest, keeper, outcome, emit, out_of_time):
         return outcome
     if until == "chunk":
         manifest.close(outcome_ok=outcome.ok)
@@ -146,7 +180,8 @@ def _passes(
     chunked = store.done_shards(chunk_folder)
     already = set(store.done_shards(embed_folder))
     todo_embed = [s for s in chunked if s not in already]
-    if not _run_shards("embed", todo_embed, len(chunked), mapper.embed, manifest, outcome, emit, out_of_time):
+    if not _run_shards("embed", todo_embed, len(chunked), mapper.embed, manifest, keeper, outcome, emit,
+                       out_of_time):
         return outcome
     manifest.close(outcome_ok=outcome.ok)
     return outcome
@@ -156,27 +191,39 @@ def _run_shards(
     stage: str,
     todo: list[K],
     total: int,
-    run: Callable[[list[K]], Iterable[tuple[str, Any]]],
+    run: Callable[[Iterator[K]], Iterable[tuple[str, Any]]],
     manifest: Manifest,
+    keeper: Keeper,
     outcome: Outcome,
     emit: Callable[[Event], None],
     out_of_time: Callable[[], bool],
 ) -> bool:
-    """Map one stage over its pending shards; False when the pass must end here (hand-over at the deadline)."""
+    """Map one stage over its pending shards; False when the pass must end here (hand-over at the deadline).
+
+    At the deadline no new input is fed, and every input in flight is drained, so the successor never resubmits a
+    shard that is still running. While the map runs the lease says work is in flight, so a successor of a dead pass
+    waits for that work rather than redo it; a lease taken over by another run ends the pass at once (RunHeld).
+    """
+    keeper.check()
+    keeper.stage = stage
     manifest.start_stage(stage, total=total, skipped=total - len(todo))
     emit(StageStarted(stage, total, len(todo)))
     failed: list[str] = []
-    for shard, result in run(todo) if todo else ():
+    feed = Feed(todo, out_of_time)
+    keeper.lease.busy = bool(todo)
+    for shard, result in run(feed) if todo else ():
+        keeper.check()
         error = describe(result) if isinstance(result, BaseException) else None
         if error:
             failed.append(shard)
         manifest.shard_finished(stage, shard, error)
         emit(ShardFinished(stage, shard, error, None if error or not isinstance(result, dict) else result))
-        if out_of_time():
-            outcome.handover = True
-            manifest.finish_stage(stage)
-            manifest.close(outcome_ok=False, handover=True)
-            return False
+    keeper.lease.busy = False
+    if feed.stopped and feed.fed < len(todo):
+        outcome.handover = True
+        manifest.finish_stage(stage)
+        manifest.close(outcome_ok=False, handover=True)
+        return False
     manifest.finish_stage(stage)
     outcome.stages_run.append(stage)
     if failed:

@@ -7,6 +7,7 @@ share one layout:
     <root>/runs/<name>/chunks/<chunk_fp>/shard-00000.parquet         (+ .done marker)
     <root>/runs/<name>/embeddings/<embed_fp>/shard-00000.parquet     (+ .done marker)
     <root>/runs/<name>/manifest.json, stats.json
+    <root>/runs/<name>/lease/00000003.json                           (the run's lease, local volumes)
 
 A file is written under a temporary name, renamed into place, and only then marked done; a file without its
 marker is never taken as finished, and a rerun rewrites it.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -58,6 +60,11 @@ def chunks_dir(root: Path, name: str, chunk_fp: str) -> Path:
 def embeddings_dir(root: Path, name: str, embed_fp: str) -> Path:
     """Embedding shards of a run for one embed fingerprint."""
     return run_dir(root, name) / "embeddings" / embed_fp
+
+
+def lease_dir(root: Path, name: str) -> Path:
+    """The run's lease records on a local volume (one writer per run)."""
+    return run_dir(root, name) / "lease"
 
 
 def manifest_path(root: Path, name: str) -> Path:
@@ -107,11 +114,21 @@ def done_shards(folder: Path) -> list[str]:
     return sorted(out)
 
 
+def _host() -> str:
+    return socket.gethostname().replace(".", "_")
+
+
+def writer_tag() -> str:
+    """Who writes a temporary file: `<host>-<pid>` (no dots), in its name so cleanup can tell a dead writer's."""
+    return f"{_host()}-{os.getpid()}"
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success rename it into place, on failure delete it."""
+    """Yield a temporary path beside `path` (named for its writer); on success rename it into place, on failure
+    delete it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{writer_tag()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -144,11 +161,35 @@ def clear_done(path: Path) -> None:
     marker_path(path).unlink(missing_ok=True)
 
 
+def _writer_gone(tag: str) -> bool:
+    """True when a temporary's writer (`host-pid`) ran on this machine and its process no longer exists."""
+    host, _, pid = tag.rpartition("-")
+    if host != _host() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def remove_dead_temporaries(folder: Path, prefix: str) -> None:
+    """Delete the temporary files under names starting with `prefix` whose writer is provably gone (a killed
+    process on this machine); a live writer's temporary, or another machine's, is never touched."""
+    if not folder.is_dir():
+        return
+    for tmp in folder.glob(f".{glob.escape(prefix)}*.tmp"):
+        # `.{name}.{host}-{pid}.{random}.tmp`: the writer's tag sits between the file's name and mkstemp's suffix
+        tag = tmp.name[:-len(".tmp")].rsplit(".", 1)[0].rsplit(".", 1)[-1]
+        if _writer_gone(tag):
+            tmp.unlink(missing_ok=True)
+
+
 def remove_stale_temporaries(path: Path) -> None:
-    """Delete temporary files a killed writer of `path` left behind (one writer per file, so none is live)."""
-    if path.parent.is_dir():
-        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-            stale.unlink(missing_ok=True)
+    """Delete the temporary files dead writers of `path` left behind (see `remove_dead_temporaries`)."""
+    remove_dead_temporaries(path.parent, f"{path.name}.")
 
 
 def write_shard(path: Path, write: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:

@@ -86,10 +86,15 @@ DOWNLOAD_CPU = 2.0
 DOWNLOAD_MEMORY_MIB = 4096
 TIMEOUT_S = 3600  # one shard, one attempt
 RETRIES = 3
+RETRY_INITIAL_DELAY_S = 5.0
+RETRY_BACKOFF = 2.0
 ORCHESTRATE_CPU = 1.0
 ORCHESTRATE_MEMORY_MIB = 2048
 ORCHESTRATE_TIMEOUT_S = 86400
 HANDOVER_AFTER_S = 84600
+LEASE_DICT = 'volembed-runner-leases'
+# The longest one input can run (its attempts and their backoff): a dead orchestrator's inputs may run that long.
+INPUT_WORK_S = 14435
 MAX_PASSES = 60
 
 # The resolved job: settings, fingerprints and provenance (spec, its hash, the git commit) this container can't see.
@@ -220,8 +225,13 @@ app = modal.App(APP_NAME)
 volume = modal.Volume.from_name(VOLUME_NAME, create_if_missing=True, version=2)
 VOLUMES = {ROOT: volume}
 secrets = [modal.Secret.from_name(name) for name in SECRET_NAMES]
+# One writer per run: the orchestrator holds the run's lease in this Dict (shared by every volembed-runner app of the
+# workspace, keyed by volume and run) while it writes to the Volume; a second orchestrator of the run is refused.
+leases = modal.Dict.from_name(LEASE_DICT, create_if_missing=True)
 # Shards are idempotent (done-markers), so a retry after a lost or preempted container is always safe.
-retry_policy = modal.Retries(max_retries=RETRIES, backoff_coefficient=2.0, initial_delay=5.0)
+retry_policy = modal.Retries(
+    max_retries=RETRIES, backoff_coefficient=RETRY_BACKOFF, initial_delay=RETRY_INITIAL_DELAY_S
+)
 # Ship volembed_runner's code and its catalog data (add_local_python_source takes only .py files by default).
 package_files = ~modal.FilePatternMatcher("**/*.py", "**/*.yaml")
 
@@ -274,7 +284,8 @@ tei_image = tei_image.add_local_python_source("volembed_runner", ignore=package_
 # The stage code: importable wherever volembed-runner is installed and in both images, but not in build steps. Each
 # image imports what its functions use, in a block of its own, so an import that fails is reported on its image.
 with cpu_image.imports():
-    from volembed_runner.backends.modal.runtime import ModalMapper, follow_handovers, shard_errors
+    from volembed_runner.backends.modal.runtime import DictLeaseStore, ModalMapper, follow_handovers, shard_errors
+    from volembed_runner.lease import Holder
     from volembed_runner.orchestrate import Event, ShardFinished, StageStarted
     from volembed_runner.orchestrate import orchestrate as run_pipeline
     from volembed_runner.plan import Plan
@@ -371,8 +382,10 @@ def orchestrate(until: str = "", passes: int = 1) -> dict:
     """Run download → chunk → embed → finish over the Volume; returns a summary (`next_call` after a hand-over)."""
     deadline = time.time() + HANDOVER_AFTER_S
     mapper = ModalMapper(download=download, chunk=chunk, embed=Embedder().embed, volume=volume)
-    outcome = run_pipeline(Plan.from_dict(PLAN), Path(ROOT), mapper, until=until or None, deadline=deadline,
-                           on_event=log_event)
+    lease_store = DictLeaseStore(leases, f"{VOLUME_NAME}/{APP_NAME}")
+    outcome = run_pipeline(Plan.from_dict(PLAN), Path(ROOT), mapper, lease_store=lease_store,
+                           holder=Holder.here("modal"), work_seconds=INPUT_WORK_S, wait=INPUT_WORK_S,
+                           until=until or None, deadline=deadline, on_event=log_event)
     volume.commit()
     summary = {"ok": outcome.ok, "failed": outcome.failed, "stages": outcome.stages_run, "passes": passes,
                "handover": outcome.handover, "next_call": None}

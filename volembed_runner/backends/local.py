@@ -7,12 +7,15 @@ import asyncio
 import multiprocessing
 import os
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
 
+from volembed_runner import store
 from volembed_runner.embedders import AsyncEmbedder, InProcess
+from volembed_runner.lease import FileLeaseStore, Holder
 from volembed_runner.orchestrate import Event, Mapper, Outcome, Stats, orchestrate
 from volembed_runner.plan import Plan
 from volembed_runner.sources import SourceTask
@@ -34,19 +37,33 @@ def _pool(workers: int) -> Executor:
     return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_quiet_tokenizers)
 
 
-def _map(pool_size: int, fn: Callable[..., T], items: list[Any], key: Callable[[Any], Any],
+def _map(pool_size: int, fn: Callable[..., T], items: Iterator[Any], key: Callable[[Any], Any],
          *args: Any) -> Iterator[tuple[Any, T | BaseException]]:
-    """Run fn(*args, item) for every item, yielding (key(item), result-or-exception) as each finishes."""
-    if not items:
+    """Run fn(*args, item) for the items, `pool_size` at a time, taking the next item only when one finishes; yield
+    (key(item), result-or-exception) as each finishes."""
+    first = next(items, None)
+    if first is None:
         return
-    with _pool(min(pool_size, len(items))) as pool:
-        futures = {pool.submit(fn, *args, *(item if isinstance(item, tuple) else (item,))): item for item in items}
-        for future in as_completed(futures):
-            item = futures[future]
-            try:
-                yield key(item), future.result()
-            except Exception as exc:  # a failed shard is recorded, not fatal: the others go on
-                yield key(item), exc
+    with _pool(pool_size) as pool:
+        running: dict[Future[T], Any] = {}
+
+        def submit(item: Any) -> None:
+            running[pool.submit(fn, *args, *(item if isinstance(item, tuple) else (item,)))] = item
+
+        submit(first)
+        for item in islice(items, pool_size - 1):
+            submit(item)
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                item = running.pop(future)
+                try:
+                    result: T | BaseException = future.result()
+                except Exception as exc:  # a failed shard is recorded, not fatal: the others go on
+                    result = exc
+                for following in islice(items, 1):
+                    submit(following)
+                yield key(item), result
 
 
 def _drive(results: AsyncGenerator[T, None]) -> Iterator[T]:
@@ -68,38 +85,41 @@ class LocalMapper(Mapper):
     def __init__(self, plan: Plan, root: Path) -> None:
         self.plan, self.root = plan, root
 
-    def download(self, tasks: list[SourceTask]) -> Iterator[tuple[SourceTask, list[str] | BaseException]]:
+    def download(self, tasks: Iterator[SourceTask]) -> Iterator[tuple[SourceTask, list[str] | BaseException]]:
         """Source files in a small pool."""
         return _map(self.plan.local_download_workers, download_stage.download_task, tasks, lambda t: t,
                     self.root, self.plan.data)
 
-    def chunk(self, shards: list[tuple[str, int | None]]) -> Iterator[tuple[str, Stats | BaseException]]:
+    def chunk(self, shards: Iterator[tuple[str, int | None]]) -> Iterator[tuple[str, Stats | BaseException]]:
         """Chunk shards in a process pool of `chunking.workers` (capped by cores)."""
         return _map(self.plan.local_workers, chunk_stage.run_shard, shards, lambda s: s[0], self.root, self.plan)
 
-    def embed(self, shards: list[str]) -> Iterator[tuple[str, Stats | BaseException]]:
+    def embed(self, shards: Iterator[str]) -> Iterator[tuple[str, Stats | BaseException]]:
         """Embed shards in this process: one at a time through the local engine (it uses every core), or
         `allow_concurrent_inputs` at a time through the spec's TEI server, as a Modal GPU container would."""
-        if not shards:
-            return iter(())
         in_flight = self.plan.compute.allow_concurrent_inputs if self.plan.embed.engine == "tei" else 1
         return _drive(self._embed_all(shards, in_flight))
 
     async def _embed_all(
-        self, shards: list[str], in_flight: int
+        self, shards: Iterator[str], in_flight: int
     ) -> AsyncGenerator[tuple[str, Stats | BaseException], None]:
+        first = next(shards, None)
+        if first is None:
+            return
         async with self._embedder() as embedder:
-            slots = asyncio.Semaphore(in_flight)
 
             async def one(shard: str) -> tuple[str, Stats | BaseException]:
-                async with slots:
-                    try:
-                        return shard, await embed_stage.embed_shard_async(self.root, self.plan, shard, embedder)
-                    except Exception as exc:  # recorded as the shard's failure; the others go on
-                        return shard, exc
+                try:
+                    return shard, await embed_stage.embed_shard_async(self.root, self.plan, shard, embedder)
+                except Exception as exc:  # recorded as the shard's failure; the others go on
+                    return shard, exc
 
-            for finished in asyncio.as_completed([asyncio.ensure_future(one(s)) for s in shards]):
-                yield await finished
+            running = {asyncio.ensure_future(one(s)) for s in [first, *islice(shards, in_flight - 1)]}
+            while running:
+                done, running = await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    running.update(asyncio.ensure_future(one(s)) for s in islice(shards, 1))
+                    yield task.result()
 
     def _embedder(self) -> AbstractAsyncContextManager[AsyncEmbedder]:
         """The plan's engine: the spec's TEI server through the client, else the in-process engine."""
@@ -125,7 +145,10 @@ class LocalMapper(Mapper):
 
 
 def run(plan: Plan, *, until: str | None = None, on_event: Callable[[Event], None] | None = None) -> Outcome:
-    """Run the plan's stages on this machine into the local volume folder."""
+    """Run the plan's stages on this machine into the local volume folder, holding the run's lease (its workers
+    are this process's children, so nothing it starts outlives it)."""
     root = plan.local_root()
     root.mkdir(parents=True, exist_ok=True)
-    return orchestrate(plan, root, LocalMapper(plan, root), until=until, on_event=on_event)
+    lease_store = FileLeaseStore(store.lease_dir(root, plan.name))
+    return orchestrate(plan, root, LocalMapper(plan, root), lease_store=lease_store, holder=Holder.here("local"),
+                       until=until, on_event=on_event)

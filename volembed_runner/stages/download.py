@@ -95,8 +95,7 @@ def _clear_task(folder: Path, index: int) -> None:
     for path in folder.glob(f"shard-{index:05d}-*.parquet"):
         store.clear_done(path)
         path.unlink(missing_ok=True)
-    for tmp in folder.glob(f".shard-{index:05d}-*.tmp"):  # left by a killed writer (one writer per task)
-        tmp.unlink(missing_ok=True)
+    store.remove_dead_temporaries(folder, f"shard-{index:05d}-")  # left by a killed writer
 
 
 def download_task(root: Path, data: DataSettings, task: SourceTask) -> list[str]:

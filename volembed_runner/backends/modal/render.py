@@ -57,6 +57,9 @@ ROUTER_READY_MARGIN_S = 120  # the router's own deadline, shorter than Modal's s
 ORCHESTRATE_TIMEOUT_S = 24 * 3600  # Modal's maximum per attempt
 HANDOVER_AFTER_S = 23 * 3600 + 1800  # leaves 30 min to record the manifest and spawn the next orchestrator
 MAX_PASSES = 60  # hand-overs before giving up: 60 × 23.5 h ≈ 59 days
+LEASE_DICT = "volembed-runner-leases"  # the workspace's modal.Dict of run leases
+RETRY_INITIAL_DELAY_S, RETRY_BACKOFF = 5.0, 2.0  # the stages' modal.Retries
+RETRY_MAX_DELAY_S = 60.0  # Modal clamps a retry's delay to at most this (modal 1.6.4 retries.py)
 
 # TEI router sizing (tei.md §2.6, §4.2).
 MIN_CLIENT_BATCH, MAX_CLIENT_BATCH = 32, 512
@@ -125,6 +128,13 @@ def router_settings(plan: Plan) -> RouterSettings:
         tokenization_workers=max(1, int(cpu) - 1),
         client_max_requests=max(16, REQUESTS_PER_SHARD * permits // client_batch),
     )
+
+
+def input_work_seconds(plan: Plan) -> int:
+    """The longest one stage input can run on Modal: every attempt to its timeout, plus the delays between them."""
+    retries = plan.compute.retries
+    delays = sum(min(RETRY_MAX_DELAY_S, RETRY_INITIAL_DELAY_S * RETRY_BACKOFF**i) for i in range(retries))
+    return int((retries + 1) * plan.compute.timeout + delays)
 
 
 def tei_image(plan: Plan) -> tuple[str, str]:
@@ -259,10 +269,14 @@ def render_app(plan: Plan) -> str:
         "download_memory_mib": compute.download.memory_mib,
         "timeout_s": plan.compute.timeout,
         "retries": plan.compute.retries,
+        "retry_initial_delay_s": RETRY_INITIAL_DELAY_S,
+        "retry_backoff": RETRY_BACKOFF,
         "orchestrate_cpu": compute.orchestrator.cpu,
         "orchestrate_memory_mib": compute.orchestrator.memory_mib,
         "orchestrate_timeout_s": ORCHESTRATE_TIMEOUT_S,
         "handover_after_s": HANDOVER_AFTER_S,
+        "lease_dict": LEASE_DICT,
+        "input_work_s": input_work_seconds(plan),
         "max_passes": MAX_PASSES,
     }
     literals = {key: literal(value, lead=len(key) + 3) for key, value in values.items()}

@@ -117,18 +117,21 @@ class ModalMapper:
         self._embed = embed
         self._volume = volume
 
-    def download(self, tasks: list[Task]) -> Iterator[tuple[Task, Any]]:
+    def download(self, tasks: Iterable[Task]) -> Iterator[tuple[Task, Any]]:
         """Map `download(key, task_dict)` over source tasks; keys are the tasks' positions."""
+        tasks = list(tasks)
         keys = [str(i) for i in range(len(tasks))]
         yield from self._map(self._download, dict(zip(keys, tasks, strict=True)), keys, [t.to_dict() for t in tasks])
 
-    def chunk(self, shards: list[tuple[str, int | None]]) -> Iterator[tuple[str, Any]]:
+    def chunk(self, shards: Iterable[tuple[str, int | None]]) -> Iterator[tuple[str, Any]]:
         """Map `chunk(shard, max_rows)` over source shards."""
+        shards = list(shards)
         ids = [shard for shard, _ in shards]
         yield from self._map(self._chunk, {s: s for s in ids}, ids, [cap for _, cap in shards])
 
-    def embed(self, shards: list[str]) -> Iterator[tuple[str, Any]]:
+    def embed(self, shards: Iterable[str]) -> Iterator[tuple[str, Any]]:
         """Map `Embedder.embed(shard)` over chunk shards."""
+        shards = list(shards)
         yield from self._map(self._embed, {s: s for s in shards}, list(shards))
 
     def _map(self, fn: Mappable, inputs: dict[str, T], *iterables: Sequence[Any]) -> Iterator[tuple[T, Any]]:
@@ -141,6 +144,43 @@ class ModalMapper:
         finally:
             if self._volume is not None:
                 self._volume.commit()
+
+
+class DictLeaseStore:
+    """A run's lease records (`volembed_runner.lease`) in a `modal.Dict`, whose `put(..., skip_if_exists=True)` is the
+    atomic create-if-absent a claim needs (modal 1.6.4 `dict.py` `_Dict.put`: True only when it wrote). Keys are
+    `<volume>/<run>/<epoch>`, plus `<volume>/<run>/latest`, a hint of the newest epoch."""
+
+    def __init__(self, entries: Any, run: str) -> None:
+        self.entries = entries
+        self.run = run
+
+    def _key(self, epoch: int) -> str:
+        return f"{self.run}/{epoch:08d}"
+
+    def claim(self, epoch: int, record: dict[str, Any]) -> bool:
+        """Write record `epoch` only if it does not exist."""
+        if not self.entries.put(self._key(epoch), record, skip_if_exists=True):
+            return False
+        self.entries.put(f"{self.run}/latest", epoch)
+        return True
+
+    def read(self, epoch: int) -> dict[str, Any] | None:
+        """Record `epoch`, or None."""
+        value: dict[str, Any] | None = self.entries.get(self._key(epoch))
+        return value
+
+    def write(self, epoch: int, record: dict[str, Any]) -> None:
+        """Replace record `epoch` (its holder's heartbeat)."""
+        self.entries.put(self._key(epoch), record)
+
+    def latest(self) -> int:
+        """The newest epoch claimed (a hint: `lease.current` looks past it), -1 when none."""
+        return int(self.entries.get(f"{self.run}/latest", -1))
+
+    def remove(self, epoch: int) -> None:
+        """Forget an old record."""
+        self.entries.pop(self._key(epoch), None)
 
 
 def follow_handovers(

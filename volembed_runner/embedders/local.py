@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from volembed_runner.embedders.vectors import check_vectors
 from volembed_runner.errors import EmbedderError, ModelError
 from volembed_runner.models import resolve_model_dir
 
@@ -139,6 +140,8 @@ class LocalEmbedder:
         lengths = [min(n + overhead, self.max_seq_length) for n in n_tokens]
         for batch in pack_batches(lengths, self.batch_tokens, self.max_batch_size):
             out[batch] = self._embed_batch([self.prefix + texts[i] for i in batch])
+        out = check_vectors(out, rows=len(texts), dim=self.dim, normalize=self.normalize,
+                            source=f"local engine ({self.model})", where=f"{len(texts)} texts")
         self.texts_embedded += len(texts)
         return out
 

@@ -220,7 +220,7 @@ def test_embedding_endpoint_runs_the_embed_stage_through_a_tei_server_under_faul
 
     make_docs(tmp_path, 80)
     spec = write_spec(tmp_path)
-    with TEIServer(dim=8, max_client_batch_size=8, max_concurrent_requests=16) as server:
+    with TEIServer(max_client_batch_size=8, max_concurrent_requests=16) as server:
         server.schedule.extend([503, "drop", 429, None, 500])
         code, out = run_cli(str(spec), "--json", "--set", f"embedding.endpoint={server.url}",
                             "--set", "embedding.prefix='passage: '")
@@ -233,7 +233,7 @@ def test_embedding_endpoint_runs_the_embed_stage_through_a_tei_server_under_faul
     assert all(embedded[f"passage: {t}"] >= 1 for t in texts)
     assert sum(embedded.values()) == len(texts)  # each chunk embedded exactly once, faults notwithstanding
     got = np.array(table["embedding"].to_pylist(), dtype=np.float32)
-    want = np.stack([expected_vector(f"passage: {t}", 8) for t in texts])
+    want = np.stack([expected_vector(f"passage: {t}", server.dim) for t in texts])
     assert np.allclose(got, want, atol=1e-6)
 
 

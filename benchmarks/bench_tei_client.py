@@ -2,7 +2,8 @@
 
 The server runs in its own process (pinned to another core where there is one) and sends precomputed 768-dim answers
 in TEI's float format, so the figure is the client's cost: packing, JSON encoding, HTTP, orjson parsing, scattering
-rows. Also prints the stdlib json vs orjson parse rate for one such answer.
+rows, and the vector checks every answer goes through. Also prints the parse rate of one such answer: stdlib json,
+orjson, and orjson with those checks (the numbers-only byte scan, count, dimension, finite, unit norm).
 
     python benchmarks/bench_tei_client.py [--texts 16384]
 """
@@ -21,6 +22,7 @@ import numpy as np
 import orjson
 
 from volembed_runner.embedders.tei import TEIClient
+from volembed_runner.embedders.vectors import check_vectors, parse_vectors_json
 
 DIM = 768
 TOKENS_PER_TEXT = 512
@@ -145,18 +147,33 @@ def bench_client(texts: list[str]) -> None:
         print(f"  client CPU {cpu:.2f} s ({cpu / wall:.0%} of one core): {tokens / cpu:,.0f} tokens per CPU-second")
 
 
+def parse_checked(body: bytes) -> np.ndarray:
+    """What the client does with a 200 answer."""
+    vectors = parse_vectors_json(body, source="bench", where="one answer")
+    return check_vectors(vectors, rows=vectors.shape[0], dim=DIM, normalize=True, source="bench", where="one answer")
+
+
 def bench_parse(n: int = 32, repeat: int = 20) -> None:
     body = vectors_json(n)
     print(f"\nparse one /embed answer: {n} x {DIM} floats, {len(body) / 1e6:.2f} MB")
-    for label, loads in (("json (stdlib)", json.loads), ("orjson", orjson.loads)):
+    parsers = (
+        ("json (stdlib) + numpy", lambda b: np.asarray(json.loads(b), dtype=np.float32)),
+        ("orjson + numpy", lambda b: np.asarray(orjson.loads(b), dtype=np.float32)),
+        ("orjson + numpy + checks", parse_checked),
+    )
+    bests = {}
+    for label, parse in parsers:
         best = float("inf")
         for _ in range(repeat):
             start = time.perf_counter()
-            np.asarray(loads(body), dtype=np.float32)
+            parse(body)
             best = min(best, time.perf_counter() - start)
+        bests[label] = best
         rate = n * TOKENS_PER_TEXT / best
         mbs = len(body) / best / 1e6
-        print(f"  {label:14s} + numpy: {mbs:6.1f} MB/s, {rate:,.0f} tokens/s ({rate / GOAL:.1f}x goal)")
+        print(f"  {label:24s}: {mbs:6.1f} MB/s, {rate:,.0f} tokens/s ({rate / GOAL:.1f}x goal)")
+    ratio = bests["orjson + numpy"] / bests["orjson + numpy + checks"]
+    print(f"  with checks: {ratio:.2f}x the unchecked orjson + numpy rate")
 
 
 def main() -> None:

@@ -39,6 +39,7 @@ def settings(*files: Path | str, **kw: Any) -> DataSettings:
         "keep_columns": (),
         "limit": None,
         "shard_rows": 50_000,
+        "duplicate_ids": "error",
         "num_rows": None,
         "num_bytes": None,
         "fingerprint": "fp-test",
@@ -550,3 +551,35 @@ def test_hub_task_downloads_to_local_disk_and_keeps_only_shards(
     ok = hf(id_column="doc")
     assert download_task(root, ok, task) == ["00000-0000"]
     assert not asked[1][3].exists() and not (root / "cache").exists()
+
+
+# --------------------------------------------------------------------------------------------------- unique ids
+
+
+def test_duplicate_ids_within_and_across_files_fail_naming_file_and_row(root: Path, tmp_path: Path) -> None:
+    one = write_jsonl(tmp_path / "one.jsonl", [{"k": "a", "text": "x"}, {"k": "b", "text": "y"},
+                                               {"k": "a", "text": "z"}])
+    two = write_jsonl(tmp_path / "two.jsonl", [{"k": "c", "text": "x"}, {"k": "b", "text": "w"}])
+    data = settings(one, two, id_column="k", shard_rows=2)
+    message = source_error(root, data)
+    assert message.startswith("2 id(s) occur more than once (id_column 'k'): ")
+    assert "'a' at one.jsonl row 1 and one.jsonl row 3" in message
+    assert "'b' at one.jsonl row 2 and two.jsonl row 2" in message
+    assert read_index(root, data) is None  # nothing downstream sees the shards
+
+
+def test_duplicate_ids_can_be_renamed_explicitly_and_the_index_says_so(root: Path, tmp_path: Path) -> None:
+    one = write_jsonl(tmp_path / "one.jsonl", [{"k": "a", "text": "x"}, {"k": "a", "text": "y"}])
+    two = write_jsonl(tmp_path / "two.jsonl", [{"k": "a", "text": "z"}, {"k": "a#2x", "text": "w"}])
+    data = settings(one, two, id_column="k", duplicate_ids="suffix")
+    index = run(root, data)
+    assert [r["id"] for r in rows(root, data, index)] == ["a", "a#2", "a#3", "a#2x"]
+    recorded = store.read_json(store.data_index_path(store.data_dir(root, data.fingerprint)))
+    assert recorded["renamed_ids"]["ids"] == 1 and recorded["renamed_ids"]["copies"] == 2
+
+
+def test_default_row_ids_never_collide(root: Path, tmp_path: Path) -> None:
+    one = write_jsonl(tmp_path / "one.jsonl", [{"text": "same"}] * 3)
+    two = write_jsonl(tmp_path / "two.jsonl", [{"text": "same"}] * 3)
+    index = run(root, settings(one, two))
+    assert len({r["id"] for r in rows(root, settings(one, two), index)}) == 6

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from volembed_runner.embedders import Embedder
 from volembed_runner.embedders.local import LocalEmbedder, pack_batches
-from volembed_runner.errors import ModelError
+from volembed_runner.errors import ModelError, VectorCheckError
 from volembed_runner.machine import native_bf16, resolve_precision
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -132,6 +132,15 @@ def test_inputs_over_max_seq_length_are_counted_as_truncated(fp32_engine, refere
     long_ones = sum(len(ids) > 256 for ids in reference.tokenizer(texts, verbose=False)["input_ids"])
     assert long_ones > 0
     assert fp32_engine.truncated - before == long_ones
+
+
+@pytest.mark.parametrize(("scale", "check"), [(np.nan, "finite"), (7.0, "norm")])
+def test_engine_output_goes_through_the_vector_checks(fp32_engine, reference, texts, monkeypatch, scale, check):
+    real = fp32_engine._embed_batch
+    monkeypatch.setattr(fp32_engine, "_embed_batch", lambda batch: real(batch) * np.float32(scale))
+    with pytest.raises(VectorCheckError, match=rf"local engine \({MODEL}\): .*{check} check failed") as caught:
+        fp32_engine.embed(texts, _n_tokens(reference, texts))
+    assert caught.value.check == check
 
 
 def test_empty_input_gives_an_empty_matrix(fp32_engine):

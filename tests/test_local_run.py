@@ -220,7 +220,7 @@ def test_embedding_endpoint_runs_the_embed_stage_through_a_tei_server_under_faul
 
     make_docs(tmp_path, 80)
     spec = write_spec(tmp_path)
-    with TEIServer(dim=8, max_client_batch_size=8, max_concurrent_requests=16) as server:
+    with TEIServer(max_client_batch_size=8, max_concurrent_requests=16) as server:
         server.schedule.extend([503, "drop", 429, None, 500])
         code, out = run_cli(str(spec), "--json", "--set", f"embedding.endpoint={server.url}",
                             "--set", "embedding.prefix='passage: '")
@@ -233,7 +233,7 @@ def test_embedding_endpoint_runs_the_embed_stage_through_a_tei_server_under_faul
     assert all(embedded[f"passage: {t}"] >= 1 for t in texts)
     assert sum(embedded.values()) == len(texts)  # each chunk embedded exactly once, faults notwithstanding
     got = np.array(table["embedding"].to_pylist(), dtype=np.float32)
-    want = np.stack([expected_vector(f"passage: {t}", 8) for t in texts])
+    want = np.stack([expected_vector(f"passage: {t}", server.dim) for t in texts])
     assert np.allclose(got, want, atol=1e-6)
 
 
@@ -277,3 +277,40 @@ def test_a_second_run_of_a_live_spec_is_refused_and_writes_nothing(tmp_path: Pat
     assert not store.manifest_path(plan.local_root(), plan.name).exists()  # nothing of the live run touched
     live.release()
     assert run_cli(str(spec), "--until", "chunk")[0] == 0
+
+
+@pytest.mark.parametrize("fault", ["wrong_dim", "null", "few"])
+def test_a_server_answering_bad_vectors_fails_its_shards_and_writes_nothing(tmp_path: Path, fault: str) -> None:
+    from .tei_server import TEIServer
+
+    make_docs(tmp_path, 30)
+    spec = write_spec(tmp_path)
+    with TEIServer(max_client_batch_size=8, vector_fault=fault) as server:
+        code, out = run_cli(str(spec), "--set", f"embedding.endpoint={server.url}")
+    assert code == 1
+    plan = make_plan(load_spec(spec, [f"embedding.endpoint={server.url}"]), spec)
+    folder = store.embeddings_dir(plan.local_root(), plan.name, plan.embed.fingerprint)
+    assert store.done_shards(folder) == [] and not list(folder.glob("shard-*.parquet"))
+    manifest = json.loads(store.manifest_path(plan.local_root(), plan.name).read_text())
+    causes = list(manifest["stages"]["embed"]["failed"].values())
+    assert causes and all("check failed" in c and "chunk " in c and server.url in c for c in causes), causes
+
+
+def test_a_server_for_another_model_is_refused_before_any_chunk_is_sent(tmp_path: Path) -> None:
+    from .tei_server import TEIServer
+
+    make_docs(tmp_path, 10)
+    spec = write_spec(tmp_path)
+    with TEIServer(model_id="BAAI/bge-small-en-v1.5") as server:
+        code, out = run_cli(str(spec), "--set", f"embedding.endpoint={server.url}")
+        assert server.requests == []
+    assert code == 1 and "serves model 'BAAI/bge-small-en-v1.5'" in out
+
+
+def test_pointing_a_spec_at_another_server_keeps_the_first_servers_vectors_apart(tmp_path: Path) -> None:
+    make_docs(tmp_path, 5)
+    spec = write_spec(tmp_path)
+    first = make_plan(load_spec(spec, ["embedding.endpoint=http://tei-a:8080"]), spec)
+    second = make_plan(load_spec(spec, ["embedding.endpoint=http://user:secret@tei-b:8080"]), spec)
+    assert first.embed.fingerprint != second.embed.fingerprint
+    assert second.embed.server == "http://tei-b:8080"  # credentials never reach the plan's record

@@ -371,7 +371,7 @@ def test_long_strings_are_split_without_changing_them() -> None:
 def test_router_flags_are_explicit_and_sized_for_the_gpu(tmp_path: Path, family: str) -> None:
     plan = plan_from(spec_dict(GPU_FAMILIES[family][0]), tmp_path)
     s = render.router_settings(plan)
-    args = dict(pair if len(pair) == 2 else (pair[0], "") for pair in s.args("/models/m"))
+    args = dict(pair if len(pair) == 2 else (pair[0], "") for pair in s.args("/models/m", "org/m", None))
     for flag in ("--model-id", "--port", "--hostname", "--max-batch-tokens", "--max-client-batch-size",
                  "--max-concurrent-requests", "--payload-limit", "--tokenization-workers", "--json-output",
                  "--auto-truncate", "--prometheus-port"):

@@ -155,7 +155,7 @@ def app_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tupl
     fast_retries = {"max_retries": 1, "backoff_base": 0.01, "backoff_max": 0.05}  # a poisoned text fails fast
     monkeypatch.setattr(module, "TEI_CLIENT", {**module.TEI_CLIENT, **fast_retries})
     monkeypatch.setattr(module, "ModalMapper", lambda **kwargs: LocalMapper(module))
-    with TEIServer(dim=8, max_client_batch_size=4) as server, warnings.catch_warnings():
+    with TEIServer(max_client_batch_size=4) as server, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "executing locally, no access to the mounted Volume": it's a folder here
         monkeypatch.setattr(module, "TEI_URL", server.url)
         yield module, root, Plan.from_dict(module.PLAN), server
@@ -178,7 +178,7 @@ def test_the_orchestrator_runs_every_stage_of_the_generated_app(app_module) -> N
     chunks = pq.read_table([store.shard_path(store.chunks_dir(root, plan.name, plan.chunk.fingerprint), s)
                             for s in shards])
     assert table.num_rows == chunks.num_rows and table["title"].to_pylist() == chunks["title"].to_pylist()
-    want = np.stack([expected_vector(f"passage: {t}", 8) for t in chunks["text"].to_pylist()])
+    want = np.stack([expected_vector(f"passage: {t}", server.dim) for t in chunks["text"].to_pylist()])
     assert np.allclose(np.array(table["embedding"].to_pylist(), dtype=np.float32), want, atol=1e-6)
     assert sorted(server.embedded) == sorted(f"passage: {t}" for t in chunks["text"].to_pylist())
     manifest = json.loads(store.manifest_path(root, plan.name).read_text())

@@ -34,8 +34,10 @@ embedding: {model: sentence-transformers/all-MiniLM-L6-v2}
 class HashEmbedder:
     """A deterministic stand-in engine: a vector per text from its hash (no model needed)."""
 
-    dim = 8
-    truncated = 0
+    dim = 384  # all-MiniLM-L6-v2's width: the embed stage holds every vector to the run's
+
+    def truncations(self, n_tokens: list[int]) -> int:
+        return 0
 
     def embed(self, texts: list[str], n_tokens: list[int]) -> np.ndarray:
         return np.array([[(hash(t) >> i) % 7 for i in range(self.dim)] for t in texts], dtype=np.float32)

@@ -1,4 +1,5 @@
-"""The TEI client against a TEI 1.9 protocol server on loopback: packing, permits, retries, splits, no silent drops."""
+"""The TEI client against the strict TEI 1.9.3 stand-in on loopback: packing, permits, retries, splits, no silent
+drops. Token counts are the stand-in's own (the model's tokenizer, with special tokens, as TEI counts)."""
 
 from __future__ import annotations
 
@@ -13,28 +14,32 @@ from hypothesis import strategies as st
 from volembed_runner.embedders.tei import TEIClient, pack_requests
 from volembed_runner.errors import EmbedderError
 
-from .tei_server import TEIServer, count_tokens, expected_vector
+from .tei_server import TEIServer, expected_vector
 
 FAST = {"backoff_base": 0.001, "backoff_max": 0.005}
+DIM = 8  # the width does not matter to packing; small answers keep these tests fast
+# Words that are one WordPiece token each, so a text of k words (plus its number) is about k + 3 tokens.
+WORDS = [
+    "the", "of", "and", "to", "in", "is", "was", "for", "on", "as", "with", "by", "he", "at", "from", "his", "an",
+    "were", "are", "which", "this", "also", "be", "or", "has", "had", "first", "one", "their", "its", "new", "after",
+    "who", "they", "two", "her", "she", "been", "other", "when", "time", "during", "there", "into", "school", "more",
+]
 
 
 def make_texts(n: int, *, seed: int = 0, max_words: int = 40) -> list[str]:
+    """n distinct texts of 1 to max_words - 1 common words after their number."""
     rng = np.random.default_rng(seed)
-    return [" ".join(f"w{i}x{j}" for j in range(int(rng.integers(1, max_words)))) for i in range(n)]
+    return [f"{i} " + " ".join(rng.choice(WORDS, int(rng.integers(1, max_words)))) for i in range(n)]
 
 
-def tokens_of(texts: list[str]) -> list[int]:
-    return [count_tokens(t) for t in texts]
-
-
-def expected_matrix(texts: list[str], dim: int = 8, **kwargs: object) -> np.ndarray:
+def expected_matrix(texts: list[str], dim: int, **kwargs: object) -> np.ndarray:
     return np.stack([expected_vector(t, dim, **kwargs) for t in texts])
 
 
 def embed(server: TEIServer, texts: list[str], **kwargs: object) -> tuple[np.ndarray, TEIClient]:
     async def go() -> tuple[np.ndarray, TEIClient]:
         async with TEIClient(server.url, **{**FAST, **kwargs}) as client:
-            return await client.embed(texts, tokens_of(texts)), client
+            return await client.embed(texts, server.count_tokens(texts)), client
 
     return asyncio.run(go())
 
@@ -42,28 +47,28 @@ def embed(server: TEIServer, texts: list[str], **kwargs: object) -> tuple[np.nda
 def test_every_chunk_embedded_once_under_faults() -> None:
     texts = make_texts(300)
     schedule = [500, "drop", 429, 503, 0.01, 502, "drop", 500, 429, "drop", 503, 504]
-    with TEIServer(max_client_batch_size=16, max_batch_tokens=200, schedule=schedule) as server:
+    with TEIServer(dim=DIM, max_client_batch_size=16, max_batch_tokens=200, schedule=schedule) as server:
         vectors, client = embed(server, texts, max_retries=len(schedule) + 1)
-    np.testing.assert_array_equal(vectors, expected_matrix(texts))
+    np.testing.assert_array_equal(vectors, expected_matrix(texts, server.dim))
     assert Counter(server.embedded) == Counter(texts)
     faults = sum(1 for a in schedule if not isinstance(a, float))
     assert client.stats.retries == faults
     assert client.stats.retry_causes["RemoteProtocolError"] == 3
-    assert client.stats.tokens == sum(tokens_of(texts))
+    assert client.stats.tokens == sum(server.count_tokens(texts))
     assert client.stats.texts == len(texts)
 
 
 def test_rows_come_back_in_input_order_when_lengths_vary() -> None:
     texts = make_texts(200, seed=3, max_words=120)
-    with TEIServer(max_client_batch_size=8, max_batch_tokens=300) as server:
+    with TEIServer(dim=DIM, max_client_batch_size=8, max_batch_tokens=300) as server:
         vectors, _ = embed(server, texts)
-    assert vectors.dtype == np.float32 and vectors.shape == (200, 8)
-    np.testing.assert_array_equal(vectors, expected_matrix(texts))
+    assert vectors.dtype == np.float32 and vectors.shape == (200, server.dim)
+    np.testing.assert_array_equal(vectors, expected_matrix(texts, server.dim))
 
 
 def test_request_never_exceeds_client_batch_size() -> None:
     texts = make_texts(100)
-    with TEIServer(max_client_batch_size=7) as server:
+    with TEIServer(dim=DIM, max_client_batch_size=7) as server:
         embed(server, texts)
     sizes = [r.n_inputs for r in server.requests]
     assert max(sizes) == 7
@@ -72,18 +77,23 @@ def test_request_never_exceeds_client_batch_size() -> None:
 
 def test_request_tokens_stay_within_max_batch_tokens() -> None:
     texts = make_texts(150, max_words=60)
-    with TEIServer(max_batch_tokens=120) as server:
+    with TEIServer(dim=DIM, max_batch_tokens=120) as server:
         embed(server, texts)
     for record in server.requests:
         assert record.n_inputs == 1 or record.tokens <= 120
 
 
 def test_text_over_token_budget_goes_alone() -> None:
-    texts = ["short one", " ".join(["long"] * 50), "short two"]
-    with TEIServer(max_batch_tokens=20) as server:
-        vectors, _ = embed(server, texts)
-    np.testing.assert_array_equal(vectors, expected_matrix(texts))
+    # TEI caps max_input_length at max_batch_tokens, so such a text only gets through when the user opted in to
+    # truncation: it is cut to 20 tokens, and packed on its own.
+    long = " ".join(["long"] * 50)
+    texts = ["short one", long, "short two"]
+    with TEIServer(dim=DIM, max_batch_tokens=20) as server:
+        vectors, client = embed(server, texts, truncate=True)
+    cut = " ".join(["long"] * 18)  # 18 words + [CLS] + [SEP] = the 20 tokens the model saw
+    np.testing.assert_array_equal(vectors, expected_matrix(["short one", cut, "short two"], server.dim))
     assert sorted(r.n_inputs for r in server.requests) == [1, 2]
+    assert client.truncated == 1
 
 
 @settings(max_examples=300, deadline=None)
@@ -119,15 +129,16 @@ def test_packing_never_exceeds_a_limit(
 def test_requests_fit_every_server_limit(
     n: int, batch: int, batch_tokens: int, permits: int, payload: int, seed: int
 ) -> None:
-    texts = make_texts(n, seed=seed)
+    texts = make_texts(n, seed=seed, max_words=max(2, min(40, batch_tokens - 2)))  # each fits max_input_length
     with TEIServer(
+        dim=DIM,
         max_client_batch_size=batch,
         max_batch_tokens=batch_tokens,
         max_concurrent_requests=permits,
         payload_limit=payload,
     ) as server:
         vectors, client = embed(server, texts, payload_limit=payload)
-    np.testing.assert_array_equal(vectors, expected_matrix(texts))
+    np.testing.assert_array_equal(vectors, expected_matrix(texts, server.dim))
     assert set(server.statuses()) == {200}
     assert client.stats.retries == client.stats.splits == 0
     for record in server.requests:
@@ -138,9 +149,9 @@ def test_requests_fit_every_server_limit(
 
 def test_splits_on_413_down_to_single_texts() -> None:
     texts = [f"text number {i} " + "pad " * 30 for i in range(12)]
-    with TEIServer(payload_limit=260) as server:
+    with TEIServer(dim=DIM, payload_limit=260) as server:
         vectors, client = embed(server, texts)
-    np.testing.assert_array_equal(vectors, expected_matrix(texts))
+    np.testing.assert_array_equal(vectors, expected_matrix(texts, server.dim))
     assert 413 in server.statuses()
     assert {r.n_inputs for r in server.requests if r.status == 200} == {1}
     assert client.stats.splits == len(texts) - 1
@@ -149,18 +160,18 @@ def test_splits_on_413_down_to_single_texts() -> None:
 
 def test_splits_on_422_when_server_enforces_a_smaller_batch_than_it_reports() -> None:
     texts = make_texts(40)
-    with TEIServer(max_client_batch_size=5, info={"max_client_batch_size": 32}) as server:
+    with TEIServer(dim=DIM, max_client_batch_size=5, info={"max_client_batch_size": 32}) as server:
         vectors, client = embed(server, texts)
-    np.testing.assert_array_equal(vectors, expected_matrix(texts))
+    np.testing.assert_array_equal(vectors, expected_matrix(texts, server.dim))
     assert 422 in server.statuses() and client.stats.splits > 0
     assert max(r.n_inputs for r in server.requests if r.status == 200) <= 5
 
 
 def test_splits_on_424_for_batches_the_backend_cannot_fit() -> None:
     texts = make_texts(64)
-    with TEIServer(fail_batches_over=3) as server:
+    with TEIServer(dim=DIM, fail_batches_over=3) as server:
         vectors, client = embed(server, texts)
-    np.testing.assert_array_equal(vectors, expected_matrix(texts))
+    np.testing.assert_array_equal(vectors, expected_matrix(texts, server.dim))
     assert max(r.n_inputs for r in server.requests if r.status == 200) <= 3
     assert client.stats.splits > 0
     assert Counter(server.embedded) == Counter(texts)
@@ -171,13 +182,13 @@ def test_in_flight_texts_never_exceed_permits() -> None:
 
     async def go(server: TEIServer) -> tuple[list[np.ndarray], TEIClient]:
         async with TEIClient(server.url, **FAST) as client:
-            results = await asyncio.gather(*(client.embed(t, tokens_of(t)) for t in calls))
+            results = await asyncio.gather(*(client.embed(t, server.count_tokens(t)) for t in calls))
             return list(results), client
 
-    with TEIServer(max_client_batch_size=8, max_concurrent_requests=24, delay=0.02) as server:
+    with TEIServer(dim=DIM, max_client_batch_size=8, max_concurrent_requests=24, delay=0.02) as server:
         results, client = asyncio.run(go(server))
     for texts, vectors in zip(calls, results, strict=True):
-        np.testing.assert_array_equal(vectors, expected_matrix(texts))
+        np.testing.assert_array_equal(vectors, expected_matrix(texts, server.dim))
     assert 429 not in server.statuses()
     assert client.stats.retries == 0
     assert server.peak_in_flight <= 24
@@ -186,59 +197,61 @@ def test_in_flight_texts_never_exceed_permits() -> None:
 
 def test_permits_smaller_than_client_batch_cap_requests() -> None:
     texts = make_texts(50)
-    with TEIServer(max_client_batch_size=32, max_concurrent_requests=5, delay=0.005) as server:
+    with TEIServer(dim=DIM, max_client_batch_size=32, max_concurrent_requests=5, delay=0.005) as server:
         vectors, client = embed(server, texts)
-    np.testing.assert_array_equal(vectors, expected_matrix(texts))
+    np.testing.assert_array_equal(vectors, expected_matrix(texts, server.dim))
     assert 429 not in server.statuses() and server.peak_in_flight <= 5
 
 
 def test_prefix_applied_exactly_once() -> None:
     prefix = "search_document: "
     texts = make_texts(30)
-    with TEIServer(fail_batches_over=4, schedule=[503]) as server:
+    with TEIServer(dim=DIM, fail_batches_over=4, schedule=[503]) as server:
         vectors, _ = embed(server, texts, prefix=prefix)
     assert Counter(server.embedded) == Counter(prefix + t for t in texts)
-    np.testing.assert_array_equal(vectors, expected_matrix([prefix + t for t in texts]))
+    np.testing.assert_array_equal(vectors, expected_matrix([prefix + t for t in texts], server.dim))
 
 
 def test_permanent_failure_raises_not_drops() -> None:
     texts = make_texts(40)
     failure = r"text 17 after 3 attempts: HTTP 424: Backend error: NaN"
-    with TEIServer(poison={texts[17]}) as server, pytest.raises(EmbedderError, match=failure):
+    with TEIServer(dim=DIM, poison={texts[17]}) as server, pytest.raises(EmbedderError, match=failure):
         embed(server, texts, max_retries=2)
     assert texts[17] not in server.embedded
 
 
 def test_retries_are_bounded() -> None:
-    with TEIServer(fail_status=503) as server, pytest.raises(EmbedderError, match=r"after 4 attempts.*HTTP 503"):
+    failure = r"after 4 attempts.*HTTP 503"
+    with TEIServer(dim=DIM, fail_status=503) as server, pytest.raises(EmbedderError, match=failure):
         embed(server, ["hello world"], max_retries=3)
     assert server.statuses() == [503] * 4
 
 
 def test_read_timeouts_are_retried() -> None:
     texts = make_texts(5)
-    with TEIServer(schedule=[2.0]) as server:
+    with TEIServer(dim=DIM, schedule=[2.0]) as server:
         vectors, client = embed(server, texts, timeout=0.2)
-    np.testing.assert_array_equal(vectors, expected_matrix(texts))
+    np.testing.assert_array_equal(vectors, expected_matrix(texts, server.dim))
     assert client.stats.retry_causes["ReadTimeout"] == 1
 
 
 def test_overlong_text_raises_with_server_message_without_retrying() -> None:
     texts = ["fine text", " ".join(["word"] * 20)]
     limit = r"text 1: HTTP 422: .*must have less than 10 tokens"
-    with TEIServer(max_input_length=10) as server, pytest.raises(EmbedderError, match=limit):
+    with TEIServer(dim=DIM, max_input_length=10) as server, pytest.raises(EmbedderError, match=limit):
         embed(server, texts)
     assert server.statuses().count(422) == 2
 
 
 def test_empty_text_raises_before_sending() -> None:
-    with TEIServer() as server, pytest.raises(EmbedderError, match="text 2 is empty"):
+    with TEIServer(dim=DIM) as server, pytest.raises(EmbedderError, match="text 2 is empty"):
         embed(server, ["a", "b", "", "d"])
     assert server.requests == []
 
 
 def test_text_over_payload_limit_raises_before_sending() -> None:
-    with TEIServer() as server, pytest.raises(EmbedderError, match="text 1 is .* over the 200-byte payload limit"):
+    failure = "text 1 is .* over the 200-byte payload limit"
+    with TEIServer(dim=DIM) as server, pytest.raises(EmbedderError, match=failure):
         embed(server, ["short", "x" * 300], payload_limit=200)
     assert server.requests == []
 
@@ -249,22 +262,22 @@ def test_failed_call_releases_its_permits_for_the_next() -> None:
     async def go(server: TEIServer) -> np.ndarray:
         async with TEIClient(server.url, max_retries=0, **FAST) as client:
             with pytest.raises(EmbedderError):
-                await client.embed(texts, tokens_of(texts))
+                await client.embed(texts, server.count_tokens(texts))
             server.fail_status = None
             while server.in_flight:  # requests the failed call abandoned still hold server permits
                 await asyncio.sleep(0.001)
-            return await client.embed(texts, tokens_of(texts))
+            return await client.embed(texts, server.count_tokens(texts))
 
-    with TEIServer(max_client_batch_size=4, max_concurrent_requests=8, fail_status=500, delay=0.005) as server:
+    with TEIServer(dim=DIM, max_client_batch_size=4, max_concurrent_requests=8, fail_status=500, delay=0.005) as server:
         vectors = asyncio.run(go(server))
-    np.testing.assert_array_equal(vectors, expected_matrix(texts))
+    np.testing.assert_array_equal(vectors, expected_matrix(texts, server.dim))
 
 
 def test_tokens_counted_from_compute_tokens_header() -> None:
     texts = make_texts(50)
-    with TEIServer(max_client_batch_size=6) as server:
+    with TEIServer(dim=DIM, max_client_batch_size=6) as server:
         _, client = embed(server, texts)
-    assert client.stats.tokens == sum(r.tokens for r in server.requests) == sum(tokens_of(texts))
+    assert client.stats.tokens == sum(r.tokens for r in server.requests) == sum(server.count_tokens(texts))
     assert client.stats.requests == len(server.requests)
 
 
@@ -281,7 +294,7 @@ def test_info_falls_back_to_tei_defaults() -> None:
         async with TEIClient(server.url) as client:
             return await client.info()
 
-    with TEIServer(max_client_batch_size=7) as server:
+    with TEIServer(dim=DIM, max_client_batch_size=7) as server:
         for key in ("max_client_batch_size", "max_batch_tokens", "max_input_length", "max_concurrent_requests"):
             server.info.pop(key)
         info = asyncio.run(go(server))
@@ -290,7 +303,7 @@ def test_info_falls_back_to_tei_defaults() -> None:
 
 
 def test_empty_input_returns_empty_matrix_without_requests() -> None:
-    with TEIServer() as server:
+    with TEIServer(dim=DIM) as server:
         vectors, _ = embed(server, [], dimensions=4)
     assert vectors.shape == (0, 4) and server.requests == []
 

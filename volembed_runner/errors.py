@@ -5,6 +5,8 @@ VolembedError                 base; never raised itself
 ├── SourceError               a dataset source cannot be found, listed, read or downloaded              (exit 3)
 ├── ModelError                a model or tokenizer cannot be resolved                                   (exit 3)
 ├── EmbedderError             the embedding engine or TEI server failed beyond its retries              (exit 1)
+│   ├── TextsFailedError      some texts of one embed call were refused or failed; `indices` locate them
+│   └── VectorCheckError      an answer failed a vector check (count, dimension, finite, norm...); `check`
 ├── StageError                one or more shards of a stage failed; the manifest lists them             (exit 1)
 ├── BackendError              the backend cannot run the job (no Modal credentials, app failed)         (exit 4)
 └── RunHeld                   another writer holds the run's lease (one writer per run)                 (exit 6)
@@ -83,6 +85,36 @@ class EmbedderError(VolembedError):
     """The embedding engine or server failed a request beyond its retry budget."""
 
     exit_code = 1
+
+
+class TextsFailedError(EmbedderError):
+    """Texts of one `embed` call were refused (413/422/400) or failed beyond retries.
+
+    `indices` are their positions in that call's `texts`, so the caller can name the chunk (doc id, chunk index).
+    """
+
+    def __init__(self, message: str, indices: tuple[int, ...]) -> None:
+        super().__init__(message)
+        self.indices = tuple(indices)
+
+    def __reduce__(self) -> tuple[type, tuple[str, tuple[int, ...]]]:
+        return type(self), (str(self), self.indices)
+
+
+class VectorCheckError(EmbedderError):
+    """An engine's answer failed a vector check; nothing of it may be written.
+
+    `check` names the check (json, numeric, shape, count, dimension, finite, norm); `indices` are the positions,
+    in the call's `texts`, of the texts that answer was for.
+    """
+
+    def __init__(self, message: str, check: str, indices: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.check = check
+        self.indices = tuple(indices)
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, tuple[int, ...]]]:
+        return type(self), (str(self), self.check, self.indices)
 
 
 class StageError(VolembedError):

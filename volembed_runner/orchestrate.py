@@ -161,6 +161,9 @@ def _passes(
         index = download_stage.finalize(root, plan.data, tasks)
     else:
         outcome.stages_run.append("download")
+    renamed = download_stage.renamed_ids(root, plan.data)
+    if renamed:
+        manifest.note("renamed_ids", renamed)
     if until == "download":
         manifest.close(outcome_ok=True)
         return outcome

@@ -23,7 +23,8 @@ import orjson
 from volembed_runner import catalog
 from volembed_runner.errors import SpecError, SpecIssue
 from volembed_runner.machine import native_bf16, resolve_precision, usable_cores
-from volembed_runner.spec import Spec
+from volembed_runner.redact import public_url
+from volembed_runner.spec import Spec, prefix_tokens
 
 PACKAGE_SCHEME = "package:"
 MODAL_ROOT = "/vol"  # where the Volume is mounted in every Modal container (never /data: TEI's image uses it)
@@ -58,6 +59,7 @@ class DataSettings:
     keep_columns: tuple[str, ...]
     limit: int | float | None
     shard_rows: int
+    duplicate_ids: str  # "error" | "suffix"
     num_rows: int | None  # the spec's size hints, for the dry run
     num_bytes: int | None
     fingerprint: str = ""
@@ -111,6 +113,9 @@ class EmbedSettings:
     include_text: bool
     keep_columns: tuple[str, ...]
     max_batch_tokens: int
+    truncate: bool  # the engine may cut an over-long chunk (counted); off, such a chunk fails its shard
+    input_overhead: int  # tokens the engine adds to every chunk: special tokens + the prefix's
+    server: str  # what embeds: "local", "tei:<version>" (Modal's own TEI), or the endpoint's public URL
     fingerprint: str = ""
 
 
@@ -359,8 +364,11 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
         "limit": ds.limit,
         "shard_rows": ds.shard_rows,
     }
+    if ds.duplicate_ids != "error":  # renaming changes the shards' bytes; refusing duplicates leaves them as they are
+        data_key["duplicate_ids"] = ds.duplicate_ids
     data = DataSettings(
-        **{**data_key, "files": tuple(str(f) for f in files), "keep_columns": tuple(ds.keep_columns)},
+        **{**data_key, "files": tuple(str(f) for f in files), "keep_columns": tuple(ds.keep_columns),
+           "duplicate_ids": ds.duplicate_ids},
         num_rows=ds.num_rows,
         num_bytes=ds.num_bytes,
         fingerprint=fingerprint(data_key),
@@ -386,6 +394,10 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
     compute = resolve_compute(spec)
     engine = "tei" if (backend == "modal" or emb.endpoint) else "local"
     precision = resolve_precision(emb.precision) if engine == "local" else "float16"
+    if emb.endpoint:
+        server = public_url(emb.endpoint)
+    else:
+        server = f"tei:{catalog.gpu_table()['tei_version']}" if engine == "tei" else "local"
     embed_key = {
         "chunks": chunk.fingerprint,
         "engine": engine,
@@ -396,6 +408,8 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
         "dimensions": emb.dimensions,
         "precision": precision,
         "include_text": spec.output.include_text,
+        "truncate": emb.truncate,
+        "server": server,
     }
     embed = EmbedSettings(
         chunk_fingerprint=chunk.fingerprint,
@@ -409,6 +423,9 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
         include_text=spec.output.include_text,
         keep_columns=tuple(ds.keep_columns),
         max_batch_tokens=spec.compute.max_batch_tokens or catalog.gpus()[compute.gpu].tei_max_batch_tokens,
+        truncate=emb.truncate,
+        input_overhead=model.special_tokens + prefix_tokens(spec.prefix, model.ref),
+        server=server,
         fingerprint=fingerprint(embed_key),
     )
     warnings = []

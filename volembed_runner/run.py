@@ -36,6 +36,7 @@ class RunSummary:
     failed: dict[str, dict[str, str]]
     outputs: dict[str, str]
     manifest: str
+    error: str | None = None  # why the run failed outside any shard (e.g. vectors of mixed widths)
 
     def to_dict(self) -> dict[str, Any]:
         """The `--json` form."""
@@ -107,13 +108,14 @@ def run_local(plan: Plan, *, until: str | None, on_event: Callable[[Event], None
         failed=failed,
         outputs=manifest["outputs"],
         manifest=str(manifest_file),
+        error=manifest.get("error") if manifest.get("status") == "failed" else None,
     )
 
 
 def failures(summary: RunSummary) -> StageError | None:
-    """The error a run with failed shards ends in (exit status 1), or None."""
+    """The error a run with failed shards (or a failed close) ends in (exit status 1), or None."""
     if not summary.failed:
-        return None
+        return StageError(f"{summary.name} failed: {summary.error}") if summary.error else None
     count = sum(len(v) for v in summary.failed.values())
     return StageError(f"{count} shard(s) failed (listed in {summary.manifest}); rerun the same command to retry them")
 

@@ -96,6 +96,9 @@ class Dataset(_Section):
     num_rows: Count | None = Field(None, description="Size hint for the dry run: number of rows")
     num_bytes: Count | None = Field(None, description="Size hint for the dry run: UTF-8 bytes of the text column")
     shard_rows: Count = Field(50_000, description="Most documents per shard, the unit of work and of resume")
+    duplicate_ids: Literal["error", "suffix"] = Field(
+        "error", description="Ids that occur more than once: fail naming them (error), or rename later copies "
+        "<id>#2, <id>#3 (suffix)")
 
     @model_validator(mode="before")
     @classmethod
@@ -180,6 +183,9 @@ class Embedding(_Section):
     endpoint: Annotated[str, AfterValidator(lambda v: _http_url(v))] | None = Field(
         None, description="Embed through your own TEI server at this URL instead of the backend's engine"
     )
+    truncate: bool = Field(
+        False, description="Let the engine cut a chunk over the model's input limit (counted) instead of failing; "
+        "chunks are cut to fit, so this only matters for models the catalog does not know")
 
 
 def _http_url(value: str) -> str:

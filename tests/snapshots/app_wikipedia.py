@@ -66,6 +66,7 @@ TEI_PORT = 8000
 TEI_CLIENT = {'payload_limit': 2000000, 'max_requests_in_flight': 16}
 ROUTER_ARGS = [
     '--model-id', '/models/BAAI--bge-base-en-v1.5',
+    '--served-model-name', 'BAAI/bge-base-en-v1.5',
     '--hostname', '127.0.0.1',
     '--port', '8000',
     '--prometheus-port', '9000',
@@ -122,6 +123,7 @@ PLAN = {
             'num_rows': 6458670,
             'num_bytes': 19560538957,
             'shard_rows': 20000,
+            'duplicate_ids': 'error',
         },
         'chunking': {'size': 510, 'overlap': 50, 'workers': 100},
         'embedding': {
@@ -132,6 +134,7 @@ PLAN = {
             'dimensions': None,
             'precision': 'auto',
             'endpoint': None,
+            'truncate': False,
         },
         'compute': {
             'gpu': 'A10',
@@ -145,7 +148,7 @@ PLAN = {
         },
         'output': {'include_text': False},
     },
-    'spec_hash': 'f35dc85c9246666b',
+    'spec_hash': '95276b076c6baa5a',
     'git': {'commit': None, 'dirty': None},
     'data': {
         'kind': 'hf',
@@ -160,6 +163,7 @@ PLAN = {
         'keep_columns': ['url', 'title'],
         'limit': None,
         'shard_rows': 20000,
+        'duplicate_ids': 'error',
         'num_rows': 6458670,
         'num_bytes': 19560538957,
         'fingerprint': '3274ed508dd421b1',
@@ -196,7 +200,10 @@ PLAN = {
         'include_text': False,
         'keep_columns': ['url', 'title'],
         'max_batch_tokens': 32768,
-        'fingerprint': '9b1a6d57b8801c91',
+        'truncate': False,
+        'input_overhead': 2,
+        'server': 'tei:1.9.3',
+        'fingerprint': 'd3588a9705644679',
     },
     'compute': {
         'gpu': 'A10',
@@ -294,9 +301,8 @@ with cpu_image.imports():
     from volembed_runner.stages.download import download_task
 with tei_image.imports():
     from volembed_runner.backends.modal.runtime import TEIRouter, shard_errors, sync_volume
-    from volembed_runner.embedders.tei import TEIClient
     from volembed_runner.plan import Plan
-    from volembed_runner.stages.embed import embed_shard_async
+    from volembed_runner.stages.embed import embed_shard_async, tei_client
 
 
 # ── Stage 1: download ────────────────────────────────────────────────────────────────────────────────────────────
@@ -348,9 +354,8 @@ class Embedder:
         """Embed one chunk shard; returns its id with the shard's statistics."""
         with shard_errors(shard):
             if self.client is None:  # created on the event loop the inputs run on, shared by all of them
-                settings = self.plan.embed
-                self.client = TEIClient(base_url=TEI_URL, prefix=settings.prefix, normalize=settings.normalize,
-                                        dimensions=settings.dimensions, **TEI_CLIENT)
+                self.client = tei_client(self.plan, TEI_URL, **TEI_CLIENT)
+                await self.client.info()  # the router must serve the plan's model (checked once per container)
             sync_volume(volume, reload=True)
             stats = await embed_shard_async(Path(ROOT), self.plan, shard, self.client)
             sync_volume(volume)

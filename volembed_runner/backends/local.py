@@ -128,18 +128,15 @@ class LocalMapper(Mapper):
         @asynccontextmanager
         async def engine() -> AsyncIterator[AsyncEmbedder]:
             if e.engine == "tei":
-                from volembed_runner.embedders.tei import TEIClient
-
-                async with TEIClient(base_url=e.endpoint or "", prefix=e.prefix, normalize=e.normalize,
-                                     dimensions=e.dimensions) as client:
-                    await client.info()
+                async with embed_stage.tei_client(self.plan, e.endpoint or "") as client:
+                    await client.info()  # the server's identity is checked before any shard
                     yield client
                 return
             from volembed_runner.embedders.local import LocalEmbedder
 
             yield InProcess(LocalEmbedder(model=model.location, revision=model.revision, prefix=e.prefix,
                                           normalize=e.normalize, precision=e.precision, dimensions=e.dimensions,
-                                          threads=self.plan.machine.cores))
+                                          threads=self.plan.machine.cores, truncate=e.truncate))
 
         return engine()
 

@@ -19,23 +19,25 @@ class Embedder(Protocol):
 
     `texts` are chunk texts as stored (the engine adds `embedding.prefix` itself, exactly once); `n_tokens[i]` is
     the token count of `texts[i]` under the model's tokenizer without special tokens, used only to pack batches.
-    The result is float32 with shape [len(texts), dim], row i for texts[i]. `truncated` counts, over the engine's
-    life, the texts it had to cut to the model's input limit.
+    The result is float32 with shape [len(texts), dim], row i for texts[i]. `truncations(n_tokens)` says how many
+    texts of those token counts the engine cuts to the model's input limit (when it may cut at all).
     """
 
     dim: int
-    truncated: int
 
     def embed(self, texts: list[str], n_tokens: list[int]) -> numpy.ndarray: ...
+
+    def truncations(self, n_tokens: list[int]) -> int: ...
 
 
 class AsyncEmbedder(Protocol):
     """An embedder the embed stage awaits (the TEI client; an in-process engine through `InProcess`)."""
 
     dim: int | None
-    truncated: int
 
     async def embed(self, texts: list[str], n_tokens: list[int]) -> numpy.ndarray: ...
+
+    def truncations(self, n_tokens: list[int]) -> int: ...
 
 
 class InProcess:
@@ -49,10 +51,9 @@ class InProcess:
         """The engine's vector width."""
         return self.engine.dim
 
-    @property
-    def truncated(self) -> int:
-        """The engine's count of texts cut to the model's limit."""
-        return self.engine.truncated
+    def truncations(self, n_tokens: list[int]) -> int:
+        """How many of these texts the engine cuts to the model's limit."""
+        return self.engine.truncations(n_tokens)
 
     async def embed(self, texts: list[str], n_tokens: list[int]) -> numpy.ndarray:
         """The engine's vectors for `texts` (it blocks the event loop: the local backend runs one shard at a time)."""

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from volembed_runner.errors import EmbedderError, ModelError
+from volembed_runner.embedders.vectors import check_vectors
+from volembed_runner.errors import EmbedderError, ModelError, TextsFailedError
 from volembed_runner.machine import Precision, resolve_precision, usable_cores
 from volembed_runner.models import resolve_model_dir
 
@@ -63,6 +64,7 @@ class LocalEmbedder:
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         threads: int | None = None,
         download: bool = True,
+        truncate: bool = True,
     ) -> None:
         if batch_tokens < 1 or max_batch_size < 1:
             raise EmbedderError(f"batch_tokens ({batch_tokens}) and max_batch_size ({max_batch_size}) must be >= 1")
@@ -71,6 +73,7 @@ class LocalEmbedder:
         self.prefix = prefix
         self.normalize = normalize
         self.precision: Literal["fp32", "bf16"] = resolve_precision(precision)
+        self.truncate = truncate  # off: a text over the model's limit is an error (as TEI's 422), not cut
         self.batch_tokens = batch_tokens
         self.max_batch_size = max_batch_size
         self.path = resolve_model_dir(model, revision, download=download)
@@ -104,11 +107,24 @@ class LocalEmbedder:
         if not texts:
             return out
         overhead = self._special_tokens + self._prefix_tokens
+        if not self.truncate:
+            over = [i for i, n in enumerate(n_tokens) if n + overhead > self.max_seq_length]
+            if over:
+                raise TextsFailedError(
+                    f"local engine ({self.model}): text {over[0]} is {n_tokens[over[0]] + overhead} tokens with its "
+                    f"special and prefix tokens, over the model's {self.max_seq_length}", tuple(over))
         lengths = [min(n + overhead, self.max_seq_length) for n in n_tokens]
         for batch in pack_batches(lengths, self.batch_tokens, self.max_batch_size):
             out[batch] = self._embed_batch([self.prefix + texts[i] for i in batch])
+        out = check_vectors(out, rows=len(texts), dim=self.dim, normalize=self.normalize,
+                            source=f"local engine ({self.model})", where=f"{len(texts)} texts")
         self.texts_embedded += len(texts)
         return out
+
+    def truncations(self, n_tokens: list[int]) -> int:
+        """How many texts of these token counts the engine cuts to its limit (with special and prefix tokens)."""
+        overhead = self._special_tokens + self._prefix_tokens
+        return sum(1 for n in n_tokens if n + overhead > self.max_seq_length)
 
     def _embed_batch(self, texts: list[str]) -> np.ndarray:
         import torch

@@ -3,6 +3,8 @@
 TEI 1.9 fails a whole request on any bad input, answers 429 at once when texts in flight exceed its permits and 413
 above its payload limit, so the client packs by texts, tokens and bytes, shares one in-flight budget per server,
 retries transient failures with a bound, splits batches the server rejects, and never drops a chunk silently.
+Every 200 answer goes through `embedders.vectors` (numbers only, one vector per text, the run's one dimension,
+finite, unit norm when normalized) and `/info` must name the expected model before any text is sent.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import httpx
 import numpy as np
 import orjson
 
-from volembed_runner.errors import EmbedderError
+from volembed_runner.embedders.vectors import VectorCheck, parse_vectors_json
+from volembed_runner.errors import EmbedderError, TextsFailedError
+from volembed_runner.redact import public_url
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +40,12 @@ _JSON_HEADERS = {"content-type": "application/json"}
 
 @dataclass(frozen=True)
 class TEIInfo:
-    """The limits a TEI server reports on `GET /info` that decide how requests are packed."""
+    """What a TEI server reports on `GET /info`: the limits that decide packing, and who it is.
+
+    `model_id` is TEI's `--model-id` argument verbatim (a Hub id, or a folder such as `/models/<slug>`),
+    `model_sha` its `--revision` argument verbatim (None when not given), `served_model_name` its
+    `--served-model-name` (default: `model_id`) (router/src/lib.rs:320-336 and router/src/main.rs:239-241 at v1.9.3).
+    """
 
     max_client_batch_size: int
     max_batch_tokens: int
@@ -44,6 +53,18 @@ class TEIInfo:
     max_concurrent_requests: int
     model_id: str | None = None
     version: str | None = None
+    model_sha: str | None = None
+    served_model_name: str | None = None
+    model_dtype: str | None = None
+    auto_truncate: bool | None = None
+    sha: str | None = None
+    docker_label: str | None = None
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that say which model and which server build made the vectors (for the manifest)."""
+        return {"model_id": self.model_id, "model_sha": self.model_sha, "served_model_name": self.served_model_name,
+                "model_dtype": self.model_dtype, "version": self.version, "sha": self.sha,
+                "docker_label": self.docker_label}
 
 
 @dataclass
@@ -55,6 +76,7 @@ class TEIStats:
     splits: int = 0
     texts: int = 0
     tokens: int = 0
+    truncated: int = 0
     retry_causes: Counter[str] = field(default_factory=Counter)
 
 
@@ -135,26 +157,20 @@ class _InFlight:
 
 
 class _Rows:
-    """The output matrix, allocated when the first response reveals the vector width."""
+    """The output matrix of one `embed` call, allocated by the first checked answer (its width is the run's)."""
 
-    def __init__(self, n: int, dim: int | None) -> None:
+    def __init__(self, n: int) -> None:
         self.n = n
-        self.dim = dim
         self.array: np.ndarray | None = None
 
     def put(self, idx: list[int], vectors: np.ndarray) -> None:
         if self.array is None:
-            if self.dim is not None and vectors.shape[1] != self.dim:
-                raise EmbedderError(f"TEI returned {vectors.shape[1]}-dim vectors, {self.dim} were asked for")
-            self.dim = vectors.shape[1]
-            self.array = np.empty((self.n, self.dim), dtype=np.float32)
-        elif vectors.shape[1] != self.dim:
-            raise EmbedderError(f"TEI returned {vectors.shape[1]}-dim vectors after {self.dim}-dim ones")
+            self.array = np.empty((self.n, vectors.shape[1]), dtype=np.float32)
         self.array[np.asarray(idx, dtype=np.intp)] = vectors
 
-    def result(self) -> np.ndarray:
+    def result(self, dim: int | None) -> np.ndarray:
         if self.array is None:
-            return np.empty((self.n, self.dim or 0), dtype=np.float32)
+            return np.empty((self.n, dim or 0), dtype=np.float32)
         return self.array
 
 
@@ -162,7 +178,14 @@ class TEIClient:
     """Embeds texts through one TEI server; share one client among all shards that use that server.
 
     Texts in flight across every concurrent `embed` call stay ≤ the server's `max_concurrent_requests`, and at most
-    `max_requests_in_flight` HTTP requests run at once. `dim` is the vector width once known (or `dimensions`).
+    `max_requests_in_flight` HTTP requests run at once. `dim` is the run's vector width: `dimensions`, else the
+    `dim` passed in (the catalog's, or the one earlier shards were written with), else the first answer's; any
+    other width fails. `expected_model` (and `expected_revision`) must match `/info`'s `model_id` or
+    `served_model_name` (and `model_sha`, where reported) before any text is sent.
+
+    `truncate` is the user's opt-in to let TEI cut over-long inputs to `max_input_length`; off, TEI answers 422 and
+    the call fails naming the text. TEI does not say which inputs it cut, so a text counts as truncated when its
+    `n_tokens` plus `input_overhead` (the special and prefix tokens TEI adds to it) exceed `max_input_length`.
     """
 
     def __init__(
@@ -178,6 +201,11 @@ class TEIClient:
         dimensions: int | None = None,
         payload_limit: int = 2_000_000,
         max_requests_in_flight: int = 64,
+        dim: int | None = None,
+        expected_model: str | None = None,
+        expected_revision: str | None = None,
+        truncate: bool = False,
+        input_overhead: int = 0,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise EmbedderError(f"base_url must start with http:// or https://, got {base_url!r}")
@@ -191,7 +219,19 @@ class TEIClient:
             raise EmbedderError(f"dimensions must be ≥ 1 or None, got {dimensions}")
         if max_requests_in_flight < 1:
             raise EmbedderError(f"max_requests_in_flight must be ≥ 1, got {max_requests_in_flight}")
+        if dim is not None and dim < 1:
+            raise EmbedderError(f"dim must be ≥ 1 or None, got {dim}")
+        if dim is not None and dimensions is not None and dimensions > dim:
+            raise EmbedderError(f"dimensions={dimensions} is more than the model's {dim}-dim vectors")
+        if input_overhead < 0:
+            raise EmbedderError(f"input_overhead must be ≥ 0, got {input_overhead}")
         self.base_url = base_url
+        self.source = f"TEI at {public_url(base_url)}"
+        self.expected_model = expected_model
+        self.expected_revision = expected_revision
+        self.truncate = truncate
+        self.input_overhead = input_overhead
+        self.truncated = 0  # texts TEI cut to max_input_length, over the client's life (as LocalEmbedder counts)
         self.max_retries = max_retries
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
@@ -200,11 +240,10 @@ class TEIClient:
         self.dimensions = dimensions
         self.payload_limit = payload_limit
         self.max_requests_in_flight = max_requests_in_flight
-        self.dim: int | None = dimensions
+        self._check = VectorCheck(self.source, normalize=normalize, dim=dim, dimensions=dimensions)
         self.stats = TEIStats()
-        self.truncated = 0  # the client never asks TEI to truncate: an over-long input is an error
         self._body_head = b'{"inputs":['
-        tail: dict[str, Any] = {"normalize": normalize, "truncate": False}
+        tail: dict[str, Any] = {"normalize": normalize, "truncate": truncate}
         if dimensions is not None:
             tail["dimensions"] = dimensions
         self._body_tail = b"]," + orjson.dumps(tail)[1:]
@@ -225,6 +264,11 @@ class TEIClient:
         self._in_flight: _InFlight | None = None
         self._rng = random.Random()
 
+    @property
+    def dim(self) -> int | None:
+        """The run's vector width, once known."""
+        return self._check.dim
+
     async def __aenter__(self) -> Self:
         return self
 
@@ -238,19 +282,54 @@ class TEIClient:
         await self._http.aclose()
 
     async def info(self) -> TEIInfo:
-        """Read `GET /info` once (retrying transient failures) and keep the limits it reports."""
+        """Read `GET /info` once (retrying transient failures), check the server's model, keep its limits."""
         async with self._info_lock:
             if self._info is None:
                 data = await self._get_info()
-                self._info = TEIInfo(
+                info = TEIInfo(
                     max_client_batch_size=_positive(data, "max_client_batch_size", DEFAULT_MAX_CLIENT_BATCH_SIZE),
                     max_batch_tokens=_positive(data, "max_batch_tokens", DEFAULT_MAX_BATCH_TOKENS),
                     max_input_length=_positive(data, "max_input_length", DEFAULT_MAX_INPUT_LENGTH),
                     max_concurrent_requests=_positive(data, "max_concurrent_requests", DEFAULT_MAX_CONCURRENT_REQUESTS),
-                    model_id=data.get("model_id"),
-                    version=data.get("version"),
+                    model_id=_text(data, "model_id"),
+                    version=_text(data, "version"),
+                    model_sha=_text(data, "model_sha"),
+                    served_model_name=_text(data, "served_model_name"),
+                    model_dtype=_text(data, "model_dtype"),
+                    auto_truncate=data.get("auto_truncate") if isinstance(data.get("auto_truncate"), bool) else None,
+                    sha=_text(data, "sha"),
+                    docker_label=_text(data, "docker_label"),
                 )
+                self._check_identity(info)
+                self._info = info
             return self._info
+
+    def _check_identity(self, info: TEIInfo) -> None:
+        """Fail in one line when `/info` names another model (or revision) than the one this run expects."""
+        expected = self.expected_model
+        if expected is not None and expected not in (info.model_id, info.served_model_name):
+            served = f", served_model_name {info.served_model_name!r}" if info.served_model_name else ""
+            raise EmbedderError(
+                f"{self.source} serves model {info.model_id!r} (/info model_id{served}), not the expected "
+                f"{expected!r}; point the spec at a TEI server for that model, or launch TEI with "
+                f"--served-model-name {expected}"
+            )
+        revision = self.expected_revision
+        if revision is not None and info.model_sha is not None and info.model_sha != revision:
+            raise EmbedderError(
+                f"{self.source} serves {info.model_id!r} at revision {info.model_sha!r} (/info model_sha), "
+                f"not the expected {revision!r}"
+            )
+
+    def truncations(self, n_tokens: Sequence[int]) -> int:
+        """How many of these texts TEI cuts: none unless `truncate` is on, else those over `max_input_length`.
+
+        Call after `info()` (any `embed` does it); per call, so concurrent shards each get their own count.
+        """
+        if not self.truncate or self._info is None:
+            return 0
+        limit = self._info.max_input_length - self.input_overhead
+        return sum(1 for n in n_tokens if n > limit)
 
     async def embed(self, texts: list[str], n_tokens: list[int]) -> np.ndarray:
         """Embed `texts` (with `prefix` prepended) and return float32 vectors, one row per text in input order.
@@ -261,10 +340,12 @@ class TEIClient:
             raise EmbedderError(f"embed got {len(texts)} texts but {len(n_tokens)} token counts")
         for i, text in enumerate(texts):
             if not text:
-                raise EmbedderError(f"text {i} is empty; TEI rejects the whole request with 400, drop empty chunks")
-        rows = _Rows(len(texts), self.dimensions)
+                raise TextsFailedError(
+                    f"text {i} is empty; TEI rejects the whole request with 400, drop empty chunks", (i,)
+                )
+        rows = _Rows(len(texts))
         if not texts:
-            return rows.result()
+            return rows.result(self.dim)
         info = await self.info()
         if self._in_flight is None:
             self._in_flight = _InFlight(info.max_concurrent_requests, self.max_requests_in_flight)
@@ -274,8 +355,8 @@ class TEIClient:
         max_bytes = self._max_text_bytes
         for i, part in enumerate(parts):
             if len(part) > max_bytes:
-                raise EmbedderError(
-                    f"text {i} is {len(part)} bytes as JSON, over the {self.payload_limit}-byte payload limit"
+                raise TextsFailedError(
+                    f"text {i} is {len(part)} bytes as JSON, over the {self.payload_limit}-byte payload limit", (i,)
                 )
         batches = pack_requests(
             n_tokens,
@@ -304,7 +385,10 @@ class TEIClient:
             if not isinstance(failures, Exception):  # cancellation, KeyboardInterrupt: not ours to rename
                 raise failures from group_error
             raise EmbedderError(f"TEI client failed: {type(failures).__name__}: {failures}") from failures
-        return rows.result()
+        cut = self.truncations(n_tokens)
+        self.truncated += cut
+        self.stats.truncated += cut
+        return rows.result(self.dim)
 
     async def _embed_batch(self, idx: list[int], parts: list[bytes], rows: _Rows) -> None:
         """Send one request: retry 429/5xx/transport errors, split on 413/422/424, raise when a single text fails.
@@ -332,27 +416,25 @@ class TEIClient:
                     await self._embed_batch(idx[half:], parts[half:], rows)
                     return
                 if not (status == 429 or status == 424 or status >= 500):
-                    raise EmbedderError(f"TEI rejected text {_describe(idx)}: HTTP {status}: {message}")
+                    raise TextsFailedError(
+                        f"{self.source} rejected text {_describe(idx)}: HTTP {status}: {message}", tuple(idx)
+                    )
                 cause = str(status)
                 detail = f"HTTP {status}: {message}"
             if retries >= self.max_retries:
-                raise EmbedderError(f"TEI failed text {_describe(idx)} after {retries + 1} attempts: {detail}")
+                raise TextsFailedError(
+                    f"{self.source} failed text {_describe(idx)} after {retries + 1} attempts: {detail}", tuple(idx)
+                )
             retries += 1
             log.info("retrying %d texts (attempt %d of %d): %s", len(idx), retries + 1, self.max_retries + 1, detail)
             await self._pause_before_retry(retries, cause)
 
     def _store(self, idx: list[int], response: httpx.Response, rows: _Rows) -> None:
-        """Parse a 200 answer with orjson, check its shape, write its rows and count its tokens."""
-        try:
-            vectors = np.asarray(orjson.loads(response.content), dtype=np.float32)
-        except (orjson.JSONDecodeError, ValueError, TypeError) as exc:
-            raise EmbedderError(f"TEI returned an unreadable /embed body for text {_describe(idx)}: {exc}") from exc
-        if vectors.ndim != 2 or vectors.shape[0] != len(idx):
-            raise EmbedderError(
-                f"TEI returned vectors of shape {vectors.shape} for {len(idx)} texts (text {_describe(idx)})"
-            )
-        rows.put(idx, vectors)
-        self.dim = rows.dim
+        """Check a 200 answer (numbers only, then every vector check), write its rows and count its tokens."""
+        where = f"text {_describe(idx)}"
+        indices = tuple(idx)
+        vectors = parse_vectors_json(response.content, source=self.source, where=where, indices=indices)
+        rows.put(idx, self._check(vectors, len(idx), where=where, indices=indices))
         self.stats.requests += 1
         self.stats.texts += len(idx)
         tokens = response.headers.get("x-compute-tokens")
@@ -382,19 +464,24 @@ class TEIClient:
                     try:
                         data = orjson.loads(response.content)
                     except orjson.JSONDecodeError as exc:
-                        raise EmbedderError(f"TEI at {self.base_url} returned unreadable /info: {exc}") from exc
+                        raise EmbedderError(f"{self.source} returned unreadable /info: {exc}") from exc
                     if not isinstance(data, dict):
-                        raise EmbedderError(f"TEI at {self.base_url} returned /info that is not an object")
+                        raise EmbedderError(f"{self.source} returned /info that is not an object")
                     return data
                 status = response.status_code
                 detail = f"HTTP {status}: {_error_message(response)}"
                 if not (status == 429 or status >= 500):
-                    raise EmbedderError(f"TEI at {self.base_url} refused GET /info: {detail}")
+                    raise EmbedderError(f"{self.source} refused GET /info: {detail}")
                 cause = str(status)
             if retries >= self.max_retries:
-                raise EmbedderError(f"TEI at {self.base_url} failed GET /info after {retries + 1} attempts: {detail}")
+                raise EmbedderError(f"{self.source} failed GET /info after {retries + 1} attempts: {detail}")
             retries += 1
             await self._pause_before_retry(retries, cause)
+
+
+def _text(data: dict[str, Any], key: str) -> str | None:
+    value = data.get(key)
+    return value if isinstance(value, str) else None
 
 
 def _positive(data: dict[str, Any], key: str, default: int) -> int:

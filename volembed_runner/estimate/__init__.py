@@ -198,7 +198,7 @@ def job_of(
     """The cost model's inputs, or None while tokens are unknown."""
     if counts.embedded is None or counts.tokens is None or counts.chunks is None:
         return None
-    special, prefix = added_tokens(plan, tok)
+    special, prefix = added_tokens(plan)
     processed = counts.embedded + counts.chunks * (special + prefix)
     assumptions.append(f"GPU work: chunk tokens + {special} special and {prefix} prefix token(s) per chunk = "
                        f"{processed:,.0f} processed tokens")

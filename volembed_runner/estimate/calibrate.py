@@ -35,7 +35,7 @@ def calibrate(plan: Plan, *, sample_chunks: int = 256,
     if tok is None:
         raise BackendError(f"calibrate needs {plan.model.ref}'s tokenizer on this machine to cut sample chunks")
     texts, n_tokens = job_chunks(plan, tok, sample_chunks)
-    processed = sum(n_tokens) + len(texts) * sum(added_tokens(plan, tok))
+    processed = sum(n_tokens) + len(texts) * sum(added_tokens(plan))
     load_seconds = None
     if runner is None:
         from volembed_runner.embedders.local import LocalEmbedder

@@ -14,7 +14,6 @@ from tokenizers import Tokenizer
 from volembed_runner import catalog, models
 from volembed_runner.chunking import load_tokenizer, windows
 from volembed_runner.plan import Plan
-from volembed_runner.spec import prefix_tokens
 
 SAMPLE_CAP = 5_000  # documents sampled at most
 MIN_SAMPLE = 200  # documents sampled at least before convergence may stop the sample
@@ -48,14 +47,10 @@ def counting_tokenizer(plan: Plan) -> CountingTokenizer | None:
                                   f"tokenizer, the same {model.tokenizer_family} family, standing in offline")
 
 
-def added_tokens(plan: Plan, tok: CountingTokenizer | None) -> tuple[int, int]:
-    """(special, prefix) tokens the engine adds to every chunk."""
+def added_tokens(plan: Plan) -> tuple[int, int]:
+    """(special, prefix) tokens the engine adds to every chunk, as the plan resolved them."""
     special = plan.model.special_tokens
-    if not plan.embed.prefix:
-        return special, 0
-    if tok is not None:
-        return special, len(tok.tok.encode(plan.embed.prefix, add_special_tokens=False))
-    return special, prefix_tokens(plan.embed.prefix, plan.model.ref)
+    return special, plan.embed.input_overhead - special
 
 
 def bytes_per_token(plan: Plan) -> tuple[float, str]:

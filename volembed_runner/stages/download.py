@@ -9,11 +9,13 @@ deleted once its shards are written: only shards reach the volume.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -132,9 +134,12 @@ def download_task(root: Path, data: DataSettings, task: SourceTask) -> list[str]
 
 
 def finalize(root: Path, data: DataSettings, tasks: list[SourceTask]) -> list[tuple[str, int | None]]:
-    """Apply `limit` in shard order and write `index.json`: (shard id, rows to take or None for all) per shard used.
+    """Apply `limit` in shard order, check that ids are unique, and write `index.json`: (shard id, rows to take or
+    None for all) per shard used.
 
-    `rows` in the index counts rows downloaded: with an integer limit each task stops after `limit` rows.
+    `rows` in the index counts rows downloaded: with an integer limit each task stops after `limit` rows. Duplicate
+    ids (within a file or across files) fail with their count and first examples, or, with `dataset.duplicate_ids:
+    suffix`, later copies are renamed `<id>#2`, `<id>#3`… in the shards, and the index records how many.
     """
     folder = store.data_dir(root, data.fingerprint)
     shards: list[tuple[str, int]] = []
@@ -154,14 +159,106 @@ def finalize(root: Path, data: DataSettings, tasks: list[SourceTask]) -> list[tu
         take = min(rows, left)
         entries.append({"id": shard, "rows": rows, "take": take})
         left -= take
-    store.write_json_atomic(store.data_index_path(folder), {"shards": entries, "rows": total, "taken": wanted})
+    index: dict[str, Any] = {"shards": entries, "rows": total, "taken": wanted}
+    duplicates = _duplicate_ids(folder, entries)
+    if duplicates:
+        if data.duplicate_ids == "error":
+            raise SourceError(_duplicates_message(duplicates, data, tasks, entries))
+        index["renamed_ids"] = _rename_duplicates(folder, duplicates)
+    store.write_json_atomic(store.data_index_path(folder), index)
     return _index_list(entries)
+
+
+def _id_hashes(ids: list[str]) -> np.ndarray:
+    """A stable 64-bit hash of each id (equal ids, equal hashes), to find candidates for duplicates in little memory."""
+    digest = hashlib.blake2b
+    return np.fromiter((int.from_bytes(digest(i.encode(), digest_size=8).digest(), "little") for i in ids),
+                       dtype=np.uint64, count=len(ids))
+
+
+def _shard_ids(folder: Path, entry: dict[str, Any]) -> list[str]:
+    """The ids of the rows of one indexed shard that the limit takes."""
+    column = pq.read_table(store.shard_path(folder, entry["id"]), columns=["id"]).column("id")
+    return column.slice(0, entry["take"]).to_pylist()
+
+
+def _duplicate_ids(folder: Path, entries: list[dict[str, Any]]) -> dict[str, list[tuple[str, int]]]:
+    """Ids that occur more than once among the taken rows, each with its (shard, row) occurrences in shard order.
+
+    One pass hashes every id (8 bytes a row held); only ids whose hash repeats are read back as text and compared.
+    """
+    hashes = [_id_hashes(_shard_ids(folder, e)) for e in entries]
+    everything = np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.uint64)
+    ordered = np.sort(everything)
+    repeated = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    if not len(repeated):
+        return {}
+    seen: dict[str, list[tuple[str, int]]] = {}
+    for entry, shard_hashes in zip(entries, hashes, strict=True):
+        rows = np.flatnonzero(np.isin(shard_hashes, repeated))
+        if len(rows):
+            ids = _shard_ids(folder, entry)
+            for row in rows.tolist():
+                seen.setdefault(ids[row], []).append((entry["id"], row))
+    return {doc_id: places for doc_id, places in seen.items() if len(places) > 1}
+
+
+def _duplicates_message(duplicates: dict[str, list[tuple[str, int]]], data: DataSettings, tasks: list[SourceTask],
+                        entries: list[dict[str, Any]]) -> str:
+    """One line: how many ids repeat, the first few with the source file and row of each copy, and the fix."""
+    sources_by_task = {t.index: t.source for t in tasks}
+    first_row: dict[str, int] = {}  # a shard's first row within its source file
+    offset: dict[int, int] = {}
+    for e in entries:
+        task = int(e["id"].split("-")[0])
+        first_row[e["id"]] = offset.get(task, 0)
+        offset[task] = offset.get(task, 0) + e["rows"]
+
+    def where(shard: str, row: int) -> str:
+        return f"{Path(sources_by_task[int(shard.split('-')[0])]).name} row {first_row[shard] + row + 1}"
+
+    shown = "; ".join(f"{doc_id!r} at " + " and ".join(where(s, r) for s, r in places[:3])
+                      for doc_id, places in list(duplicates.items())[:3])
+    column = f"id_column {data.id_column!r}" if data.id_column else "default ids"
+    return (f"{len(duplicates):,} id(s) occur more than once ({column}): {shown}; make them unique, or set "
+            "dataset.duplicate_ids: suffix to rename later copies <id>#2, <id>#3")
+
+
+def _rename_duplicates(folder: Path, duplicates: dict[str, list[tuple[str, int]]]) -> dict[str, Any]:
+    """Rewrite the shards holding later copies of duplicate ids with `<id>#k` ids; returns what was renamed."""
+    renames: dict[str, dict[int, str]] = {}
+    for doc_id, places in duplicates.items():
+        for k, (shard, row) in enumerate(places[1:], start=2):
+            renames.setdefault(shard, {})[row] = f"{doc_id}#{k}"
+    for shard, rows in renames.items():
+        path = store.shard_path(folder, shard)
+        table = pq.read_table(path)
+        ids = table.column("id").to_pylist()
+        for row, new_id in rows.items():
+            ids[row] = new_id
+        table = table.set_column(table.schema.get_field_index("id"), "id", pa.array(ids, pa.string()))
+        marker = store.read_marker(path)
+
+        def write(tmp: Path, table: pa.Table = table, marker: dict[str, Any] = marker) -> dict[str, Any]:
+            pq.write_table(table, tmp, compression="zstd")
+            return marker
+
+        store.write_shard(path, write)
+    examples = {doc_id: [f"{doc_id}#{k}" for k in range(2, len(places) + 1)]
+                for doc_id, places in list(duplicates.items())[:5]}
+    return {"ids": len(duplicates), "copies": sum(len(p) - 1 for p in duplicates.values()), "examples": examples}
 
 
 def read_index(root: Path, data: DataSettings) -> list[tuple[str, int | None]] | None:
     """The shard list `finalize` wrote for this data fingerprint, or None before the download finished."""
     index = store.read_json(store.data_index_path(store.data_dir(root, data.fingerprint)))
     return None if index is None else _index_list(index["shards"])
+
+
+def renamed_ids(root: Path, data: DataSettings) -> dict[str, Any] | None:
+    """What `duplicate_ids: suffix` renamed (count, copies, examples), or None when nothing was."""
+    index = store.read_json(store.data_index_path(store.data_dir(root, data.fingerprint)))
+    return None if index is None else index.get("renamed_ids")
 
 
 def _index_list(entries: list[dict[str, Any]]) -> list[tuple[str, int | None]]:

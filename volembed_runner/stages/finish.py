@@ -72,6 +72,7 @@ def totals(root: Path, plan: Plan) -> dict[str, Any]:
         "truncated": total(embed_stats, "truncated"),
         "chunk_shards_done": len(chunk_stats),
         "embed_shards_done": len(embed_stats),
+        "dims": sorted({int(s["dim"]) for s in embed_stats if "dim" in s}),
     }
 
 
@@ -159,11 +160,22 @@ class Manifest:
         self.write(force=True)
 
     def close(self, *, outcome_ok: bool, handover: bool = False) -> None:
-        """Final counts, status and stats.json."""
+        """Final counts, status and stats.json; a run whose vectors are of several widths never succeeds."""
         self.data["status"] = "handover" if handover else ("succeeded" if outcome_ok else "failed")
         self.data["finished_at"] = _now()
         self.write(force=True)
+        dims = self.data["totals"].get("dims") or []
+        if len(dims) > 1:
+            self.data["status"] = "failed"
+            self.data["error"] = (f"the embeddings folder holds vectors of {len(dims)} widths ({dims}); "
+                                  "remove it and rerun")
+            self.write(force=True)
         store.write_json_atomic(store.stats_path(self.root, self.plan.name), chunk_statistics(self.root, self.plan))
+
+    def note(self, key: str, value: Any) -> None:
+        """Record a fact about the run that is not a count (e.g. ids renamed by `duplicate_ids: suffix`)."""
+        self.data[key] = value
+        self.write(force=True)
 
     def abort(self, error: str) -> None:
         """The pass ended with an error outside any shard (e.g. the source could not be listed)."""

@@ -82,10 +82,16 @@ class RouterSettings:
     tokenization_workers: int
     client_max_requests: int
 
-    def args(self, model_dir: str) -> list[tuple[str, ...]]:
-        """`text-embeddings-router` arguments, as (flag, value) pairs and bare flags, in a stable order."""
+    def args(self, model_dir: str, served_name: str, revision: str | None) -> list[tuple[str, ...]]:
+        """`text-embeddings-router` arguments, as (flag, value) pairs and bare flags, in a stable order.
+
+        TEI's /info reports `--model-id` verbatim (the image's folder) and `--served-model-name` beside it, and
+        `--revision` as `model_sha` (router/src/lib.rs, main.rs at v1.9.3): the client checks both against the plan.
+        """
         return [
             ("--model-id", model_dir),
+            ("--served-model-name", served_name),
+            *((("--revision", revision),) if revision else ()),
             ("--hostname", TEI_HOST),
             ("--port", str(TEI_PORT)),
             ("--prometheus-port", str(TEI_PROMETHEUS_PORT)),
@@ -280,7 +286,7 @@ def render_app(plan: Plan) -> str:
         "max_passes": MAX_PASSES,
     }
     literals = {key: literal(value, lead=len(key) + 3) for key, value in values.items()}
-    literals["router_args"] = _router_args_literal(router.args(model_dir))
+    literals["router_args"] = _router_args_literal(router.args(model_dir, plan.model.ref, plan.model.revision))
     literals["plan"] = literal(remote_plan(plan))
     template = resources.files(__package__).joinpath(TEMPLATE).read_text(encoding="utf-8")
     return string.Template(template).substitute(literals)

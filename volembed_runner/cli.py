@@ -23,9 +23,11 @@ from volembed_runner.ui.console import (
     print_status,
     print_summary,
 )
+from volembed_runner.ui.results import print_next_steps
 
 if TYPE_CHECKING:
-    from volembed_runner.plan import Plan
+    from volembed_runner.plan import HubSettings, Plan
+    from volembed_runner.results import VolumeFiles
 
 STAGES = ("download", "chunk", "embed")
 
@@ -158,6 +160,7 @@ def _run_modal(plan: Plan, *, until: str | None, yes: bool, detach: bool, prices
         out_console().print_json(json.dumps(launched.summary))
     else:
         err.print(f"{plan.name}: done ({', '.join(launched.summary.get('stages') or [])})", markup=False)
+        print_next_steps(plan, err)
 
 
 def _run_local(plan: Plan, *, until: str | None, as_json: bool) -> None:
@@ -170,6 +173,7 @@ def _run_local(plan: Plan, *, until: str | None, as_json: bool) -> None:
         out_console().print_json(json.dumps(summary.to_dict()))
     else:
         print_summary(summary, out_console())
+        print_next_steps(plan, out_console())
     error = failures(summary)
     if error is not None:
         raise error
@@ -218,9 +222,11 @@ def plan_cmd(
     debug: DebugOpt = False,
 ) -> None:
     """Print the resolved plan as JSON: every setting, fingerprint and output folder after defaults."""
+    from volembed_runner.results import planned_outputs
+
     with _one_line_errors(debug):
         plan = _load(spec, sets)
-    sys.stdout.write(json.dumps(plan.to_dict(), indent=2) + "\n")
+    sys.stdout.write(json.dumps({**plan.to_dict(), "outputs": planned_outputs(plan)}, indent=2) + "\n")
 
 
 @app.command("render")
@@ -304,6 +310,191 @@ def calibrate_cmd(
         sys.stdout.write(json.dumps(entry) + "\n")
         return
     print_calibration(entry, out_console())
+
+
+# ── After the run: files, gc, fetch, report, push ─────────────────────────────────────────────────────────────────
+OUTPUT_STAGES = ("data", "chunks", "embeddings")
+
+
+def _volume(plan: Plan) -> tuple[VolumeFiles, str]:
+    """The run's volume as the after-run verbs read it, and how its paths are printed (the local folder; `/vol`,
+    where the app's containers mount a Modal Volume)."""
+    if plan.backend == "modal":
+        from volembed_runner.backends.modal.volume_files import open_volume
+        from volembed_runner.plan import MODAL_ROOT
+
+        return open_volume(plan), MODAL_ROOT
+    from volembed_runner.results import LocalVolume
+
+    return LocalVolume(plan.local_root()), str(plan.local_root())
+
+
+@app.command("files")
+def files_cmd(
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    stage: Annotated[str | None, typer.Option(metavar="STAGE", help="Print only this stage's glob: data, chunks "
+                                              "or embeddings.")] = None,
+    sets: SetOpt = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """The run's current output folders as globs, pasteable into DuckDB, pyarrow or `datasets`."""
+    from volembed_runner.results import finished_files, read_outputs
+    from volembed_runner.ui.results import print_files
+
+    with _one_line_errors(debug):
+        if stage is not None and stage not in OUTPUT_STAGES:
+            raise SpecError([_option_issue("--stage", f"must be one of {', '.join(OUTPUT_STAGES)}, got {stage!r}")])
+        plan = _load(spec, sets)
+        files, root = _volume(plan)
+        outputs = read_outputs(plan, files, root)
+        counts = {}
+        for name in (stage,) if stage else OUTPUT_STAGES:
+            done = finished_files(files, outputs.folders[name])
+            counts[name] = (len(done), sum(e.size for e in done))
+    if as_json:
+        sys.stdout.write(json.dumps({**outputs.to_dict(), "files": {k: {"count": c, "bytes": b}
+                                                                     for k, (c, b) in counts.items()}},
+                                    indent=2) + "\n")
+        return
+    print_files(outputs, counts, stage, plan.backend, out_console())
+
+
+@app.command("gc")
+def gc_cmd(
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete the stale folders (default: only list them).")]
+    = False,
+    sets: SetOpt = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """List the run's stale fingerprint folders with their sizes; delete them with --yes (never the current ones)."""
+    from volembed_runner.lease import FileLeaseStore, Holder, held
+    from volembed_runner.results import remove_stale, stale_folders
+    from volembed_runner.ui.results import print_gc
+
+    with _one_line_errors(debug):
+        plan = _load(spec, sets)
+        files, _ = _volume(plan)
+        found = stale_folders(plan, files)
+        if yes and found.stale:
+            if plan.backend == "modal":
+                from volembed_runner.backends.modal.volume_files import lease_store
+                leases = lease_store(plan)
+            else:
+                from volembed_runner.store import lease_dir
+                leases = FileLeaseStore(lease_dir(plan.local_root(), plan.name))
+            with held(leases, Holder.here(plan.backend)):  # no pass of this run writes while gc deletes
+                found = stale_folders(plan, files)
+                remove_stale(files, found.stale)
+    if as_json:
+        sys.stdout.write(json.dumps({**found.to_dict(), "removed": yes}, indent=2) + "\n")
+        return
+    print_gc(found, out_console(), removed=yes)
+
+
+@app.command("fetch")
+def fetch_cmd(
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    shard: Annotated[str | None, typer.Option(metavar="K", help="This chunk shard (3 or 00003; default: the "
+                                              "first).")] = None,
+    every: Annotated[bool, typer.Option("--all", help="Every shard, into one file.")] = False,
+    output: Annotated[Path | None, typer.Option("--output", "-o", metavar="PATH",
+                                                help="Write here (default: ./<name>-shard-<K>.<format>).")] = None,
+    fmt: Annotated[str, typer.Option("--format", metavar="parquet|jsonl", help="The file's format.")] = "parquet",
+    sets: SetOpt = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Write the run's chunks joined with their vectors (and text) to a local file, off the local or Modal volume."""
+    from volembed_runner.fetch import fetch
+    from volembed_runner.ui.results import DownloadProgress, print_fetched
+
+    with _one_line_errors(debug):
+        if shard is not None and every:
+            raise SpecError([_option_issue("--shard", "give --shard K or --all, not both")])
+        plan = _load(spec, sets)
+        files, _ = _volume(plan)
+        with DownloadProgress(err_console(), quiet=as_json) as progress:
+            fetched = fetch(plan, files, shard=shard, every=every, out=output, fmt=fmt, on_progress=progress)
+    if as_json:
+        sys.stdout.write(json.dumps(fetched.to_dict(), indent=2) + "\n")
+        return
+    print_fetched(fetched, out_console())
+
+
+@app.command("report")
+def report_cmd(
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    output: Annotated[Path | None, typer.Option("--output", "-o", metavar="PATH",
+                                                help="Write the page here (default: ./<name>-report.html).")] = None,
+    sets: SetOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Write an HTML report of the run (histograms, tiny chunks, failures, timings, estimate vs measured) and a PNG
+    of its token histogram."""
+    from volembed_runner.report import build_report, recompute_estimate
+    from volembed_runner.ui.report import write_report
+    from volembed_runner.ui.results import print_report
+
+    with _one_line_errors(debug):
+        plan = _load(spec, sets)
+        files, _ = _volume(plan)
+        estimate, why_not = recompute_estimate(plan)
+        report = build_report(plan, files, estimate=estimate, estimate_error=why_not)
+        paths = write_report(report, output or Path(f"{plan.name}-report.html"))
+    print_report(paths, out_console())
+
+
+@app.command("push")
+def push_cmd(
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    repo: Annotated[str | None, typer.Option(metavar="OWNER/NAME", help="The Hub dataset repository (default: "
+                                             "output.hub.repo).")] = None,
+    private: Annotated[bool | None, typer.Option("--private/--public", help="Create the repository private "
+                                                 "(default: output.hub.private, else public).")] = None,
+    license_id: Annotated[str | None, typer.Option("--license", metavar="ID", help="The card's license "
+                                                   "(default: output.hub.license, else the source's).")] = None,
+    sets: SetOpt = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Upload the run's current chunk and embedding files to the Hub with a generated dataset card."""
+    from volembed_runner.publish import push_run
+    from volembed_runner.ui.results import print_pushed
+
+    with _one_line_errors(debug):
+        plan = _load(spec, sets)
+        hub = _hub_settings(plan, repo, private, license_id)
+        if plan.backend == "modal":
+            from volembed_runner.backends.modal.publish import push_on_modal
+            pushed = push_on_modal(plan, hub)
+        else:
+            pushed = push_run(plan.local_root(), plan, hub)
+    if as_json:
+        sys.stdout.write(json.dumps(pushed.to_dict(), indent=2) + "\n")
+        return
+    print_pushed(pushed, out_console())
+
+
+def _hub_settings(plan: Plan, repo: str | None, private: bool | None, license_id: str | None) -> HubSettings:
+    """The spec's `output.hub` with the command line's options over it, validated as the spec's field is."""
+    from pydantic import ValidationError
+
+    from volembed_runner.plan import HubSettings
+    from volembed_runner.spec import Hub
+
+    base = plan.hub or HubSettings(repo="")
+    fields = {"repo": repo or base.repo, "private": base.private if private is None else private,
+              "secret": base.secret, "license": license_id or base.license}
+    if not fields["repo"]:
+        raise SpecError([_option_issue("--repo", "name the dataset repository OWNER/NAME (or set output.hub.repo "
+                                                 "in the spec)")])
+    try:
+        return HubSettings(**Hub(**fields).model_dump())
+    except ValidationError as exc:
+        raise SpecError([_option_issue("--repo", f"must be OWNER/NAME, got {fields['repo']!r}")]) from exc
 
 
 def main() -> None:

@@ -219,8 +219,9 @@ def _run_shards(
         error = describe(result) if isinstance(result, BaseException) else None
         if error:
             failed.append(shard)
-        manifest.shard_finished(stage, shard, error)
-        emit(ShardFinished(stage, shard, error, None if error or not isinstance(result, dict) else result))
+        stats = None if error or not isinstance(result, dict) else result
+        manifest.shard_finished(stage, shard, error, stats)
+        emit(ShardFinished(stage, shard, error, stats))
     keeper.lease.busy = False
     if feed.stopped and feed.fed < len(todo):
         outcome.handover = True

@@ -154,6 +154,16 @@ class ComputeSettings:
 
 
 @dataclass(frozen=True)
+class HubSettings:
+    """Where the run is published on the Hub (`output.hub`, or `volembed-run push --repo`)."""
+
+    repo: str
+    private: bool = False
+    secret: str | None = None  # the Modal Secret holding HF_TOKEN (Modal backend)
+    license: str | None = None  # None: the source dataset's, read from its card when pushing
+
+
+@dataclass(frozen=True)
 class MachineFacts:
     """The machine that planned the run: what the local backend and its estimate run on."""
 
@@ -179,6 +189,7 @@ class Plan:
     compute: ComputeSettings
     machine: MachineFacts
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    hub: HubSettings | None = None
 
     def local_root(self) -> Path:
         """The folder standing in for the Volume on the local backend."""
@@ -209,7 +220,7 @@ class Plan:
             compute[kind] = Container(**compute[kind])
         return cls(
             **{k: v for k, v in d.items() if k not in ("data", "model", "chunk", "embed", "compute", "machine",
-                                                       "warnings")},
+                                                       "warnings", "hub")},
             data=DataSettings(**tuples(d["data"], "files", "keep_columns")),
             model=ModelSettings(**tuples(d["model"], "known_issues")),
             chunk=ChunkSettings(**tuples(d["chunk"], "keep_columns")),
@@ -217,6 +228,7 @@ class Plan:
             compute=ComputeSettings(**tuples(compute, "secrets")),
             machine=MachineFacts(**d["machine"]),
             warnings=tuple(d.get("warnings", ())),
+            hub=HubSettings(**d["hub"]) if d.get("hub") else None,
         )
 
 
@@ -447,6 +459,7 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
         compute=compute,
         machine=MachineFacts(cores=usable_cores(), native_bf16=native_bf16()),
         warnings=tuple(warnings),
+        hub=HubSettings(**spec.output.hub.model_dump()) if spec.output.hub else None,
     )
 
 

@@ -225,10 +225,24 @@ class Compute(_Section):
 
 
 
+class Hub(_Section):
+    """Publish the run's chunks and vectors as a Hub dataset when a run succeeds (also `volembed-run push`)."""
+
+    repo: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")] = Field(
+        ..., description="The dataset repository, OWNER/NAME (created when missing)")
+    private: bool = Field(False, description="Create the repository private")
+    secret: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,63}$")] | None = Field(
+        None, description="Modal backend: the Modal Secret holding HF_TOKEN for the upload (locally: HF_TOKEN or "
+        "`hf auth login`)")
+    license: str | None = Field(
+        None, description="The dataset card's license id (default: the source dataset's, read from its card)")
+
+
 class Output(_Section):
-    """What the embedding files carry besides the vectors."""
+    """What the embedding files carry besides the vectors, and where the run is published."""
 
     include_text: bool = Field(False, description="Copy chunk text into the embedding files")
+    hub: Hub | None = Field(None, description="Push the chunk and embedding files to the Hub as a finish step")
 
 
 class Spec(BaseModel):

@@ -7,6 +7,7 @@ share one layout:
     <root>/runs/<name>/chunks/<chunk_fp>/shard-00000.parquet         (+ .done marker)
     <root>/runs/<name>/embeddings/<embed_fp>/shard-00000.parquet     (+ .done marker)
     <root>/runs/<name>/manifest.json, stats.json
+    <root>/runs/<name>/current.json                                  (the fingerprints of the run's current outputs)
     <root>/runs/<name>/lease/00000003.json                           (the run's lease, local volumes)
 
 A file is written under a temporary name, renamed into place, and only then marked done; a file without its
@@ -75,6 +76,11 @@ def manifest_path(root: Path, name: str) -> Path:
 def stats_path(root: Path, name: str) -> Path:
     """The run's merged statistics (token histograms, empty documents, tiny chunks)."""
     return run_dir(root, name) / "stats.json"
+
+
+def current_path(root: Path, name: str) -> Path:
+    """The run's pointer to its current outputs: the fingerprints its last pass wrote (`results.py`)."""
+    return run_dir(root, name) / "current.json"
 
 
 def shard_name(shard: str) -> str:

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from volembed_runner import store
-from volembed_runner.plan import Plan
+from volembed_runner import results, store
+from volembed_runner.errors import VolembedError, describe, first_line
+from volembed_runner.plan import HubSettings, Plan
 
 LIBRARIES = ("volembed-runner", "modal", "pydantic", "tokenizers", "pyarrow", "httpx", "huggingface_hub",
              "sentence-transformers", "torch")
@@ -90,6 +91,15 @@ def chunk_statistics(root: Path, plan: Plan) -> dict[str, Any]:
     }
 
 
+def _pass_counts(stage: str, stats: dict[str, Any]) -> dict[str, int]:
+    """Rows and tokens one finished shard adds to its stage's work this pass (from its done-marker's stats)."""
+    if stage == "chunk":
+        return {"rows": int(stats.get("documents", 0)), "tokens": int(stats.get("doc_tokens", 0))}
+    if stage == "embed":
+        return {"rows": int(stats.get("rows", 0)), "tokens": int(stats.get("tokens", 0))}
+    return {"rows": 0, "tokens": 0}
+
+
 @dataclass
 class Manifest:
     """manifest.json of one run, updated as shards finish and written atomically.
@@ -140,16 +150,26 @@ class Manifest:
         """A stage begins: `skipped` of its `total` shards were already done."""
         self._started[stage] = time.monotonic()
         self.data["stages"][stage] = {"total": total, "skipped": skipped, "done": skipped, "failed": {},
-                                      "started_at": _now(), "finished_at": None, "seconds": None}
+                                      "started_at": _now(), "finished_at": None, "seconds": None,
+                                      "this_pass": {"shards": 0, "rows": 0, "tokens": 0}}
         self.write(force=True)
 
-    def shard_finished(self, stage: str, shard: str, error: str | None) -> None:
-        """One shard of a stage ended, successfully or with `error`."""
+    def shard_finished(self, stage: str, shard: str, error: str | None,
+                       stats: dict[str, Any] | None = None) -> None:
+        """One shard of a stage ended, successfully (with its stats) or with `error`.
+
+        What this pass did (shards, rows, tokens) is summed apart from the totals, so the report's rates count only
+        the work this pass's seconds were spent on, not the shards an earlier pass finished.
+        """
         entry = self.data["stages"][stage]
         if error:
             entry["failed"][shard] = error
         else:
             entry["done"] += 1
+            done = entry.setdefault("this_pass", {"shards": 0, "rows": 0, "tokens": 0})
+            done["shards"] += 1
+            for key, value in _pass_counts(stage, stats or {}).items():
+                done[key] += value
         self.write()
 
     def finish_stage(self, stage: str) -> None:
@@ -171,6 +191,22 @@ class Manifest:
                                   "remove it and rerun")
             self.write(force=True)
         store.write_json_atomic(store.stats_path(self.root, self.plan.name), chunk_statistics(self.root, self.plan))
+        results.write_current(self.root, self.plan, status=self.data["status"])
+        if self.plan.hub is not None and self.data["status"] == "succeeded" and "embed" in self.data["stages"]:
+            self._publish(self.plan.hub)
+
+    def _publish(self, hub: HubSettings) -> None:
+        """The finish step of `output.hub`: push the run; a failed push fails the run (a rerun pushes again, and
+        the upload skips what already arrived)."""
+        from volembed_runner.publish import push_run
+
+        try:
+            self.data["hub"] = push_run(self.root, self.plan, hub).to_dict()
+        except VolembedError as exc:
+            self.data["hub"] = {"repo": hub.repo, "error": describe(exc)}
+            self.data["status"] = "failed"
+            self.data["error"] = f"push to {hub.repo} failed: {first_line(exc)}"
+        self.write(force=True)
 
     def note(self, key: str, value: Any) -> None:
         """Record a fact about the run that is not a count (e.g. ids renamed by `duplicate_ids: suffix`)."""

@@ -38,8 +38,10 @@ def print_plan(plan: Plan, console: Console) -> None:
         table.add_row("compute", f"{k.gpu} × ≤{k.concurrency_limit} containers, "
                       f"{k.allow_concurrent_inputs} shards in flight each")
     table.add_row("fingerprints", f"data {d.fingerprint}  chunks {c.fingerprint}  embeddings {e.fingerprint}")
-    root = plan.local_root() if plan.backend == "local" else f"modal volume {plan.volume}"
-    table.add_row("outputs", str(root))
+    from volembed_runner.results import planned_outputs
+
+    where = "" if plan.backend == "local" else f" (in modal volume {plan.volume})"
+    table.add_row("outputs", f"{planned_outputs(plan)['embeddings']}{where}")
     console.print(table)
     for warning in plan.warnings:
         console.print(f"warning: {warning}", markup=False)

@@ -245,6 +245,7 @@ def render_app(plan: Plan) -> str:
         "volume_name": plan.volume,
         "root": MODAL_ROOT,
         "secret_names": list(plan.compute.secrets),
+        "hub_secret_names": [plan.hub.secret] if plan.hub and plan.hub.secret else [],
         "python_version": PYTHON_VERSION,
         "cpu_packages": list(CPU_PACKAGES),
         "tei_packages": list(TEI_PACKAGES),

@@ -148,7 +148,8 @@ def fetch(plan: Plan, files: VolumeFiles, *, shard: str | None, every: bool, out
 
     rows = 0
     joined_text = False
-    with tempfile.TemporaryDirectory(prefix="volembed-fetch-") as scratch, store.atomic_path(target) as tmp:
+    with (tempfile.TemporaryDirectory(prefix="volembed-fetch-") as scratch,
+          store.atomic_path(target, mode=store.USER_FILE_MODE) as tmp):
         reader = _Reader(files, Path(scratch), sum(e.size for s in wanted for e in by_shard[s]), on_progress)
         if pq.read_schema(reader.path(by_shard[wanted[0]][0])).get_field_index("text") < 0:
             reader.total += sum(chunk_files[s].size for s in wanted if s in chunk_files)

@@ -19,34 +19,37 @@ from volembed_runner.plan import Plan
 from volembed_runner.results import VolumeFiles
 from volembed_runner.stages.chunk import TINY_CHUNK_TOKENS
 
+PIPELINE = ("download", "chunk", "embed")  # the order stages run in (the manifest's JSON keys are sorted)
 ESTIMATE_SOURCE = ("recomputed from the spec when this report was made (the dry run's figures with today's catalog, "
                    "prices and calibration), not stored when the run started")
 
 
 @dataclass(frozen=True)
 class StageRow:
-    """One stage of the last pass: shards, time, and what its seconds produced."""
+    """One stage: its shards as the last pass left them, and the time and output of every pass that worked on the
+    current outputs (the manifest's `work`), so a rerun that skipped everything does not hide the real run."""
 
     name: str
     total: int
     done: int
-    skipped: int
-    failed: int
-    seconds: float | None
-    shards_this_pass: int
-    rows_this_pass: int
-    tokens_this_pass: int
+    skipped: int  # in the last pass: found done by an earlier one
+    failed: int  # in the last pass
+    seconds: float | None  # summed over the passes that did work
+    passes: int
+    shards_worked: int
+    rows: int
+    tokens: int
     estimated_seconds: float | None
 
     @property
     def tokens_per_second(self) -> float | None:
-        """Tokens this pass processed per second of the stage (None when it did nothing or took no time)."""
-        return self.tokens_this_pass / self.seconds if self.seconds and self.tokens_this_pass else None
+        """Tokens processed per second of the stage (None when it did nothing or took no time)."""
+        return self.tokens / self.seconds if self.seconds and self.tokens else None
 
     @property
     def rows_per_second(self) -> float | None:
-        """Documents (chunk) or vectors (embed) per second of the stage this pass."""
-        return self.rows_this_pass / self.seconds if self.seconds and self.rows_this_pass else None
+        """Documents (chunk) or vectors (embed) per second of the stage."""
+        return self.rows / self.seconds if self.seconds and self.rows else None
 
 
 @dataclass(frozen=True)
@@ -81,14 +84,14 @@ class RunReport:
 
     @property
     def measured_seconds(self) -> float | None:
-        """The last pass's time in its stages (None before any stage ended)."""
+        """Time spent in the stages, over every pass that worked on the current outputs (None before any)."""
         seconds = [s.seconds for s in self.stages if s.seconds is not None]
         return round(sum(seconds), 3) if seconds else None
 
     @property
-    def skipped_shards(self) -> int:
-        """Shards the last pass found done by an earlier one (its seconds don't include their work)."""
-        return sum(s.skipped for s in self.stages)
+    def passes(self) -> int:
+        """The most passes any stage took (1 for a run that finished in one go)."""
+        return max((s.passes for s in self.stages), default=0)
 
     @property
     def tiny_chunks(self) -> int:
@@ -129,13 +132,17 @@ def build_report(plan: Plan, files: VolumeFiles, *, estimate: dict[str, Any] | N
     stats = _json(files, store.stats_path(Path("/"), plan.name).relative_to("/").as_posix()) or {}
     rows = []
     failures = []
-    for name, entry in (manifest.get("stages") or {}).items():
-        this_pass = entry.get("this_pass") or {}
+    stages = manifest.get("stages") or {}
+    work = manifest.get("work") or {}
+    order = {name: i for i, name in enumerate(PIPELINE)}
+    for name in sorted(dict.fromkeys([*work, *stages]), key=lambda n: (order.get(n, len(order)), n)):
+        entry, done = stages.get(name) or {}, work.get(name) or {}
         rows.append(StageRow(
             name=name, total=int(entry.get("total", 0)), done=int(entry.get("done", 0)),
             skipped=int(entry.get("skipped", 0)), failed=len(entry.get("failed") or {}),
-            seconds=entry.get("seconds"), shards_this_pass=int(this_pass.get("shards", 0)),
-            rows_this_pass=int(this_pass.get("rows", 0)), tokens_this_pass=int(this_pass.get("tokens", 0)),
+            seconds=done.get("seconds", entry.get("seconds") if not work else None),
+            passes=int(done.get("passes", 0)), shards_worked=int(done.get("shards", 0)),
+            rows=int(done.get("rows", 0)), tokens=int(done.get("tokens", 0)),
             estimated_seconds=_estimated(estimate, name)))
         failures += [Failure(name, shard, cause) for shard, cause in sorted((entry.get("failed") or {}).items())]
     notes = []

@@ -130,23 +130,28 @@ def writer_tag() -> str:
 
 
 @contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path, *, mode: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path` (named for its writer); on success rename it into place, on failure
-    delete it."""
+    delete it. `mode` sets the file's permissions (mkstemp's are owner-only): for files handed to a user."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{writer_tag()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def write_bytes_atomic(path: Path, data: bytes) -> None:
+USER_FILE_MODE = 0o644  # what the after-run verbs write for a user (a report, a fetched file)
+
+
+def write_bytes_atomic(path: Path, data: bytes, *, mode: int | None = None) -> None:
     """Write a whole file so readers see either the old content or the new, never a torn one."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+    with atomic_path(path, mode=mode) as tmp, open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())

@@ -100,12 +100,24 @@ def _pass_counts(stage: str, stats: dict[str, Any]) -> dict[str, int]:
     return {"rows": 0, "tokens": 0}
 
 
+def _stage_fingerprint(plan: Plan, stage: str) -> str:
+    return {"download": plan.data.fingerprint, "chunk": plan.chunk.fingerprint}.get(stage, plan.embed.fingerprint)
+
+
+def _carried_work(previous: dict[str, Any], plan: Plan) -> dict[str, Any]:
+    """The work earlier passes did on the outputs this pass continues: a stage's entry is kept only while its
+    fingerprint is the same (a changed spec starts that stage's account afresh)."""
+    return {stage: entry for stage, entry in previous.items()
+            if entry.get("fingerprint") == _stage_fingerprint(plan, stage)}
+
+
 @dataclass
 class Manifest:
     """manifest.json of one run, updated as shards finish and written atomically.
 
     Shard counters are written as they change (at most every WRITE_EVERY_S); the totals, which mean reading every
-    done-marker, are refreshed only at stage boundaries.
+    done-marker, are refreshed only at stage boundaries. `stages` is the last pass; `work` sums, per stage, the
+    seconds, shards, rows and tokens of every pass that did work on the current outputs (what the report measures).
     """
 
     root: Path
@@ -140,6 +152,7 @@ class Manifest:
             "finished_at": None,
             "passes": int(previous.get("passes", 0)) + 1,
             "stages": {},
+            "work": _carried_work(previous.get("work") or {}, plan),
             "totals": {},
         }
         manifest = cls(root=root, plan=plan, data=data)
@@ -177,6 +190,15 @@ class Manifest:
         entry = self.data["stages"][stage]
         entry["finished_at"] = _now()
         entry["seconds"] = round(time.monotonic() - self._started[stage], 3)
+        done = entry.get("this_pass") or {}
+        if done.get("shards") or entry["failed"]:
+            work = self.data.setdefault("work", {}).setdefault(
+                stage, {"fingerprint": _stage_fingerprint(self.plan, stage), "passes": 0, "seconds": 0.0,
+                        "shards": 0, "rows": 0, "tokens": 0})
+            work["passes"] += 1
+            work["seconds"] = round(work["seconds"] + entry["seconds"], 3)
+            for key in ("shards", "rows", "tokens"):
+                work[key] += int(done.get(key, 0))
         self.write(force=True)
 
     def close(self, *, outcome_ok: bool, handover: bool = False) -> None:

@@ -39,10 +39,21 @@ def _png(fig: Any) -> bytes:
     return buf.getvalue()
 
 
+def ordered_buckets(hist: dict[str, int]) -> list[tuple[str, int]]:
+    """Buckets in numeric order ("1", "2-3", …, "1024+"; stats.json stores them sorted as text), without the empty
+    ones past the last that holds anything."""
+    items = sorted(((str(k), int(v)) for k, v in hist.items()),
+                   key=lambda kv: int(kv[0].split("-")[0].rstrip("+") or 0))
+    while items and items[-1][1] == 0:
+        items.pop()
+    return items
+
+
 def histogram_png(hist: dict[str, int], *, title: str, xlabel: str, ylabel: str = "chunks") -> bytes:
     """A bar per bucket (labels as stats.json writes them: "1", "2-3", "256"), counts above the bars."""
     fig, ax = _figure()
-    labels, counts = list(hist), [int(v) for v in hist.values()]
+    buckets = ordered_buckets(hist)
+    labels, counts = [k for k, _ in buckets], [v for _, v in buckets]
     bars = ax.bar(range(len(labels)), counts, color=BAR)
     ax.set_xticks(range(len(labels)), labels, rotation=45 if len(labels) > 8 else 0, ha="right"
                   if len(labels) > 8 else "center")
@@ -68,8 +79,7 @@ def stage_seconds_png(report: RunReport) -> bytes | None:
     ax.set_yticks(list(y), [s.name for s in rows])
     ax.invert_yaxis()
     ax.set_xlabel("seconds")
-    ax.set_title("stage time: measured (this pass) and estimated")
-    ax.legend(loc="lower right", frameon=False)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=2, frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
     return _png(fig)
 
@@ -114,7 +124,7 @@ h2 { font-size: 19px; margin: 34px 0 10px; border-bottom: 1px solid #d5dae3; pad
 .status { display: inline-block; padding: 1px 10px; border-radius: 10px; font-size: 13px; font-weight: 600;
           vertical-align: middle; margin-left: 8px; background: #d9f2df; color: #17632b; }
 .status.failed, .status.handover, .status.running { background: #fbe3e1; color: #8a1f17; }
-.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: 10px; }
+.cards { display: grid; grid-template-columns: repeat(auto-fill, minmax(128px, 1fr)); gap: 10px; }
 .card { background: #fff; border: 1px solid #dfe3ea; border-radius: 8px; padding: 10px 12px; }
 .card .value { font-size: 21px; font-weight: 650; }
 .card .label { color: #566173; font-size: 13px; }
@@ -206,16 +216,15 @@ def render_html(report: RunReport, token_png: bytes | None = None) -> str:
 
     parts.append("<h2>Stages</h2>")
     parts.append(_table(
-        ["stage", "shards done", "skipped (done before)", "failed", "time", "estimated", "throughput this pass"],
-        [(s.name, f"{s.done:,} / {s.total:,}", f"{s.skipped:,}", f"{s.failed:,}", _duration(s.seconds),
-          _duration(s.estimated_seconds), _throughput(s)) for s in report.stages]))
+        ["stage", "shards done", "failed", "time", "estimated", "throughput", "passes"],
+        [(s.name, f"{s.done:,} / {s.total:,}", f"{s.failed:,}", _duration(s.seconds), _duration(s.estimated_seconds),
+          _throughput(s), f"{s.passes:,}") for s in report.stages]))
     seconds_png = stage_seconds_png(report)
     if seconds_png is not None:
-        parts.append(f"<figure>{_img(seconds_png, 'stage time')}</figure>")
-    if report.skipped_shards:
-        parts.append(f'<p class="note">This pass skipped {report.skipped_shards:,} shard(s) an earlier pass '
-                     "finished: its times cover only the rest, so they are shorter than the estimate of the whole "
-                     "job.</p>")
+        parts.append(f"<figure>{_img(seconds_png, 'stage time')}<figcaption>time in each stage, measured and "
+                     "estimated</figcaption></figure>")
+    parts.append('<p class="note">Time and throughput are summed over every pass that worked on these outputs '
+                 "(a rerun that finds its shards done adds nothing); failures are the last pass's.</p>")
 
     parts.append("<h2>Estimated and measured</h2>")
     parts.append(_estimate_section(report))
@@ -250,7 +259,7 @@ def _throughput(stage: Any) -> str:
     if stage.name == "chunk":
         return _rate(stage.rows_per_second, "documents") + (f" · {_rate(stage.tokens_per_second, 'tokens')}"
                                                             if stage.tokens_per_second else "")
-    return f"{stage.shards_this_pass:,} shard(s)" if stage.shards_this_pass else "–"
+    return f"{stage.shards_worked:,} shard(s)" if stage.shards_worked else "–"
 
 
 def _estimate_section(report: RunReport) -> str:
@@ -259,18 +268,18 @@ def _estimate_section(report: RunReport) -> str:
     local = report.backend == "local"
     if est is None:
         return (f'<p class="note">No estimate: {_e(report.estimate_error or "it could not be made")}. Measured: '
-                f"{_e(_duration(measured))} in the stages of the last pass.</p>")
+                f"{_e(_duration(measured))} in the stages.</p>")
     measured_cost = "$0 (local: no spend)" if local else \
         "not measured here: Modal bills per container-second (see the app's usage in Modal's dashboard)"
     rows = [
         ("wall time", fmt_duration(est.get("wall_seconds")), _duration(measured)
-         + (" (this pass; some shards were done before)" if report.skipped_shards else "")),
+         + (f" (over {report.passes} passes)" if report.passes > 1 else "")),
         ("cost", "$0 (local: no spend)" if local else fmt_usd(est.get("cost_usd")), measured_cost),
         ("chunks", fmt_count(est.get("chunks")), f"{int(report.totals.get('chunks', 0)):,}"),
         ("tokens in chunks", fmt_count(est.get("embedded_tokens")), fmt_count(report.totals.get("tokens"))),
     ]
     assumptions = "".join(f"<li>{_e(a)}</li>" for a in est.get("assumptions") or [])
-    return (_table(["", "estimated", "measured"], rows)
+    return (_table(["figure", "estimated", "measured"], rows)
             + f'<p class="note">The estimate is {_e(report.estimate_source)}.</p>'
             + (f"<details><summary>the estimate's assumptions</summary><ul>{assumptions}</ul></details>"
                if assumptions else ""))
@@ -285,6 +294,6 @@ def write_report(report: RunReport, html_path: Path) -> tuple[Path, Path | None]
     if hist:
         token_png = histogram_png(hist, title=f"{report.name}: tokens per chunk", xlabel="tokens in a chunk")
         png_path = html_path.with_name(f"{html_path.stem}-tokens.png")
-        store.write_bytes_atomic(png_path, token_png)
-    store.write_bytes_atomic(html_path, render_html(report, token_png).encode("utf-8"))
+        store.write_bytes_atomic(png_path, token_png, mode=store.USER_FILE_MODE)
+    store.write_bytes_atomic(html_path, render_html(report, token_png).encode("utf-8"), mode=store.USER_FILE_MODE)
     return html_path, png_path

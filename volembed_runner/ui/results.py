@@ -42,13 +42,10 @@ def print_files(outputs: Outputs, counts: dict[str, tuple[int, int]], stage: str
     if stage is not None:
         console.print(outputs.glob(stage), markup=False)
         return
-    table = Table(title=f"{outputs.name}: current outputs", title_justify="left", box=None, show_header=True)
-    for column in ("stage", "files", "size", "glob"):
-        table.add_column(column, justify="right" if column in ("files", "size") else "left", overflow="fold")
-    for name in outputs.folders:
+    console.print(f"{outputs.name}: current outputs", markup=False)
+    for name in outputs.folders:  # one line each, the glob last and whole, so it pastes as printed
         files, size = counts.get(name, (0, 0))
-        table.add_row(name, f"{files:,}", fmt_bytes(size), outputs.glob(name))
-    console.print(table)
+        console.print(f"  {name:<11} {files:>6,} file(s) {fmt_bytes(size):>10}  {outputs.glob(name)}", markup=False)
     if outputs.index:
         console.print(f"index: {outputs.root.rstrip('/')}/{outputs.index}", markup=False)
     if not outputs.recorded:

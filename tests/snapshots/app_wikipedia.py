@@ -20,6 +20,7 @@ APP_NAME = 'wikipedia-bge-base'
 VOLUME_NAME = 'embedding-wikipedia'
 ROOT = '/vol'  # where the Volume is mounted in every container (never /data: TEI's image uses it)
 SECRET_NAMES = []
+HUB_SECRET_NAMES = []  # output.hub.secret: HF_TOKEN for `push`, only where it pushes
 
 PYTHON_VERSION = '3.12'
 CPU_PACKAGES = [
@@ -146,9 +147,9 @@ PLAN = {
             'timeout': 3600,
             'retries': 3,
         },
-        'output': {'include_text': False},
+        'output': {'include_text': False, 'hub': None},
     },
-    'spec_hash': '95276b076c6baa5a',
+    'spec_hash': 'cd9eddf83f35c501',
     'git': {'commit': None, 'dirty': None},
     'data': {
         'kind': 'hf',
@@ -224,6 +225,7 @@ PLAN = {
     },
     'machine': {'cores': 2, 'native_bf16': False},
     'warnings': [],
+    'hub': None,
 }
 
 # ── App, Volume, Secrets ─────────────────────────────────────────────────────────────────────────────────────────
@@ -232,6 +234,7 @@ app = modal.App(APP_NAME)
 volume = modal.Volume.from_name(VOLUME_NAME, create_if_missing=True, version=2)
 VOLUMES = {ROOT: volume}
 secrets = [modal.Secret.from_name(name) for name in SECRET_NAMES]
+hub_secrets = [modal.Secret.from_name(name) for name in HUB_SECRET_NAMES]
 # One writer per run: the orchestrator holds the run's lease in this Dict (shared by every volembed-runner app of the
 # workspace, keyed by volume and run) while it writes to the Volume; a second orchestrator of the run is refused.
 leases = modal.Dict.from_name(LEASE_DICT, create_if_missing=True)
@@ -369,6 +372,23 @@ class Embedder:
             router.stop()
 
 
+# ── Stage 4: publish (optional) ──────────────────────────────────────────────────────────────────────────────────
+# `volembed-run push SPEC` calls this; with `output.hub` in the spec, the orchestrator pushes as its finish step. The
+# upload runs here, in a CPU container reading the Volume, so no file passes through the laptop; the token is HF_TOKEN
+# from a Modal Secret (output.hub.secret, or one of compute.secrets). A rerun resumes an interrupted upload.
+@app.function(image=cpu_image, volumes=VOLUMES, secrets=secrets + hub_secrets, cpu=ORCHESTRATE_CPU,
+              memory=ORCHESTRATE_MEMORY_MIB, timeout=ORCHESTRATE_TIMEOUT_S)
+def push(repo: str, private: bool = False, license: str = "") -> dict:
+    """Upload the run's current chunk and embedding files, with a dataset card, to the Hub dataset `repo`."""
+    from volembed_runner.plan import HubSettings
+    from volembed_runner.publish import push_run
+
+    volume.reload()  # see what the stage containers committed
+    hub = HubSettings(repo=repo, private=private, license=license or None)
+    return push_run(Path(ROOT), Plan.from_dict(PLAN), hub).to_dict()
+# ── end of Stage 4: publish ──────────────────────────────────────────────────────────────────────────────────────
+
+
 # ── Orchestrator ─────────────────────────────────────────────────────────────────────────────────────────────────
 # The control flow runs inside Modal, so a detached run survives a closed laptop. It skips finished shards, records
 # failures in the manifest, and before its 24 h limit hands over to a fresh call (resume makes that safe).
@@ -380,7 +400,8 @@ def log_event(event: Event) -> None:
         print(f"[{event.stage}] {event.shard} failed: {event.error}", flush=True)
 
 
-@app.function(image=cpu_image, volumes=VOLUMES, secrets=secrets, cpu=ORCHESTRATE_CPU, memory=ORCHESTRATE_MEMORY_MIB,
+@app.function(image=cpu_image, volumes=VOLUMES, secrets=secrets + hub_secrets, cpu=ORCHESTRATE_CPU,
+              memory=ORCHESTRATE_MEMORY_MIB,
               timeout=ORCHESTRATE_TIMEOUT_S,
               retries=modal.Retries(max_retries=2, initial_delay=30.0))  # a lost container resumes from the Volume
 def orchestrate(until: str = "", passes: int = 1) -> dict:

@@ -27,3 +27,11 @@ def write_spec(tmp_path: Path):
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(spec, VOLEMBED_HOME) of one small finished local run with a stale embeddings folder (`after_run.py`)."""
+    from tests.after_run import make_finished
+
+    return make_finished(tmp_path_factory.mktemp("after"))

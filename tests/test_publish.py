@@ -26,9 +26,10 @@ from volembed_runner.loading import load_spec
 from volembed_runner.plan import Plan, make_plan
 from volembed_runner.results import LocalVolume, current_outputs, finished_files
 
+from .after_run import SPEC
 from .hub_server import HubServer
 from .test_modal_stages_local import FolderVolume
-from .test_results import SPEC, cli, finished, runner  # noqa: F401 - the module's finished run, shared
+from .test_results import cli, runner
 
 TOKEN = "hf_test_token"
 REPO = "acme/after-vectors"
@@ -49,8 +50,8 @@ def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
 
 
 @pytest.fixture
-def run(finished, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Plan]:  # noqa: F811
-    spec, home = finished
+def run(finished_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Plan]:
+    spec, home = finished_run
     shutil.copytree(home, tmp_path / "home")
     monkeypatch.setenv("VOLEMBED_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)

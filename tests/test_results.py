@@ -1,10 +1,10 @@
 """After a run, through the CLI: `files` (and current.json), `plan`'s output folders, `gc`, `fetch` and `report`.
 
 One small local run (and a rerun with other vector dimensions, which leaves a stale embeddings folder) is made once
-per module with the real local engine; each test works on its own copy of that volume. The Modal code paths run
-over a stand-in for `modal.Volume` whose `listdir`, `read_file` and `remove_file` behave as modal 1.6.4's
-(`modal/volume.py`: listing returns `modal.types.FileEntry` with paths relative to the Volume root, a missing file
-raises FileNotFoundError, `remove_file(recursive=True)` deletes a folder).
+per session (`finished_run`, tests/after_run.py) with the real local engine; each test works on its own copy of it.
+The Modal code paths run over a stand-in for `modal.Volume` whose `listdir`, `read_file` and `remove_file` behave as
+modal 1.6.4's (`modal/volume.py`: listing returns `modal.types.FileEntry` with paths relative to the Volume root, a
+missing file raises FileNotFoundError, `remove_file(recursive=True)` deletes a folder).
 """
 
 from __future__ import annotations
@@ -27,30 +27,9 @@ from volembed_runner.cli import app
 from volembed_runner.loading import load_spec
 from volembed_runner.plan import Plan, make_plan
 
-runner = CliRunner()
+from .after_run import SPEC
 
-SPEC = """\
-version: 1
-name: after
-backend: local
-volume: aftervol
-dataset:
-  files: [docs.jsonl]
-  keep_columns: [title]
-  shard_rows: 5
-chunking: {size: 32, overlap: 4, workers: 1}
-embedding: {model: sentence-transformers/all-MiniLM-L6-v2, precision: fp32}
-output: {include_text: false}
-"""
-DOCS = [
-    "Rivers carry water from mountains to the sea.",
-    "A library lends books, and a museum keeps objects of art and history for people to see.",
-    "Quantum theory describes the behaviour of matter and energy at the smallest scales " * 3,
-    "Zürich is a city in Switzerland; its café culture is old.",
-    "ok",
-    "",
-    "Gardens need water, light and patience; a harbour needs ships and a breakwater against the waves.",
-] * 3  # 21 documents → 5 shards of at most 5
+runner = CliRunner()
 
 
 def cli(*args: str) -> tuple[int, str]:
@@ -58,30 +37,10 @@ def cli(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
-    """(spec, VOLEMBED_HOME) of a run with `embedding.dimensions=128`, then of the spec as written (which reuses the
-    chunks and leaves the 128-dim vectors stale)."""
-    folder = tmp_path_factory.mktemp("after")
-    with (folder / "docs.jsonl").open("w", encoding="utf-8") as fh:
-        for i, text in enumerate(DOCS):
-            fh.write(json.dumps({"text": text, "title": f"doc {i}"}) + "\n")
-    spec = folder / "spec.yaml"
-    spec.write_text(SPEC)
-    home = folder / "home"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VOLEMBED_HOME", str(home))
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        for args in (["--set", "embedding.dimensions=128"], []):
-            code, out = cli(str(spec), *args)
-            assert code == 0, out
-    yield spec, home
-
-
 @pytest.fixture
-def run(finished: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Plan]:
+def run(finished_run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Plan]:
     """This test's own copy of the finished run: (spec, plan)."""
-    spec, home = finished
+    spec, home = finished_run
     shutil.copytree(home, tmp_path / "home")
     monkeypatch.setenv("VOLEMBED_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)

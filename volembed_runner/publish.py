@@ -43,9 +43,18 @@ class Pushed:
 
 
 def _hub_error(action: str, exc: Exception) -> BackendError:
+    """One line: the Hub's answer (with its HTTP status), or why it could not be reached."""
     status = getattr(getattr(exc, "response", None), "status_code", None)
-    return BackendError(f"the Hub refused to {action}" + (f" (HTTP {status})" if status else "")
-                        + f": {first_line(exc)}")
+    if status:
+        return BackendError(f"the Hub refused to {action} (HTTP {status}): {first_line(exc)}")
+    return BackendError(f"could not {action} on the Hub ({constants_endpoint()}): {first_line(exc)}")
+
+
+def constants_endpoint() -> str:
+    """The Hub huggingface_hub talks to (HF_ENDPOINT, default https://huggingface.co)."""
+    from huggingface_hub import constants
+
+    return str(constants.ENDPOINT)
 
 
 def source_license(plan: Plan, api: Any) -> tuple[str, str]:

@@ -4,10 +4,15 @@ VolembedError                 base; never raised itself
 ├── SpecError                 a job spec is invalid: every problem with file, line, column and field   (exit 2)
 ├── SourceError               a dataset source cannot be found, listed, read or downloaded              (exit 3)
 ├── ModelError                a model or tokenizer cannot be resolved                                   (exit 3)
-├── EmbedderError             the embedding engine or TEI server failed beyond its retries              (exit 1)
+├── EmbedderError             the embedding engine or TEI server rejected an input or misbehaved        (exit 1)
+│   └── EmbedderUnavailable   ... or kept failing transiently (429, 5xx, timeouts) beyond its retries   (exit 1)
 ├── StageError                one or more shards of a stage failed; the manifest lists them             (exit 1)
 ├── BackendError              the backend cannot run the job (no Modal credentials, app failed)         (exit 4)
 └── RunHeld                   another writer holds the run's lease (one writer per run)                 (exit 6)
+
+Each class says whether its failure is `transient`: whether the same input may succeed on another attempt. Only
+transient failures are retried (by Modal, whose `Retries` retry whatever a function raises, so a stage returns a
+deterministic failure instead of raising it); `is_transient` extends the rule to the exceptions of the libraries.
 """
 
 from __future__ import annotations
@@ -37,10 +42,19 @@ def name_list(names: Iterable[object], most: int = 12) -> str:
     return (", ".join(items[:most]) or "none") + more
 
 
+def is_transient(exc: BaseException) -> bool:
+    """True when another attempt at the same input may succeed: a transient VolembedError, or an I/O failure
+    (OSError: the Volume, the network, timeouts). Invalid data, rejected inputs and bugs fail the same way again."""
+    if isinstance(exc, VolembedError):
+        return exc.transient
+    return isinstance(exc, OSError)
+
+
 class VolembedError(Exception):
     """Base of every error the CLI reports as one line instead of a traceback."""
 
     exit_code = 1
+    transient = False  # True: the same input may succeed on another attempt, so it is worth retrying
 
 
 @dataclass(frozen=True)
@@ -80,9 +94,15 @@ class ModelError(VolembedError):
 
 
 class EmbedderError(VolembedError):
-    """The embedding engine or server failed a request beyond its retry budget."""
+    """The embedding engine or server rejected an input (TEI 4xx, over a limit) or returned something unusable."""
 
     exit_code = 1
+
+
+class EmbedderUnavailable(EmbedderError):
+    """The embedding server kept failing transiently (429, 5xx, connection errors, timeouts) beyond its retries."""
+
+    transient = True
 
 
 class StageError(VolembedError):

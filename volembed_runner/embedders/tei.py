@@ -20,7 +20,7 @@ import httpx
 import numpy as np
 import orjson
 
-from volembed_runner.errors import EmbedderError
+from volembed_runner.errors import EmbedderError, EmbedderUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +296,9 @@ class TEIClient:
                         raise
                     task.add_done_callback(lambda _t, k=k: in_flight.release(k))
         except BaseExceptionGroup as group_error:
-            failures = group_error.subgroup(EmbedderError) or group_error
+            # A rejected text fails the same way on every attempt, so it wins over a transient failure.
+            failures = (group_error.subgroup(lambda e: isinstance(e, EmbedderError) and not e.transient)
+                        or group_error.subgroup(EmbedderError) or group_error)
             while isinstance(failures, BaseExceptionGroup):
                 failures = failures.exceptions[0]
             if isinstance(failures, EmbedderError):
@@ -336,7 +338,9 @@ class TEIClient:
                 cause = str(status)
                 detail = f"HTTP {status}: {message}"
             if retries >= self.max_retries:
-                raise EmbedderError(f"TEI failed text {_describe(idx)} after {retries + 1} attempts: {detail}")
+                # A lone text that keeps failing its GPU batch (424) is that text's fault; the rest is the server's.
+                failure = EmbedderError if cause == "424" else EmbedderUnavailable
+                raise failure(f"TEI failed text {_describe(idx)} after {retries + 1} attempts: {detail}")
             retries += 1
             log.info("retrying %d texts (attempt %d of %d): %s", len(idx), retries + 1, self.max_retries + 1, detail)
             await self._pause_before_retry(retries, cause)
@@ -392,7 +396,9 @@ class TEIClient:
                     raise EmbedderError(f"TEI at {self.base_url} refused GET /info: {detail}")
                 cause = str(status)
             if retries >= self.max_retries:
-                raise EmbedderError(f"TEI at {self.base_url} failed GET /info after {retries + 1} attempts: {detail}")
+                raise EmbedderUnavailable(
+                    f"TEI at {self.base_url} failed GET /info after {retries + 1} attempts: {detail}"
+                )
             retries += 1
             await self._pause_before_retry(retries, cause)
 

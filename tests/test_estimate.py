@@ -449,6 +449,14 @@ def test_table_entries_show_their_arithmetic() -> None:
     assert rate.kind == "table" and rate.tokens_per_second == pytest.approx(10.6e9 / (50 / 1.10 * 3600), rel=0.01)
 
 
+def test_a_model_a_third_the_size_is_rated_faster_on_the_same_gpu_within_the_capped_speed_up() -> None:
+    small = estimate.tei_rate("BAAI/bge-small-en-v1.5", "A10", {})  # 33M parameters
+    base = estimate.tei_rate("BAAI/bge-base-en-v1.5", "A10", {})  # 109M, the same tokenizer and architecture
+    cap = catalog.throughput()["scaling"]["small_model_max_speedup"]
+    assert base.tokens_per_second < small.tokens_per_second <= cap * base.tokens_per_second
+    assert small.low <= small.tokens_per_second <= small.high
+
+
 def test_scaling_rule_for_pairs_not_in_the_table() -> None:
     speed = catalog.throughput()["gpu_speed"]["factors"]
     same_model = estimate.tei_rate("nomic-ai/nomic-embed-text-v1.5", "L4", {})
@@ -457,7 +465,8 @@ def test_scaling_rule_for_pairs_not_in_the_table() -> None:
     bigger = estimate.tei_rate("BAAI/bge-large-en-v1.5", "A10", {})
     assert bigger.tokens_per_second == pytest.approx(62_200 * speed["A10"] / speed["L4"])
     tiny = estimate.tei_rate(MINILM, "A10", {})
-    assert tiny.tokens_per_second <= 2 * 45_700 + 1  # small models: speed-up capped
+    small = estimate.tei_rate("BAAI/bge-small-en-v1.5", "A10", {})  # the nearest table entry by parameters
+    assert tiny.tokens_per_second <= 2 * small.tokens_per_second + 1  # small models: speed-up capped
     assert estimate.tei_rate(MINILM, "H100", {}).tokens_per_second == 200_000
     unknown = estimate.tei_rate("someone/unknown-model", "A10", {})
     assert unknown.kind == "scaled" and "BERT-base size" in unknown.source

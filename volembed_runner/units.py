@@ -8,8 +8,8 @@ to a temporary name, renamed, then marked done. Ranges are cut from what is *not
 a rerun with other fleet settings keeps every finished unit and cuts only the rest, at its own size.
 
 Sizes, from the fleet (`Fleet`: containers × inputs per container, the GPU's rate, one attempt's timeout):
-* enough units that every input slot gets work at least twice and every GPU at least UNITS_PER_GPU units, so the
-  fleet stays full until a short tail (a GPU idles for about half its last unit);
+* enough units that every input slot gets work at least twice and every GPU at least UNITS_PER_GPU units, in
+  whole waves of the fleet's slots, so every GPU stays full until a short tail;
 * none longer than UNIT_TIMEOUT_SHARE of its timeout, counting the GPU it shares with the container's other inputs;
 * none shorter than MIN_UNIT_GPU_SECONDS of its GPU's work, unless that would leave an input slot without any,
   so the per-unit Volume reload, commit and file I/O stay small beside it.
@@ -17,6 +17,7 @@ Sizes, from the fleet (`Fleet`: containers × inputs per container, the GPU's ra
 
 from __future__ import annotations
 
+import heapq
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -149,6 +150,19 @@ def target_tokens(total: float, fleet: Fleet) -> float:
     return target if cap is None else min(target, cap)
 
 
+def _fill_waves(pieces: list[int], work: list[float], rows: list[int], slots: int) -> None:
+    """Add pieces, to the gaps whose pieces are largest, until their count is a multiple of `slots` (rows allowing)."""
+    extra = -sum(pieces) % slots
+    heap = [(-w / n, i) for i, (w, n) in enumerate(zip(work, pieces, strict=True)) if n < rows[i]]
+    heapq.heapify(heap)
+    while extra and heap:
+        _, i = heapq.heappop(heap)
+        pieces[i] += 1
+        extra -= 1
+        if pieces[i] < rows[i]:
+            heapq.heappush(heap, (-work[i] / pieces[i], i))
+
+
 def _uncovered(rows: int, covered: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
     """The row ranges of [0, rows) outside the `covered` ranges."""
     gaps, at = [], 0
@@ -174,16 +188,23 @@ def _covered_by(done: Iterable[str], sizes: dict[str, ShardSize]) -> dict[str, l
 
 
 def plan_units(shards: Sequence[ShardSize], fleet: Fleet, done: Iterable[str] = ()) -> list[Unit]:
-    """The units still to embed: the rows no finished unit (`done` keys) covers, cut to the fleet's unit size."""
+    """The units still to embed: the rows no finished unit (`done` keys) covers, cut to the fleet's unit size.
+
+    On a fleet of several GPUs the count is rounded up to whole waves (a multiple of its input slots), the extra
+    pieces going to the largest units: a container's inputs share its GPU and so end together, and a last wave that
+    filled only some containers would leave the others idle for a whole wave."""
     sizes = {s.shard: s for s in shards}
     covered = _covered_by(done, sizes)
     gaps = [(s, a, b) for s in shards for a, b in _uncovered(s.rows, covered.get(s.shard, []))]
     per_row = {s.shard: s.tokens / s.rows if s.rows else 0.0 for s in shards}
-    target = target_tokens(sum(per_row[s.shard] * (b - a) for s, a, b in gaps), fleet)
+    work = [per_row[s.shard] * (b - a) for s, a, b in gaps]
+    target = target_tokens(sum(work), fleet)
+    pieces = [min(b - a, max(1, math.ceil(w / target))) for (_, a, b), w in zip(gaps, work, strict=True)]
+    if fleet.containers > 1 and pieces:
+        _fill_waves(pieces, work, [b - a for _, a, b in gaps], fleet.slots)
     units = []
-    for shard, start, end in gaps:
-        pieces = min(end - start, max(1, math.ceil(per_row[shard.shard] * (end - start) / target)))
-        bounds = [start + (end - start) * i // pieces for i in range(pieces + 1)]
+    for (shard, start, end), n in zip(gaps, pieces, strict=True):
+        bounds = [start + (end - start) * i // n for i in range(n + 1)]
         units.extend(Unit(shard.shard, a, b, shard.rows) for a, b in pairwise(bounds))
     empty = [s for s in shards if s.rows == 0 and s.shard not in covered]  # an empty chunk shard: one empty unit
     units.extend(Unit(s.shard, 0, 0, 0) for s in empty)

@@ -222,6 +222,9 @@ class TEIClient:
         )
         self._info: TEIInfo | None = None
         self._info_lock = asyncio.Lock()
+        # Concurrent `embed` calls queue their requests one call after another, not interleaved: calls then finish
+        # one by one, so while one call's last requests run, the next call's are already queued behind them.
+        self._submitting = asyncio.Lock()
         self._in_flight: _InFlight | None = None
         self._rng = random.Random()
 
@@ -285,7 +288,7 @@ class TEIClient:
             max_bytes=max_bytes,
         )
         try:
-            async with asyncio.TaskGroup() as group:
+            async with asyncio.TaskGroup() as group, self._submitting:
                 for batch in batches:
                     k = len(batch)
                     await in_flight.acquire(k)

@@ -35,7 +35,7 @@ WORDS = ["river", "mountain", "Zürich", "café", "naïve", "data", "embedding",
 WIKIPEDIA = {
     "version": 1, "name": "wikipedia", "backend": "modal", "volume": "v",
     "dataset": {"hf": "wikimedia/wikipedia", "config": "20231101.en", "num_rows": 6_458_670,
-                "num_bytes": 19_560_538_957, "shard_rows": 20_000},
+                "num_bytes": 19_560_538_957},
     "chunking": {"size": 510, "overlap": 0},  # "512-token chunks": 510 + [CLS]/[SEP] is bge-base's limit
     "embedding": {"model": "BAAI/bge-base-en-v1.5"},
     "compute": {"gpu": "A10G", "concurrency_limit": 50, "allow_concurrent_inputs": 4},
@@ -244,10 +244,20 @@ def test_concurrency_above_a_modal_plan_cap_warns(plan_of) -> None:
     assert not any("Team 50" in w for w in est.warnings)
 
 
-def test_too_few_shards_for_the_containers_warns(plan_of) -> None:
-    est = estimate.estimate(plan_of(merged(WIKIPEDIA, dataset={"shard_rows": 50_000})))
-    assert est.effective_gpus < 50
-    assert any("GPU containers get work" in w for w in est.warnings)
+@pytest.mark.parametrize("inputs", [40, 4])
+def test_the_tutorials_fleet_fills_every_gpu_with_default_sharding(plan_of, inputs: int) -> None:
+    # Modal's tutorial: 50 A10G with 40 inputs each; the default shard_rows makes 146 chunk shards.
+    est = estimate.estimate(plan_of(merged(WIKIPEDIA, compute={"allow_concurrent_inputs": inputs})))
+    assert est.effective_gpus == 50
+    assert not any("GPU containers get work" in w for w in est.warnings)
+    assert within(est.wall_seconds, 30 * 60)
+    units = next(a for a in est.assumptions if a.startswith("embed units:"))
+    assert int(units.split()[2].replace(",", "")) >= 50 * inputs  # every input slot has a unit
+
+
+def test_a_small_job_still_spreads_over_every_gpu(plan_of) -> None:
+    est = estimate.estimate(plan_of(merged(WIKIPEDIA, dataset={"limit": 2_000})))
+    assert est.effective_gpus == 50  # every input slot gets a unit, however small, rather than idle GPUs
 
 
 def test_limit_scales_hinted_sizes(plan_of) -> None:
@@ -449,6 +459,14 @@ def test_table_entries_show_their_arithmetic() -> None:
     assert rate.kind == "table" and rate.tokens_per_second == pytest.approx(10.6e9 / (50 / 1.10 * 3600), rel=0.01)
 
 
+def test_a_model_a_third_the_size_is_rated_faster_on_the_same_gpu_within_the_capped_speed_up() -> None:
+    small = estimate.tei_rate("BAAI/bge-small-en-v1.5", "A10", {})  # 33M parameters
+    base = estimate.tei_rate("BAAI/bge-base-en-v1.5", "A10", {})  # 109M, the same tokenizer and architecture
+    cap = catalog.throughput()["scaling"]["small_model_max_speedup"]
+    assert base.tokens_per_second < small.tokens_per_second <= cap * base.tokens_per_second
+    assert small.low <= small.tokens_per_second <= small.high
+
+
 def test_scaling_rule_for_pairs_not_in_the_table() -> None:
     speed = catalog.throughput()["gpu_speed"]["factors"]
     same_model = estimate.tei_rate("nomic-ai/nomic-embed-text-v1.5", "L4", {})
@@ -457,7 +475,8 @@ def test_scaling_rule_for_pairs_not_in_the_table() -> None:
     bigger = estimate.tei_rate("BAAI/bge-large-en-v1.5", "A10", {})
     assert bigger.tokens_per_second == pytest.approx(62_200 * speed["A10"] / speed["L4"])
     tiny = estimate.tei_rate(MINILM, "A10", {})
-    assert tiny.tokens_per_second <= 2 * 45_700 + 1  # small models: speed-up capped
+    small = estimate.tei_rate("BAAI/bge-small-en-v1.5", "A10", {})  # the nearest table entry by parameters
+    assert tiny.tokens_per_second <= 2 * small.tokens_per_second + 1  # small models: speed-up capped
     assert estimate.tei_rate(MINILM, "H100", {}).tokens_per_second == 200_000
     unknown = estimate.tei_rate("someone/unknown-model", "A10", {})
     assert unknown.kind == "scaled" and "BERT-base size" in unknown.source

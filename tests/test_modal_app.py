@@ -15,6 +15,7 @@ normalized). After an intended change to the template or the sizing, regenerate 
 from __future__ import annotations
 
 import ast
+import asyncio
 import contextlib
 import dataclasses
 import json
@@ -25,6 +26,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import types
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,12 +35,14 @@ from typing import Any
 
 import modal
 import pytest
+import yaml
 
 from tests.fake_modal import Recorder, fake_modal_server
-from volembed_runner import catalog
+from volembed_runner import catalog, errors
 from volembed_runner.backends.modal import launch, render, runtime
 from volembed_runner.backends.modal.runtime import ModalMapper, ShardFailed, TEIRouter
-from volembed_runner.errors import BackendError
+from volembed_runner.errors import BackendError, SpecError
+from volembed_runner.models import MODEL_FILE_PATTERNS
 from volembed_runner.plan import Plan, make_plan
 from volembed_runner.spec import Spec
 
@@ -218,9 +222,59 @@ def test_tei_image_is_the_pinned_build_for_the_gpu_with_its_entrypoint_dropped(
     install = next(line for line in lines if "uv pip install" in line)
     assert all(pkg in install.split() for pkg in render.TEI_PACKAGES)
     assert "torch" not in " ".join(lines)
-    build = next(img.build_function for img in rec._images.values() if img.HasField("build_function"))
+    (build,) = build_steps(rec, "Embedder.*")
     assert "snapshot_download" in build.definition
-    assert b"0123456789abcdef" in build.input.args  # the pinned revision goes into the weights build step
+    assert build_kwargs(build)["revision"] == "0123456789abcdef"  # the pinned revision goes into the weights step
+    assert build_kwargs(build)["allow_patterns"] == list(MODEL_FILE_PATTERNS)
+
+
+def build_steps(rec: Recorder, function: str) -> list[Any]:
+    """The build functions (`Image.run_function`) in the image chain of one deployed function."""
+    chain = rec.image_chain(rec.functions()[function].image_id)
+    return [img.build_function for img in chain if img.HasField("build_function")]
+
+
+def build_kwargs(build: Any) -> dict[str, Any]:
+    from modal._serialization import deserialize
+
+    _, kwargs = deserialize(build.input.args, None)
+    return kwargs
+
+
+@pytest.mark.parametrize("family", GPU_FAMILIES)
+def test_the_cpu_image_bakes_in_only_the_tokenizer_at_the_pinned_revision(deployed: dict[str, Recorder],
+                                                                         family: str) -> None:
+    rec = deployed[family]
+    (build,) = build_steps(rec, "chunk")  # the chunk containers never download the model's weights
+    kwargs = build_kwargs(build)
+    assert kwargs["allow_patterns"] == kwargs["required"] == ["tokenizer.json"]
+    assert kwargs["revision"] == "0123456789abcdef" and kwargs["repo_id"] == "BAAI/bge-small-en-v1.5"
+    assert build_steps(rec, "orchestrate") == build_steps(rec, "download") == [build]  # one CPU image
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_each_image_imports_its_stage_code_in_a_block_of_its_own(rendered: dict[str, Rendered], key: str) -> None:
+    # `with cpu_image.imports(), tei_image.imports():` would record a failed import on tei_image only, so a CPU
+    # container would start without the names and fail later (modal 1.6.4 `_image.py` `imports`).
+    blocks = [node for node in ast.walk(ast.parse(rendered[key].source)) if isinstance(node, ast.With)
+              and any(_is_imports(item.context_expr) for item in node.items)]
+    assert [len(b.items) for b in blocks] == [1, 1]
+    assert sorted(ast.unparse(b.items[0].context_expr) for b in blocks) == ["cpu_image.imports()",
+                                                                             "tei_image.imports()"]
+
+
+def _is_imports(node: ast.expr) -> bool:
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "imports"
+
+
+def test_the_entrypoint_spawns_the_orchestrator_so_a_detached_run_is_retried_server_side(
+    rendered: dict[str, Rendered]
+) -> None:
+    # `.remote()` is retried by the caller's client, which `modal run --detach` leaves (modal 1.6.4 `_functions.py`).
+    main = next(node for node in ast.walk(ast.parse(rendered["pipeline:wikipedia"].source))
+                if isinstance(node, ast.FunctionDef) and node.name == "main")
+    calls = {ast.unparse(node.func) for node in ast.walk(main) if isinstance(node, ast.Call)}
+    assert "orchestrate.spawn" in calls and not any(call.endswith(".remote") for call in calls)
 
 
 @pytest.mark.parametrize("key", KEYS)
@@ -405,6 +459,65 @@ def test_a_local_model_folder_is_copied_into_the_images(tmp_path: Path) -> None:
     tei_files = {f"/models/my-model/{name}" for name in ("config.json", "tokenizer.json", "model.safetensors")}
     assert tei_files in mounts  # the TEI image gets the weights...
     assert tei_files - {"/models/my-model/model.safetensors"} in mounts  # ...the CPU image only the tokenizer
+
+
+def test_inputs_that_could_outlast_the_orchestrator_are_refused_naming_timeout_and_retries(tmp_path: Path) -> None:
+    d = spec_dict("A10G")
+    d["compute"].update(timeout=21_600, retries=3)  # 4 attempts of 6 h: one input could run the whole 24 h
+    with pytest.raises(SpecError) as refused:
+        render.render_app(plan_from(d, tmp_path))
+    message = str(refused.value)
+    assert "compute.timeout" in message and "compute.retries" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_the_hand_over_leaves_the_longest_input_time_to_drain(rendered: dict[str, Rendered], key: str) -> None:
+    module = rendered[key].module
+    assert render.input_work_seconds(rendered[key].plan) == module.INPUT_WORK_S
+    assert module.HANDOVER_AFTER_S + module.INPUT_WORK_S + render.HANDOVER_MARGIN_S <= module.ORCHESTRATE_TIMEOUT_S
+    assert module.HANDOVER_AFTER_S >= render.MIN_FEEDING_S
+
+
+def test_an_embed_unit_that_cannot_fit_half_its_timeout_is_refused_before_rendering(tmp_path: Path) -> None:
+    d = spec_dict("T4", model="nomic-ai/nomic-embed-text-v1.5", revision=None)
+    d["compute"].update(timeout=60, allow_concurrent_inputs=8)
+    with pytest.raises(SpecError, match="compute.timeout"):
+        render.render_app(plan_from(d, tmp_path))
+    d["compute"].update(timeout=3600)
+    render.render_app(plan_from(d, tmp_path))  # fineweb's model on a T4 with the default timeout: units fit
+
+
+def test_a_model_the_pinned_tei_cannot_load_at_main_gets_the_catalogs_known_good_commit(tmp_path: Path) -> None:
+    pinned = catalog.find_model("nomic-ai/nomic-embed-text-v1.5").tei_revision
+    assert pinned and len(pinned) == 40
+    plan = plan_from(spec_dict("A10G", model="nomic-ai/nomic-embed-text-v1.5", revision=None), tmp_path)
+    assert plan.model.revision == pinned and "catalog" in plan.model.revision_source
+    assert literal_of(render.render_app(plan), "MODEL_REVISION") == pinned  # what the image build step fetches
+    with pytest.raises(SpecError) as refused:
+        plan_from(spec_dict("A10G", model="nomic-ai/nomic-embed-text-v1.5", revision="main"), tmp_path)
+    message = str(refused.value)
+    assert "embedding.revision" in message and pinned in message and "#927" in message and "\n" not in message
+    own = "e" * 40  # a commit of the user's own choosing is theirs to pin
+    chosen = plan_from(spec_dict("A10G", model="nomic-ai/nomic-embed-text-v1.5", revision=own), tmp_path)
+    assert chosen.model.revision == own and chosen.model.revision_source is None
+    shipped = pipeline_plan(REPO / "pipelines" / "fineweb-edu-10bt.yaml")
+    assert shipped.model.revision == pinned and not shipped.warnings
+
+
+def literal_of(source: str, name: str) -> Any:
+    return _literals(source)[name]
+
+
+# The Volumes Modal's own tutorials create (v1): a spec sharing a name would fail at deploy.
+TUTORIAL_VOLUMES = {"embedding-wikipedia", "embedding-model-cache", "embeddings", "datasets"}
+
+
+def test_shipped_specs_leave_sharding_to_the_fleet_and_use_volumes_of_their_own() -> None:
+    for path in sorted((REPO / "pipelines").glob("*.yaml")):
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if spec.get("backend") == "modal":
+            assert "shard_rows" not in spec["dataset"], path.name
+            assert spec["volume"] not in TUTORIAL_VOLUMES, path.name
 
 
 def test_endpoint_specs_are_refused_for_modal(tmp_path: Path) -> None:
@@ -608,27 +721,56 @@ def test_stop_uses_the_recorded_app_id(monkeypatch: pytest.MonkeyPatch, tmp_path
     assert launch.stop(plan) == "ap-123" and stopped == ["ap-123"]
 
 
-# ── ModalMapper: results paired with inputs under order_outputs=False ───────────────────────────────────────────────
+# ── ModalMapper: lazy feeding, results paired with inputs under order_outputs=False ────────────────────────────────
 
 
 class FakeFunction:
-    """A stand-in for a Modal Function: `.map` returns the given results (completion order) and records calls."""
+    """A stand-in for a Modal Function's `.starmap.aio`: pulls its inputs in a task of its own, as fast as the caller
+    yields them (as modal 1.6.4's `_map_helper.feed_queue` does), answers each with the next of `results`
+    (completion order; by default `{"key", "result"}`; none left: the map ends), and records what it got."""
 
-    def __init__(self, results: list[Any]) -> None:
+    def __init__(self, results: list[Any] | None = None) -> None:
         self.results = results
-        self.calls: list[tuple[tuple[list[Any], ...], dict[str, Any]]] = []
+        self.inputs: list[tuple[Any, ...]] = []
+        self.kwargs: dict[str, Any] = {}
+        self.starmap = types.SimpleNamespace(aio=self._starmap)
 
-    def map(self, *iterables: Any, **kwargs: Any) -> Iterator[Any]:
-        self.calls.append((tuple(list(it) for it in iterables), kwargs))
-        return iter(self.results)
+    async def _starmap(self, inputs: Any, **kwargs: Any) -> Any:
+        self.kwargs = kwargs
+        results = iter(self.results) if self.results is not None else None
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def pump() -> None:
+            async for args in inputs:
+                self.inputs.append(args)
+                await queue.put(args)
+            await queue.put(None)
+
+        task = asyncio.create_task(pump())
+        try:
+            while (args := await queue.get()) is not None:
+                if results is None:
+                    yield {"key": str(args[0]), "result": {"args": list(args)}}
+                elif (result := next(results, None)) is not None:
+                    yield result
+                else:
+                    return
+        finally:
+            task.cancel()
 
 
-class FakeCommit:
+class FakeVolumeSync:
     def __init__(self) -> None:
-        self.commits = 0
+        self.log: list[str] = []
 
     def commit(self) -> None:
-        self.commits += 1
+        self.log.append("commit")
+
+    def reload(self) -> None:
+        self.log.append("reload")
+
+
+WIDE = runtime.Windows(download=100, chunk=100, embed=100)
 
 
 @dataclasses.dataclass
@@ -642,59 +784,96 @@ class Task:
 def test_mapper_pairs_out_of_order_results_with_their_inputs() -> None:
     chunk = FakeFunction([
         {"key": "00002", "result": {"chunks": 2}},
-        ShardFailed("00000", "StageError: broken shard"),
-        {"key": "00001", "result": {"chunks": 1}},
+        ShardFailed("00000", "OSError: volume busy"),
+        {"key": "00001", "error": "StageError: broken shard"},
     ])
-    vol = FakeCommit()
-    mapper = ModalMapper(download=FakeFunction([]), chunk=chunk, embed=FakeFunction([]), volume=vol)
-    pairs = list(mapper.chunk([("00000", None), ("00001", 10), ("00002", None)]))
+    vol = FakeVolumeSync()
+    mapper = ModalMapper(download=FakeFunction([]), chunk=chunk, embed=FakeFunction([]), windows=WIDE, volume=vol)
+    pairs = list(mapper.chunk(iter([("00000", None), ("00001", 10), ("00002", None)])))
     assert [p[0] for p in pairs] == ["00002", "00000", "00001"]
-    assert pairs[0][1] == {"chunks": 2} and pairs[2][1] == {"chunks": 1}
-    assert isinstance(pairs[1][1], ShardFailed) and str(pairs[1][1]) == "StageError: broken shard"
-    (iterables, kwargs), = chunk.calls
-    assert iterables == (["00000", "00001", "00002"], [None, 10, None])
-    assert kwargs == {"order_outputs": False, "return_exceptions": True}
-    assert vol.commits == 1
+    assert pairs[0][1] == {"chunks": 2}
+    assert isinstance(pairs[1][1], ShardFailed) and str(pairs[1][1]) == "OSError: volume busy"
+    assert isinstance(pairs[2][1], ShardFailed) and str(pairs[2][1]) == "StageError: broken shard"
+    assert chunk.inputs == [("00000", None), ("00001", 10), ("00002", None)]
+    assert chunk.kwargs == {"order_outputs": False, "return_exceptions": True}
+    assert vol.log == ["commit", "reload"]  # commit does not reload when the server says so: reload explicitly
 
 
 def test_mapper_gives_keyless_failures_to_the_inputs_left_without_a_result() -> None:
     timeout = modal.exception.FunctionTimeoutError("timed out")
     embed = FakeFunction([{"key": "b", "result": {"rows": 1}}, timeout])
-    pairs = dict(ModalMapper(download=FakeFunction([]), chunk=FakeFunction([]), embed=embed).embed(["a", "b"]))
+    mapper = ModalMapper(download=FakeFunction([]), chunk=FakeFunction([]), embed=embed, windows=WIDE)
+    pairs = dict(mapper.embed(iter(["a", "b"])))
     assert pairs["b"] == {"rows": 1} and pairs["a"] is timeout
 
     lost = RuntimeError("container lost")
     embed = FakeFunction([timeout, lost, {"key": "b", "result": {}}])
-    pairs = dict(ModalMapper(download=FakeFunction([]), chunk=FakeFunction([]), embed=embed).embed(["a", "b", "c"]))
+    mapper = ModalMapper(download=FakeFunction([]), chunk=FakeFunction([]), embed=embed, windows=WIDE)
+    pairs = dict(mapper.embed(iter(["a", "b", "c"])))
     assert pairs["b"] == {}
     for shard in ("a", "c"):  # two keyless failures with different causes: both failed, causes not attributable
         assert isinstance(pairs[shard], ShardFailed) and "without an input id" in str(pairs[shard])
 
     embed = FakeFunction([{"key": "a", "result": {}}])  # fewer results than inputs: the rest failed
-    pairs = dict(ModalMapper(download=FakeFunction([]), chunk=FakeFunction([]), embed=embed).embed(["a", "b"]))
+    mapper = ModalMapper(download=FakeFunction([]), chunk=FakeFunction([]), embed=embed, windows=WIDE)
+    pairs = dict(mapper.embed(iter(["a", "b"])))
     assert isinstance(pairs["b"], ShardFailed)
 
 
 def test_mapper_keys_download_tasks_by_position_and_never_maps_nothing() -> None:
     download = FakeFunction([{"key": "1", "result": ["00003"]}, {"key": "0", "result": ["00000", "00001"]}])
     empty = FakeFunction([])
-    vol = FakeCommit()
-    mapper = ModalMapper(download=download, chunk=empty, embed=empty, volume=vol)
+    vol = FakeVolumeSync()
+    mapper = ModalMapper(download=download, chunk=empty, embed=empty, windows=WIDE, volume=vol)
     tasks = [Task(0), Task(1)]
-    pairs = list(mapper.download(tasks))
+    pairs = list(mapper.download(iter(tasks)))
     assert pairs == [(tasks[1], ["00003"]), (tasks[0], ["00000", "00001"])]
-    assert download.calls[0][0] == (["0", "1"], [{"index": 0}, {"index": 1}])
-    assert list(mapper.chunk([])) == [] and list(mapper.embed([])) == [] and list(mapper.download([])) == []
-    assert empty.calls == [] and vol.commits == 1
+    assert download.inputs == [("0", {"index": 0}), ("1", {"index": 1})]
+    assert list(mapper.chunk(iter([]))) == [] and list(mapper.embed(iter([]))) == []
+    assert empty.inputs == [] and empty.kwargs == {} and vol.log == ["commit", "reload"]
 
 
-def test_shard_errors_keep_the_key_through_pickling() -> None:
+def test_mapper_pulls_inputs_only_as_its_window_has_room_and_stops_with_the_feed() -> None:
+    pulled: list[str] = []
+    stop_after = 7
+
+    def feed() -> Iterator[str]:
+        for i in range(100):
+            if len(pulled) >= stop_after:  # the orchestrator's deadline: the feed says no more
+                return
+            pulled.append(f"u{i}")
+            yield f"u{i}"
+
+    embed = FakeFunction()  # a fleet that would take everything at once
+    mapper = ModalMapper(download=FakeFunction(), chunk=FakeFunction(),
+                         embed=embed, windows=runtime.Windows(download=1, chunk=1, embed=3))
+    seen = []
+    for unit, result in mapper.embed(feed()):
+        seen.append(unit)
+        assert len(pulled) - len(seen) <= 3  # never more than the window in flight
+        assert result == {"args": [unit]}
+    assert seen == pulled == [f"u{i}" for i in range(stop_after)]  # every fed input drained, none after the stop
+
+
+def test_shard_errors_return_deterministic_failures_and_raise_transient_ones() -> None:
     import pickle
 
-    with pytest.raises(ShardFailed) as caught, runtime.shard_errors("00007"):
-        raise ValueError("bad row 3\nmore detail")
-    again = pickle.loads(pickle.dumps(caught.value))
-    assert (again.key, str(again)) == ("00007", "ValueError: bad row 3")
+    from volembed_runner.errors import EmbedderError, EmbedderUnavailable, SourceError, StageError
+
+    for deterministic in (SourceError("bad row 3\nmore detail"), StageError("not chunked"),
+                          EmbedderError("TEI rejected text 4: HTTP 422: too long"), ValueError("a bug")):
+        with runtime.shard_errors("00007") as reply:
+            raise deterministic
+        assert reply.to_dict() == {"key": "00007", "error": errors.describe(deterministic)}
+    for transient in (OSError("volume busy"), TimeoutError("read timed out"),
+                      EmbedderUnavailable("TEI failed text 0 after 7 attempts: HTTP 503")):
+        with pytest.raises(ShardFailed) as caught, runtime.shard_errors("00007"):
+            raise transient
+        again = pickle.loads(pickle.dumps(caught.value))
+        assert (again.key, str(again)) == ("00007", errors.describe(transient))
+    with runtime.shard_errors("00007") as reply:
+        reply.result = {"rows": 3}
+    assert reply.to_dict() == {"key": "00007", "result": {"rows": 3}}
 
 
 def test_follow_handovers_waits_through_the_chain() -> None:
@@ -757,4 +936,15 @@ def test_router_env_adds_cuda_compat_only_for_older_drivers() -> None:
     umd = "| NVIDIA-SMI 610.1   Driver Version: 610.1   CUDA UMD Version: 13.2 |"
     assert runtime.router_env({"LD_LIBRARY_PATH": "/x"}, old)["LD_LIBRARY_PATH"] == "/usr/local/cuda/compat:/x"
     assert runtime.router_env({"LD_LIBRARY_PATH": "/x"}, new)["LD_LIBRARY_PATH"] == "/x"
-    assert runtime.router_env({}, umd) == {} and runtime.router_env({}, None) == {}
+    assert runtime.router_env({}, umd) == runtime.router_env({}, None) == {"LOG_LEVEL": "warn"}
+
+
+def test_the_router_logs_at_warn_so_requests_are_not_each_a_log_line(fake_router: tuple[str, ...],
+                                                                    tmp_path: Path) -> None:
+    script = tmp_path / "env_router.py"
+    script.write_text("import os, sys\nprint('LOG_LEVEL=' + os.environ.get('LOG_LEVEL', ''), flush=True)\n"
+                      "sys.exit(3)\n")
+    with pytest.raises(RuntimeError, match="LOG_LEVEL=warn"):
+        TEIRouter.start([], port=_free_port(), timeout=20, executable=(sys.executable, str(script)), env={},
+                        poll_s=0.05)
+    assert runtime.router_env({"LOG_LEVEL": "debug"}, None)["LOG_LEVEL"] == "debug"  # a deliberate choice stays

@@ -27,6 +27,7 @@ from volembed_runner.backends.modal.runtime import ShardFailed
 from volembed_runner.loading import load_spec
 from volembed_runner.models import resolve_model_dir
 from volembed_runner.plan import MODAL_ROOT, Plan, make_plan
+from volembed_runner.units import parse_key
 
 from .tei_server import TEIServer, expected_vector
 
@@ -111,21 +112,23 @@ class LocalMapper:
     def _run(self, fn: Any, key: Any, *args: Any) -> tuple[Any, Any]:
         try:
             reply = _call(fn, *args)
-        except ShardFailed as exc:
+        except ShardFailed as exc:  # transient: Modal would retry it, then return it
             return key, exc
+        if reply.get("error"):  # deterministic: returned once
+            return key, ShardFailed(reply["key"], reply["error"])
         return key, reply["result"]
 
-    def download(self, tasks: list[Any]) -> Iterator[tuple[Any, Any]]:
+    def download(self, tasks: Iterator[Any]) -> Iterator[tuple[Any, Any]]:
         for i, task in enumerate(tasks):
             yield self._run(self.module.download, task, str(i), task.to_dict())
 
-    def chunk(self, shards: list[tuple[str, int | None]]) -> Iterator[tuple[str, Any]]:
+    def chunk(self, shards: Iterator[tuple[str, int | None]]) -> Iterator[tuple[str, Any]]:
         for shard, cap in shards:
             yield self._run(self.module.chunk, shard, shard, cap)
 
-    def embed(self, shards: list[str]) -> Iterator[tuple[str, Any]]:
-        for shard in shards:
-            yield self._run(self.embedder.embed, shard, shard)
+    def embed(self, units: Iterator[str]) -> Iterator[tuple[str, Any]]:
+        for unit in units:
+            yield self._run(self.embedder.embed, unit, unit)
 
 
 @pytest.fixture
@@ -172,18 +175,21 @@ def test_the_orchestrator_runs_every_stage_of_the_generated_app(app_module) -> N
     assert summary["ok"] and summary["stages"] == ["download", "chunk", "embed"] and summary["next_call"] is None
 
     folder = store.embeddings_dir(root, plan.name, plan.embed.fingerprint)
-    shards = store.done_shards(folder)
-    assert len(shards) == 5  # 30 documents, 7 per shard
-    table = pq.read_table([store.shard_path(folder, s) for s in shards])
-    chunks = pq.read_table([store.shard_path(store.chunks_dir(root, plan.name, plan.chunk.fingerprint), s)
-                            for s in shards])
+    chunk_folder = store.chunks_dir(root, plan.name, plan.chunk.fingerprint)
+    shards = store.done_shards(chunk_folder)
+    units = store.done_shards(folder)
+    assert len(shards) == 5 and len(units) >= 2 * 3  # 30 documents, 7 per shard; every input slot got units
+    # A chunk shard's vectors are its units' files in key order (row order), together its rows exactly once.
+    table = pq.read_table([store.shard_path(folder, u) for u in units])
+    chunks = pq.read_table([store.shard_path(chunk_folder, s) for s in shards])
     assert table.num_rows == chunks.num_rows and table["title"].to_pylist() == chunks["title"].to_pylist()
     want = np.stack([expected_vector(f"passage: {t}", server.dim) for t in chunks["text"].to_pylist()])
     assert np.allclose(np.array(table["embedding"].to_pylist(), dtype=np.float32), want, atol=1e-6)
     assert sorted(server.embedded) == sorted(f"passage: {t}" for t in chunks["text"].to_pylist())
     manifest = json.loads(store.manifest_path(root, plan.name).read_text())
     assert manifest["status"] == "succeeded" and manifest["totals"]["vectors"] == table.num_rows
-    assert module.volume.commits == 1 + 5 + 5 + 1  # each download task, chunk and embed shard, then the orchestrator
+    # each download task, chunk shard and embed unit commits, then the orchestrator
+    assert module.volume.commits == 1 + 5 + len(units) + 1
 
 
 def test_a_failing_shard_comes_back_keyed_and_is_listed(app_module, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -192,8 +198,8 @@ def test_a_failing_shard_comes_back_keyed_and_is_listed(app_module, monkeypatch:
     chunk_folder = store.chunks_dir(root, plan.name, plan.chunk.fingerprint)
     first = store.done_shards(chunk_folder)[0]
     server.poison = {"passage: " + pq.read_table(store.shard_path(chunk_folder, first))["text"][3].as_py()}
-    with pytest.raises(ShardFailed) as caught:
-        _call(LocalMapper(module).embedder.embed, first)
-    assert caught.value.key == first
+    reply = _call(LocalMapper(module).embedder.embed, first)  # the text fails its GPU batch every time: returned
+    assert reply["key"] == first and "HTTP 424" in reply["error"]
     summary = _call(module.orchestrate, "", 2)
-    assert not summary["ok"] and summary["failed"] == {"embed": [first]}
+    (failed,) = summary["failed"]["embed"]  # the one unit holding that chunk
+    assert not summary["ok"] and parse_key(failed)[0] == first and (parse_key(failed)[1] or 0) <= 3

@@ -313,3 +313,19 @@ def test_bad_settings_raise_embedder_error() -> None:
         TEIClient("")
     with pytest.raises(EmbedderError, match="max_retries"):
         TEIClient("http://127.0.0.1:1", max_retries=-1)
+
+
+def test_concurrent_calls_queue_their_requests_one_call_after_another() -> None:
+    # Embed units sharing one client finish one by one, so the next unit's requests are already queued while one
+    # unit's last requests run (no wave of units that all end, and all restart, at the same moment).
+    first, second = make_texts(64, seed=1), [f"second {t}" for t in make_texts(64, seed=2)]
+
+    async def go() -> None:
+        async with TEIClient(server.url, **FAST) as client:
+            await asyncio.gather(client.embed(first, server.count_tokens(first)),
+                                 client.embed(second, server.count_tokens(second)))
+
+    with TEIServer(max_client_batch_size=8, max_concurrent_requests=16, delay=0.01) as server:
+        asyncio.run(go())
+    order = ["second" if t.startswith("second ") else "first" for t in server.embedded]
+    assert order == ["first"] * 64 + ["second"] * 64

@@ -124,6 +124,10 @@ def _dry_run(plan: Plan, prices: Path | None, as_json: bool) -> None:
     from volembed_runner.estimate import estimate
     from volembed_runner.ui.estimate import render
 
+    if plan.backend == "modal":
+        from volembed_runner.backends.modal.render import validate
+
+        validate(plan)  # what the run would refuse, the dry run refuses too
     est = estimate(plan, prices=prices)
     out = out_console()
     if as_json:
@@ -138,10 +142,12 @@ def _dry_run(plan: Plan, prices: Path | None, as_json: bool) -> None:
 
 def _run_modal(plan: Plan, *, until: str | None, yes: bool, detach: bool, prices: Path | None,
                as_json: bool) -> None:
+    from volembed_runner.backends.modal.render import validate
     from volembed_runner.estimate import Estimate, estimate
     from volembed_runner.run import check_spend, run_modal
     from volembed_runner.ui.estimate import render
 
+    validate(plan)  # a spec that cannot run well on Modal is refused before its estimate is shown
     err = err_console()
 
     def confirm(est: Estimate) -> bool:

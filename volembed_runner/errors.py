@@ -4,12 +4,17 @@ VolembedError                 base; never raised itself
 ├── SpecError                 a job spec is invalid: every problem with file, line, column and field   (exit 2)
 ├── SourceError               a dataset source cannot be found, listed, read or downloaded              (exit 3)
 ├── ModelError                a model or tokenizer cannot be resolved                                   (exit 3)
-├── EmbedderError             the embedding engine or TEI server failed beyond its retries              (exit 1)
-│   ├── TextsFailedError      some texts of one embed call were refused or failed; `indices` locate them
+├── EmbedderError             the embedding engine or TEI server rejected an input or misbehaved        (exit 1)
+│   ├── EmbedderUnavailable   ... or kept failing transiently (429, 5xx, timeouts) beyond its retries   (exit 1)
+│   ├── TextsFailedError      some texts of one embed call were refused; `indices` locate them
 │   └── VectorCheckError      an answer failed a vector check (count, dimension, finite, norm...); `check`
 ├── StageError                one or more shards of a stage failed; the manifest lists them             (exit 1)
 ├── BackendError              the backend cannot run the job (no Modal credentials, app failed)         (exit 4)
 └── RunHeld                   another writer holds the run's lease (one writer per run)                 (exit 6)
+
+Each class says whether its failure is `transient`: whether the same input may succeed on another attempt. Only
+transient failures are retried (by Modal, whose `Retries` retry whatever a function raises, so a stage returns a
+deterministic failure instead of raising it); `is_transient` extends the rule to the exceptions of the libraries.
 """
 
 from __future__ import annotations
@@ -39,10 +44,19 @@ def name_list(names: Iterable[object], most: int = 12) -> str:
     return (", ".join(items[:most]) or "none") + more
 
 
+def is_transient(exc: BaseException) -> bool:
+    """True when another attempt at the same input may succeed: a transient VolembedError, or an I/O failure
+    (OSError: the Volume, the network, timeouts). Invalid data, rejected inputs and bugs fail the same way again."""
+    if isinstance(exc, VolembedError):
+        return exc.transient
+    return isinstance(exc, OSError)
+
+
 class VolembedError(Exception):
     """Base of every error the CLI reports as one line instead of a traceback."""
 
     exit_code = 1
+    transient = False  # True: the same input may succeed on another attempt, so it is worth retrying
 
 
 @dataclass(frozen=True)
@@ -82,7 +96,7 @@ class ModelError(VolembedError):
 
 
 class EmbedderError(VolembedError):
-    """The embedding engine or server failed a request beyond its retry budget."""
+    """The embedding engine or server rejected an input (TEI 4xx, over a limit) or returned something unusable."""
 
     exit_code = 1
 
@@ -115,6 +129,12 @@ class VectorCheckError(EmbedderError):
 
     def __reduce__(self) -> tuple[type, tuple[str, str, tuple[int, ...]]]:
         return type(self), (str(self), self.check, self.indices)
+
+
+class EmbedderUnavailable(EmbedderError):
+    """The embedding server kept failing transiently (429, 5xx, connection errors, timeouts) beyond its retries."""
+
+    transient = True
 
 
 class StageError(VolembedError):

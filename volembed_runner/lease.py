@@ -212,7 +212,7 @@ class Lease:
             now = clock()
             last = current(lease_store)
             if last is not None and last.live(now) and not _process_gone(last.holder):
-                if last.beating(now) or last.expires_at > deadline:
+                if _refused(last, now, deadline):
                     raise RunHeld(_held_message(last, now))
                 sleep(min(last.expires_at - now, 60.0))
                 continue
@@ -245,6 +245,21 @@ class Lease:
                 return
             self.record = replace(self.record, released=True, heartbeat_at=self.clock())
             self.store.write(self.record.epoch, self.record.to_dict())
+
+
+def _refused(last: LeaseRecord, now: float, deadline: float) -> bool:
+    """True when a live record refuses a new holder: its holder beats, or its work may run past `deadline`."""
+    return last.beating(now) or last.expires_at > deadline
+
+
+def check_free(lease_store: LeaseStore, *, wait: float = 0.0, clock: Callable[[], float] = time.time) -> None:
+    """Raise RunHeld (naming the holder) when `Lease.acquire(..., wait=wait)` would refuse now; take nothing.
+
+    What a launcher asks before it starts anything, so a second launch of a live run stops with one line."""
+    now = clock()
+    last = current(lease_store)
+    if last is not None and last.live(now) and not _process_gone(last.holder) and _refused(last, now, now + wait):
+        raise RunHeld(_held_message(last, now))
 
 
 def _held_message(last: LeaseRecord, now: float) -> str:

@@ -1,15 +1,17 @@
 """The pipeline's control flow, shared by both backends: which shards to run, resume, failure accounting, hand-over.
 
-A backend supplies a `Mapper` (a process pool locally; `Function.map` on Modal) and the orchestrator decides what to
-map. It is the one place that checks done-markers: it skips finished work, records every failure in the manifest
-with its cause, reports progress as typed events, and stops cleanly before a deadline so a fresh orchestrator can
-pick up where it left off (resume makes that safe). Stage functions just do the work they are given.
+A backend supplies a `Mapper` (a process pool locally; `Function.map` on Modal) and the fleet the embed stage runs
+on, and the orchestrator decides what to map. It is the one place that checks done-markers: it skips finished work,
+cuts the embed stage's units to the fleet (`units.plan_units`), records every failure in the manifest with its
+cause, reports progress as typed events, and stops feeding before a deadline so a fresh orchestrator can pick up
+where it left off (resume makes that safe). Stage functions just do the work they are given.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -21,10 +23,12 @@ from volembed_runner.plan import Plan
 from volembed_runner.sources import SourceTask
 from volembed_runner.stages import download as download_stage
 from volembed_runner.stages.finish import Manifest
+from volembed_runner.units import Fleet, ShardSize, fleet_of, plan_units
 
 STAGES = ("download", "chunk", "embed")
 Stats = dict[str, Any]  # what a finished shard's done-marker records
 K = TypeVar("K")
+T = TypeVar("T")
 
 
 class Mapper(Protocol):
@@ -38,7 +42,21 @@ class Mapper(Protocol):
 
     def chunk(self, shards: Iterator[tuple[str, int | None]]) -> Iterable[tuple[str, Stats | BaseException]]: ...
 
-    def embed(self, shards: Iterator[str]) -> Iterable[tuple[str, Stats | BaseException]]: ...
+    def embed(self, units: Iterator[str]) -> Iterable[tuple[str, Stats | BaseException]]: ...
+
+
+def drive(results: AsyncGenerator[T, None]) -> Iterator[T]:
+    """Iterate an async generator from synchronous code, on one event loop that lives as long as the iteration
+    (how a mapper whose work is async hands its results to the orchestrator's loop)."""
+    with asyncio.Runner() as runner:
+        try:
+            while True:
+                try:
+                    yield runner.run(anext(results))
+                except StopAsyncIteration:
+                    return
+        finally:
+            runner.run(results.aclose())
 
 
 class Feed(Iterator[K]):
@@ -106,21 +124,24 @@ def orchestrate(
     wait: float = 0.0,
     until: str | None = None,
     deadline: float | None = None,
+    fleet: Fleet | None = None,
     clock: Callable[[], float] = time.time,
     on_event: Callable[[Event], None] | None = None,
 ) -> Outcome:
-    """Run download → chunk → embed → finish over `root`, skipping finished shards; stop early at `deadline`.
+    """Run download → chunk → embed → finish over `root`, skipping finished work; stop feeding at `deadline`.
 
     The pass holds the run's lease (`lease.py`) from before it touches the manifest to its end, so a second run of
     the same spec is refused (RunHeld) without writing anything. `work_seconds` is how long one submitted input may
     run if this process dies (the lease then stays taken that long); `wait` how long to wait for a stopped holder's.
+    `fleet` is what the embed units are sized for (default: the plan's, its rate unknown).
     An error that ends the whole pass (an unlistable source, say) is recorded in the manifest before it propagates,
     so `status` never shows a dead run as running.
     """
+    fleet = fleet or fleet_of(plan, None)
     with held(lease_store, holder, work_seconds=work_seconds, wait=wait) as keeper:
         manifest = Manifest.open(root, plan)
         try:
-            return _passes(plan, root, mapper, manifest, keeper, until, deadline, clock,
+            return _passes(plan, root, mapper, manifest, keeper, until, deadline, fleet, clock,
                            on_event or (lambda event: None))
         except BaseException as exc:
             manifest.abort(describe(exc))
@@ -135,6 +156,7 @@ def _passes(
     keeper: Keeper,
     until: str | None,
     deadline: float | None,
+    fleet: Fleet,
     clock: Callable[[], float],
     emit: Callable[[Event], None],
 ) -> Outcome:
@@ -178,16 +200,25 @@ def _passes(
         manifest.close(outcome_ok=outcome.ok)
         return outcome
 
-    # Embed: one chunk shard → one embedding shard.
+    # Embed: the chunk shards' rows not yet embedded, in units sized to the fleet (one embedding file per unit).
     embed_folder = store.embeddings_dir(root, plan.name, plan.embed.fingerprint)
-    chunked = store.done_shards(chunk_folder)
-    already = set(store.done_shards(embed_folder))
-    todo_embed = [s for s in chunked if s not in already]
-    if not _run_shards("embed", todo_embed, len(chunked), mapper.embed, manifest, keeper, outcome, emit,
-                       out_of_time):
+    already = store.done_shards(embed_folder)
+    todo_embed = [unit.key for unit in plan_units(chunk_sizes(plan, chunk_folder), fleet, already)]
+    if not _run_shards("embed", todo_embed, len(todo_embed) + len(already), mapper.embed, manifest, keeper, outcome,
+                       emit, out_of_time):
         return outcome
     manifest.close(outcome_ok=outcome.ok)
     return outcome
+
+
+def chunk_sizes(plan: Plan, chunk_folder: Path) -> list[ShardSize]:
+    """Every finished chunk shard's rows and processed tokens (its chunk tokens + the special tokens TEI adds)."""
+    out = []
+    for shard in store.done_shards(chunk_folder):
+        stats = store.read_marker(store.shard_path(chunk_folder, shard))
+        rows = int(stats.get("chunks", 0))
+        out.append(ShardSize(shard, rows, float(stats.get("tokens", 0)) + rows * plan.model.special_tokens))
+    return out
 
 
 def _run_shards(

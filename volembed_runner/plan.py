@@ -80,6 +80,7 @@ class ModelSettings:
     params_m: float | None
     tokenizer_family: str | None
     known_issues: tuple[str, ...]
+    revision_source: str | None = None  # why `revision` is what it is when the spec left it null (the catalog's pin)
 
     @property
     def location(self) -> str:
@@ -300,7 +301,29 @@ def model_slug(model: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name) or "model"
 
 
-def resolve_model(ref: str, revision: str | None, backend: str) -> ModelSettings:
+def is_commit(revision: str | None) -> bool:
+    """True for a full 40-hex commit id (a branch or tag can move under a run)."""
+    return re.fullmatch(r"[0-9a-f]{40}", revision or "") is not None
+
+
+def tei_revision(ref: str, revision: str | None, backend: str, spec_path: Path) -> tuple[str | None, str | None]:
+    """(revision, where it came from) of a model TEI will load on Modal: where the catalog knows the pinned TEI cannot
+    load the Hub's main, a null revision becomes the catalog's known-good commit and a branch or tag is refused
+    (SpecError naming embedding.revision), so the combination never reaches a GPU."""
+    known = catalog.find_model(ref)
+    if backend != "modal" or known is None or known.tei_revision is None or Path(ref).is_dir():
+        return revision, None
+    if revision is None:
+        return known.tei_revision, f"catalog: {known.tei_revision_source}"
+    if is_commit(revision):
+        return revision, None
+    issue = known.known_issues[0] if known.known_issues else "the pinned TEI cannot load it"
+    raise SpecError([SpecIssue(str(spec_path), "embedding.revision",
+                               f"{revision!r} is not a commit, and {issue}; leave embedding.revision null to use "
+                               f"{known.tei_revision} (the catalog's known-good commit), or pin another")])
+
+
+def resolve_model(ref: str, revision: str | None, backend: str, revision_source: str | None = None) -> ModelSettings:
     """The model's record: the catalog's facts, and where its files are (a local folder; the images' copy on Modal,
     where the weights are baked into the GPU image and the tokenizer into the CPU image)."""
     known = catalog.find_model(ref)
@@ -320,6 +343,7 @@ def resolve_model(ref: str, revision: str | None, backend: str) -> ModelSettings
         params_m=known.params_m if known else None,
         tokenizer_family=known.tokenizer if known else None,
         known_issues=known.known_issues if known else (),
+        revision_source=revision_source,
     )
 
 
@@ -387,7 +411,9 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
     )
 
     emb = spec.embedding
-    model = resolve_model(model_ref(emb.model, spec_path), emb.revision, backend)
+    ref = model_ref(emb.model, spec_path)
+    revision, revision_source = tei_revision(ref, emb.revision, backend, spec_path)
+    model = resolve_model(ref, revision, backend, revision_source)
     chunk_key = {
         "data": data.fingerprint,
         "size": spec.chunking.size,
@@ -414,7 +440,7 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
         "chunks": chunk.fingerprint,
         "engine": engine,
         "model": model.ref,
-        "revision": emb.revision,
+        "revision": revision,
         "prefix": spec.prefix,
         "normalize": emb.normalize,
         "dimensions": emb.dimensions,
@@ -441,7 +467,7 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
         fingerprint=fingerprint(embed_key),
     )
     warnings = []
-    if model.known and engine == "tei" and not re.fullmatch(r"[0-9a-f]{40}", emb.revision or ""):
+    if model.known and engine == "tei" and not is_commit(revision):
         warnings.extend(f"{model.ref}: {issue}" for issue in model.known_issues)
     resolved = spec.model_dump(mode="json")
     return Plan(

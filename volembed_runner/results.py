@@ -26,6 +26,7 @@ import orjson
 from volembed_runner import store
 from volembed_runner.errors import BackendError
 from volembed_runner.plan import MODAL_ROOT, Plan
+from volembed_runner.units import parse_key
 
 STAGES = ("data", "chunks", "embeddings")
 CURRENT_VERSION = 1
@@ -219,14 +220,15 @@ def shard_id(path: str) -> str:
 
 
 def by_chunk_shard(vector_files: list[Entry], chunk_ids: list[str]) -> dict[str, list[Entry]]:
-    """Embedding files grouped by the chunk shard they embed: the file of that shard's name, or the several files
-    of it named `<shard>-<part>` (units smaller than a shard); a file of no known chunk shard keeps its own id."""
-    known = sorted(chunk_ids, key=len, reverse=True)
+    """Embedding files grouped by the chunk shard they embed (one file, or the files of its embed units, `units.py`),
+    each group in row order; a file of no known chunk shard keeps its own id."""
+    known = set(chunk_ids)
     groups: dict[str, list[Entry]] = {}
     for entry in vector_files:
-        own = shard_id(entry.path)
-        shard = next((c for c in known if own == c or own.startswith(c + "-")), own)
-        groups.setdefault(shard, []).append(entry)
+        shard, _, _ = parse_key(shard_id(entry.path))
+        groups.setdefault(shard if shard in known else shard_id(entry.path), []).append(entry)
+    for entries in groups.values():
+        entries.sort(key=lambda e: parse_key(shard_id(e.path))[1] or 0)
     return groups
 
 

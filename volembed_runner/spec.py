@@ -95,7 +95,8 @@ class Dataset(_Section):
     )
     num_rows: Count | None = Field(None, description="Size hint for the dry run: number of rows")
     num_bytes: Count | None = Field(None, description="Size hint for the dry run: UTF-8 bytes of the text column")
-    shard_rows: Count = Field(50_000, description="Most documents per shard, the unit of work and of resume")
+    shard_rows: Count = Field(50_000, description="Most documents per shard, the unit of download and chunk work "
+                              "and of their resume; embed units are cut from chunk shards to fit the fleet")
     duplicate_ids: Literal["error", "suffix"] = Field(
         "error", description="Ids that occur more than once: fail naming them (error), or rename later copies "
         "<id>#2, <id>#3 (suffix)")
@@ -210,7 +211,7 @@ class Compute(_Section):
     )
     concurrency_limit: Count = Field(10, description="Max GPU containers (Modal max_containers)")
     allow_concurrent_inputs: Count = Field(
-        4, description="Chunk shards in flight per GPU container (Modal @modal.concurrent max_inputs)"
+        4, description="Embed units in flight per GPU container (Modal @modal.concurrent max_inputs)"
     )
     secrets: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,63}$")]] = Field(
         default_factory=list, description="Modal Secret names, e.g. [huggingface] for HF_TOKEN")
@@ -219,9 +220,11 @@ class Compute(_Section):
     )
     max_batch_tokens: Count | None = Field(None, description="TEI --max-batch-tokens (default: per GPU, catalog)")
     timeout: Annotated[int, Field(ge=60, le=86_400)] = Field(
-        3600, description="Seconds one shard may take in one container attempt (Modal timeout)"
+        3600, description="Seconds one input (a source file, a shard, an embed unit) may take in one container "
+        "attempt (Modal timeout); embed units are cut to a quarter of it"
     )
-    retries: NonNegative = Field(3, description="Modal retries per shard (container loss, preemption)")
+    retries: NonNegative = Field(3, description="Modal retries per input, of transient failures only (container "
+                                 "loss, preemption, timeouts, TEI 5xx, Volume I/O)")
 
 
 

@@ -5,7 +5,8 @@ share one layout:
 
     <root>/data/<data_fp>/shard-00000.parquet                        (+ .done marker)
     <root>/runs/<name>/chunks/<chunk_fp>/shard-00000.parquet         (+ .done marker)
-    <root>/runs/<name>/embeddings/<embed_fp>/shard-00000.parquet     (+ .done marker)
+    <root>/runs/<name>/embeddings/<embed_fp>/shard-00000.parquet     (+ .done marker; one file per embed unit:
+    <root>/runs/<name>/embeddings/<embed_fp>/shard-00000.000000000-000004096.parquet    a shard, or rows of it)
     <root>/runs/<name>/manifest.json, stats.json
     <root>/runs/<name>/current.json                                  (the fingerprints of the run's current outputs)
     <root>/runs/<name>/lease/00000003.json                           (the run's lease, local volumes)

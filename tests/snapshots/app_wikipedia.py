@@ -17,7 +17,7 @@ import modal
 # Every value below is a literal rendered from the job's Plan; the code after this block is the same for every job.
 RENDERED_BY = 'volembed-runner 0.1.0'
 APP_NAME = 'wikipedia-bge-base'
-VOLUME_NAME = 'embedding-wikipedia'
+VOLUME_NAME = 'volembed-wikipedia'
 ROOT = '/vol'  # where the Volume is mounted in every container (never /data: TEI's image uses it)
 SECRET_NAMES = []
 HUB_SECRET_NAMES = []  # output.hub.secret: HF_TOKEN for `push`, only where it pushes
@@ -48,7 +48,8 @@ TEI_PACKAGES = [
 TEI_REGISTRY = 'ghcr.io/huggingface/text-embeddings-inference'
 TEI_TAG = '86-1.9.3'  # the TEI build for this GPU's architecture, pinned to a patch release
 MODEL_ID = 'BAAI/bge-base-en-v1.5'
-MODEL_REVISION = None  # None means the Hub's main at image build time: pin a commit to reproduce
+# None means the Hub's main at image build time: pin a commit to reproduce (PLAN's model says where a pin came from).
+MODEL_REVISION = None
 MODEL_FILES = ['*.json', '*.safetensors', '*.txt', '1_Pooling/*', '2_Dense*/*']
 TOKENIZER_FILES = ['tokenizer.json']  # all the chunk stage reads of the model
 LOCAL_MODEL = None  # a model folder on the rendering machine, copied into the images instead
@@ -56,7 +57,10 @@ MODEL_DIR = '/models/BAAI--bge-base-en-v1.5'
 
 GPU = 'A10'
 EMBED_MAX_CONTAINERS = 50  # spec compute.concurrency_limit
-EMBED_MAX_INPUTS = 4  # spec compute.allow_concurrent_inputs: chunk shards sharing one TEI
+EMBED_MAX_INPUTS = 40  # spec compute.allow_concurrent_inputs: embed units sharing one TEI
+# One GPU's rate (processed tokens/s) that embed units are sized by: a stored calibration, else the catalog's.
+EMBED_TOKENS_PER_SECOND = 45900
+EMBED_RATE_KIND = 'table'
 EMBED_CPU = 4.0
 EMBED_MEMORY_MIB = 8192
 EMBED_SCALEDOWN_S = 60
@@ -64,7 +68,7 @@ EMBED_STARTUP_TIMEOUT_S = 1200
 ROUTER_READY_TIMEOUT_S = 1080  # shorter, so the container says why before Modal gives up
 TEI_URL = 'http://127.0.0.1:8000'
 TEI_PORT = 8000
-TEI_CLIENT = {'payload_limit': 2000000, 'max_requests_in_flight': 16}
+TEI_CLIENT = {'payload_limit': 2000000, 'max_requests_in_flight': 160}
 ROUTER_ARGS = [
     '--model-id', '/models/BAAI--bge-base-en-v1.5',
     '--served-model-name', 'BAAI/bge-base-en-v1.5',
@@ -73,7 +77,7 @@ ROUTER_ARGS = [
     '--prometheus-port', '9000',
     '--max-batch-tokens', '32768',
     '--max-client-batch-size', '64',
-    '--max-concurrent-requests', '512',
+    '--max-concurrent-requests', '5120',
     '--payload-limit', '2000000',
     '--tokenization-workers', '3',
     '--auto-truncate', 'true',
@@ -86,30 +90,33 @@ CHUNK_MEMORY_MIB = 4096
 DOWNLOAD_MAX_CONTAINERS = 32
 DOWNLOAD_CPU = 2.0
 DOWNLOAD_MEMORY_MIB = 4096
-TIMEOUT_S = 3600  # one shard, one attempt
+TIMEOUT_S = 3600  # one input (a source file, a shard, an embed unit), one attempt
 RETRIES = 3
 RETRY_INITIAL_DELAY_S = 5.0
 RETRY_BACKOFF = 2.0
 ORCHESTRATE_CPU = 1.0
 ORCHESTRATE_MEMORY_MIB = 2048
 ORCHESTRATE_TIMEOUT_S = 86400
-HANDOVER_AFTER_S = 84600
 LEASE_DICT = 'volembed-runner-leases'
+LEASE_RUN = 'volembed-wikipedia/wikipedia-bge-base'  # this run's key in the Dict: its Volume and name
 # The longest one input can run (its attempts and their backoff): a dead orchestrator's inputs may run that long.
 INPUT_WORK_S = 14435
+# An orchestrator stops feeding inputs this long after it starts: what it fed drains within INPUT_WORK_S, and the
+# rest of its timeout records the manifest and spawns the next orchestrator.
+HANDOVER_AFTER_S = 70165
 MAX_PASSES = 60
 
 # The resolved job: settings, fingerprints and provenance (spec, its hash, the git commit) this container can't see.
 PLAN = {
     'name': 'wikipedia-bge-base',
     'backend': 'modal',
-    'volume': 'embedding-wikipedia',
+    'volume': 'volembed-wikipedia',
     'spec_path': 'pipelines/wikipedia.yaml',
     'spec': {
         'version': 1,
         'name': 'wikipedia-bge-base',
         'backend': 'modal',
-        'volume': 'embedding-wikipedia',
+        'volume': 'volembed-wikipedia',
         'dataset': {
             'hf': 'wikimedia/wikipedia',
             'config': '20231101.en',
@@ -123,7 +130,7 @@ PLAN = {
             'limit': None,
             'num_rows': 6458670,
             'num_bytes': 19560538957,
-            'shard_rows': 20000,
+            'shard_rows': 50000,
             'duplicate_ids': 'error',
         },
         'chunking': {'size': 510, 'overlap': 50, 'workers': 100},
@@ -140,7 +147,7 @@ PLAN = {
         'compute': {
             'gpu': 'A10',
             'concurrency_limit': 50,
-            'allow_concurrent_inputs': 4,
+            'allow_concurrent_inputs': 40,
             'secrets': [],
             'max_cost': None,
             'max_batch_tokens': None,
@@ -149,7 +156,7 @@ PLAN = {
         },
         'output': {'include_text': False, 'hub': None},
     },
-    'spec_hash': 'cd9eddf83f35c501',
+    'spec_hash': '96178e139b37c972',
     'git': {'commit': None, 'dirty': None},
     'data': {
         'kind': 'hf',
@@ -163,11 +170,11 @@ PLAN = {
         'id_column': 'id',
         'keep_columns': ['url', 'title'],
         'limit': None,
-        'shard_rows': 20000,
+        'shard_rows': 50000,
         'duplicate_ids': 'error',
         'num_rows': 6458670,
         'num_bytes': 19560538957,
-        'fingerprint': '3274ed508dd421b1',
+        'fingerprint': '4796611000024023',
     },
     'model': {
         'ref': 'BAAI/bge-base-en-v1.5',
@@ -181,16 +188,17 @@ PLAN = {
         'params_m': 109,
         'tokenizer_family': 'bert-base-uncased-wordpiece',
         'known_issues': [],
+        'revision_source': None,
     },
     'chunk': {
-        'data_fingerprint': '3274ed508dd421b1',
+        'data_fingerprint': '4796611000024023',
         'size': 510,
         'overlap': 50,
         'keep_columns': ['url', 'title'],
-        'fingerprint': 'a0d75ca702d016a9',
+        'fingerprint': '250bf3334413514d',
     },
     'embed': {
-        'chunk_fingerprint': 'a0d75ca702d016a9',
+        'chunk_fingerprint': '250bf3334413514d',
         'engine': 'tei',
         'precision': 'float16',
         'prefix': '',
@@ -204,12 +212,12 @@ PLAN = {
         'truncate': False,
         'input_overhead': 2,
         'server': 'tei:1.9.3',
-        'fingerprint': 'd3588a9705644679',
+        'fingerprint': 'dac76d28565a760f',
     },
     'compute': {
         'gpu': 'A10',
         'concurrency_limit': 50,
-        'allow_concurrent_inputs': 4,
+        'allow_concurrent_inputs': 40,
         'chunk_workers': 100,
         'secrets': [],
         'max_cost': None,
@@ -238,7 +246,8 @@ hub_secrets = [modal.Secret.from_name(name) for name in HUB_SECRET_NAMES]
 # One writer per run: the orchestrator holds the run's lease in this Dict (shared by every volembed-runner app of the
 # workspace, keyed by volume and run) while it writes to the Volume; a second orchestrator of the run is refused.
 leases = modal.Dict.from_name(LEASE_DICT, create_if_missing=True)
-# Shards are idempotent (done-markers), so a retry after a lost or preempted container is always safe.
+# Inputs are idempotent (done-markers), so a retry after a lost or preempted container is always safe. Modal retries
+# whatever a function raises, so the stages raise only transient failures; a deterministic one is returned, once.
 retry_policy = modal.Retries(
     max_retries=RETRIES, backoff_coefficient=RETRY_BACKOFF, initial_delay=RETRY_INITIAL_DELAY_S
 )
@@ -294,7 +303,14 @@ tei_image = tei_image.add_local_python_source("volembed_runner", ignore=package_
 # The stage code: importable wherever volembed-runner is installed and in both images, but not in build steps. Each
 # image imports what its functions use, in a block of its own, so an import that fails is reported on its image.
 with cpu_image.imports():
-    from volembed_runner.backends.modal.runtime import DictLeaseStore, ModalMapper, follow_handovers, shard_errors
+    from volembed_runner.backends.modal.runtime import (
+        DictLeaseStore,
+        ModalMapper,
+        Windows,
+        follow_handovers,
+        shard_errors,
+        sync_volume,
+    )
     from volembed_runner.lease import Holder
     from volembed_runner.orchestrate import Event, ShardFinished, StageStarted
     from volembed_runner.orchestrate import orchestrate as run_pipeline
@@ -302,6 +318,7 @@ with cpu_image.imports():
     from volembed_runner.sources import SourceTask
     from volembed_runner.stages.chunk import run_shard
     from volembed_runner.stages.download import download_task
+    from volembed_runner.units import fleet_of
 with tei_image.imports():
     from volembed_runner.backends.modal.runtime import TEIRouter, shard_errors, sync_volume
     from volembed_runner.plan import Plan
@@ -314,11 +331,11 @@ with tei_image.imports():
               timeout=TIMEOUT_S, retries=retry_policy, max_containers=DOWNLOAD_MAX_CONTAINERS)
 def download(key: str, task: dict) -> dict:
     """Download one source file into shards on the Volume; returns its key with the shard ids it wrote."""
-    with shard_errors(key):
-        volume.reload()  # a warm container sees what others committed since it started
-        shards = download_task(Path(ROOT), Plan.from_dict(PLAN).data, SourceTask.from_dict(task))
-        volume.commit()
-    return {"key": key, "result": shards}
+    with shard_errors(key) as reply:
+        sync_volume(volume, reload=True)  # a warm container sees what others committed since it started
+        reply.result = download_task(Path(ROOT), Plan.from_dict(PLAN).data, SourceTask.from_dict(task))
+        sync_volume(volume)
+    return reply.to_dict()
 
 
 # ── Stage 2: chunk ───────────────────────────────────────────────────────────────────────────────────────────────
@@ -327,23 +344,24 @@ def download(key: str, task: dict) -> dict:
               timeout=TIMEOUT_S, retries=retry_policy, max_containers=CHUNK_MAX_CONTAINERS)
 def chunk(shard: str, max_rows: int | None) -> dict:
     """Chunk one source shard; returns its id with the shard's statistics."""
-    with shard_errors(shard):
-        volume.reload()  # the source shard was committed by a download container
-        stats = run_shard(Path(ROOT), Plan.from_dict(PLAN), shard, max_rows)
-        volume.commit()
-    return {"key": shard, "result": stats}
+    with shard_errors(shard) as reply:
+        sync_volume(volume, reload=True)  # the source shard was committed by a download container
+        reply.result = run_shard(Path(ROOT), Plan.from_dict(PLAN), shard, max_rows)
+        sync_volume(volume)
+    return reply.to_dict()
 
 
 # ── Stage 3: embed ───────────────────────────────────────────────────────────────────────────────────────────────
-# One TEI router per GPU container. An input is a chunk shard's id: the container reads the shard from the Volume
-# and writes its vectors back, so texts and vectors never pass through Modal's queue, and EMBED_MAX_INPUTS shards
-# share one TEI client whose requests keep the router's queue full.
+# One TEI router per GPU container. An input is an embed unit (a chunk shard, or a range of its rows, sized by the
+# orchestrator to this fleet): the container reads it from the Volume and writes its vectors back, so texts and
+# vectors never pass through Modal's queue, and EMBED_MAX_INPUTS units share one TEI client whose requests keep the
+# router's queue full.
 @app.cls(image=tei_image, gpu=GPU, volumes=VOLUMES, secrets=secrets, cpu=EMBED_CPU, memory=EMBED_MEMORY_MIB,
          timeout=TIMEOUT_S, startup_timeout=EMBED_STARTUP_TIMEOUT_S, retries=retry_policy,
          max_containers=EMBED_MAX_CONTAINERS, scaledown_window=EMBED_SCALEDOWN_S)
 @modal.concurrent(max_inputs=EMBED_MAX_INPUTS)
 class Embedder:
-    """Embeds chunk shards through a TEI router started once per container."""
+    """Embeds units of chunk shards through a TEI router started once per container."""
 
     @modal.enter()
     def start(self) -> None:
@@ -353,16 +371,16 @@ class Embedder:
         self.client = None
 
     @modal.method()
-    async def embed(self, shard: str) -> dict:
-        """Embed one chunk shard; returns its id with the shard's statistics."""
-        with shard_errors(shard):
+    async def embed(self, unit: str) -> dict:
+        """Embed one unit; returns its key with the unit's statistics."""
+        with shard_errors(unit) as reply:
             if self.client is None:  # created on the event loop the inputs run on, shared by all of them
                 self.client = tei_client(self.plan, TEI_URL, **TEI_CLIENT)
                 await self.client.info()  # the router must serve the plan's model (checked once per container)
             sync_volume(volume, reload=True)
-            stats = await embed_shard_async(Path(ROOT), self.plan, shard, self.client)
+            reply.result = await embed_shard_async(Path(ROOT), self.plan, unit, self.client)
             sync_volume(volume)
-        return {"key": shard, "result": stats}
+        return reply.to_dict()
 
     @modal.exit()
     def stop(self) -> None:
@@ -390,8 +408,9 @@ def push(repo: str, private: bool = False, license: str = "") -> dict:
 
 
 # ── Orchestrator ─────────────────────────────────────────────────────────────────────────────────────────────────
-# The control flow runs inside Modal, so a detached run survives a closed laptop. It skips finished shards, records
-# failures in the manifest, and before its 24 h limit hands over to a fresh call (resume makes that safe).
+# The control flow runs inside Modal, so a detached run survives a closed laptop. It skips finished work, records
+# failures in the manifest, and before its 24 h limit stops feeding, drains what it fed and hands over to a fresh
+# call (resume makes that safe; the lease makes the successor wait for any input a dead predecessor left running).
 def log_event(event: Event) -> None:
     """One log line per stage and per failed shard; progress lives in the manifest (`volembed-run status`)."""
     if isinstance(event, StageStarted):
@@ -407,12 +426,15 @@ def log_event(event: Event) -> None:
 def orchestrate(until: str = "", passes: int = 1) -> dict:
     """Run download → chunk → embed → finish over the Volume; returns a summary (`next_call` after a hand-over)."""
     deadline = time.time() + HANDOVER_AFTER_S
-    mapper = ModalMapper(download=download, chunk=chunk, embed=Embedder().embed, volume=volume)
-    lease_store = DictLeaseStore(leases, f"{VOLUME_NAME}/{APP_NAME}")
-    outcome = run_pipeline(Plan.from_dict(PLAN), Path(ROOT), mapper, lease_store=lease_store,
+    plan = Plan.from_dict(PLAN)
+    windows = Windows(download=DOWNLOAD_MAX_CONTAINERS, chunk=CHUNK_MAX_CONTAINERS,
+                      embed=EMBED_MAX_CONTAINERS * EMBED_MAX_INPUTS)
+    mapper = ModalMapper(download=download, chunk=chunk, embed=Embedder().embed, windows=windows, volume=volume)
+    outcome = run_pipeline(plan, Path(ROOT), mapper, lease_store=DictLeaseStore(leases, LEASE_RUN),
                            holder=Holder.here("modal"), work_seconds=INPUT_WORK_S, wait=INPUT_WORK_S,
-                           until=until or None, deadline=deadline, on_event=log_event)
-    volume.commit()
+                           until=until or None, deadline=deadline, fleet=fleet_of(plan, EMBED_TOKENS_PER_SECOND),
+                           on_event=log_event)
+    sync_volume(volume)
     summary = {"ok": outcome.ok, "failed": outcome.failed, "stages": outcome.stages_run, "passes": passes,
                "handover": outcome.handover, "next_call": None}
     if outcome.handover and passes < MAX_PASSES:
@@ -426,13 +448,14 @@ def main(until: str = "", wait: bool = True) -> None:
     """Run the job and wait for it (through its hand-overs); `--until chunk` stops after a stage.
 
     `modal run --detach app.py` keeps the job running when this terminal goes away; add `--no-wait` to return as
-    soon as the orchestrator is submitted (without `--detach` the app would stop with this process).
+    soon as the orchestrator is submitted (without `--detach` the app would stop with this process). The
+    orchestrator is spawned, not called: Modal then retries it server-side, whether or not this process lives.
     """
+    call = orchestrate.spawn(until)
     if not wait:
-        call = orchestrate.spawn(until)
         print(f"submitted {APP_NAME}: function call {call.object_id}")
         return
-    summary = follow_handovers(orchestrate.remote(until), lambda call_id: modal.FunctionCall.from_id(call_id).get())
+    summary = follow_handovers(call.get(), lambda call_id: modal.FunctionCall.from_id(call_id).get())
     print(json.dumps(summary, indent=2))
     if not summary["ok"]:
         sys.exit(1)

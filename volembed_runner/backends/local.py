@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from volembed_runner import store
 from volembed_runner.embedders import AsyncEmbedder, InProcess
 from volembed_runner.lease import FileLeaseStore, Holder
-from volembed_runner.orchestrate import Event, Mapper, Outcome, Stats, orchestrate
+from volembed_runner.orchestrate import Event, Mapper, Outcome, Stats, drive, orchestrate
 from volembed_runner.plan import Plan
 from volembed_runner.sources import SourceTask
 from volembed_runner.stages import chunk as chunk_stage
@@ -66,19 +66,6 @@ def _map(pool_size: int, fn: Callable[..., T], items: Iterator[Any], key: Callab
                 yield key(item), result
 
 
-def _drive(results: AsyncGenerator[T, None]) -> Iterator[T]:
-    """Iterate an async iterator from synchronous code, on one event loop that lives as long as the iteration."""
-    with asyncio.Runner() as runner:
-        try:
-            while True:
-                try:
-                    yield runner.run(anext(results))
-                except StopAsyncIteration:
-                    return
-        finally:
-            runner.run(results.aclose())
-
-
 class LocalMapper(Mapper):
     """Places each stage on this machine."""
 
@@ -98,7 +85,7 @@ class LocalMapper(Mapper):
         """Embed shards in this process: one at a time through the local engine (it uses every core), or
         `allow_concurrent_inputs` at a time through the spec's TEI server, as a Modal GPU container would."""
         in_flight = self.plan.compute.allow_concurrent_inputs if self.plan.embed.engine == "tei" else 1
-        return _drive(self._embed_all(shards, in_flight))
+        return drive(self._embed_all(shards, in_flight))
 
     async def _embed_all(
         self, shards: Iterator[str], in_flight: int

@@ -49,6 +49,8 @@ class Model:
     tokenizer: str
     package: PackagedModel | None = None
     known_issues: tuple[str, ...] = field(default_factory=tuple)
+    tei_revision: str | None = None  # a commit the pinned TEI loads, where the Hub's main does not
+    tei_revision_source: str | None = None
 
 
 def _load(name: str) -> dict[str, Any]:

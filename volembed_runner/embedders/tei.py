@@ -23,7 +23,7 @@ import numpy as np
 import orjson
 
 from volembed_runner.embedders.vectors import VectorCheck, parse_vectors_json
-from volembed_runner.errors import EmbedderError, TextsFailedError
+from volembed_runner.errors import EmbedderError, EmbedderUnavailable, TextsFailedError
 from volembed_runner.redact import public_url
 
 log = logging.getLogger(__name__)
@@ -261,6 +261,9 @@ class TEIClient:
         )
         self._info: TEIInfo | None = None
         self._info_lock = asyncio.Lock()
+        # Concurrent `embed` calls queue their requests one call after another, not interleaved: calls then finish
+        # one by one, so while one call's last requests run, the next call's are already queued behind them.
+        self._submitting = asyncio.Lock()
         self._in_flight: _InFlight | None = None
         self._rng = random.Random()
 
@@ -366,7 +369,7 @@ class TEIClient:
             max_bytes=max_bytes,
         )
         try:
-            async with asyncio.TaskGroup() as group:
+            async with asyncio.TaskGroup() as group, self._submitting:
                 for batch in batches:
                     k = len(batch)
                     await in_flight.acquire(k)
@@ -377,7 +380,9 @@ class TEIClient:
                         raise
                     task.add_done_callback(lambda _t, k=k: in_flight.release(k))
         except BaseExceptionGroup as group_error:
-            failures = group_error.subgroup(EmbedderError) or group_error
+            # A rejected text fails the same way on every attempt, so it wins over a transient failure.
+            failures = (group_error.subgroup(lambda e: isinstance(e, EmbedderError) and not e.transient)
+                        or group_error.subgroup(EmbedderError) or group_error)
             while isinstance(failures, BaseExceptionGroup):
                 failures = failures.exceptions[0]
             if isinstance(failures, EmbedderError):
@@ -422,9 +427,11 @@ class TEIClient:
                 cause = str(status)
                 detail = f"HTTP {status}: {message}"
             if retries >= self.max_retries:
-                raise TextsFailedError(
-                    f"{self.source} failed text {_describe(idx)} after {retries + 1} attempts: {detail}", tuple(idx)
-                )
+                # A lone text that keeps failing its GPU batch (424) is that text's fault; the rest is the server's.
+                message = f"{self.source} failed text {_describe(idx)} after {retries + 1} attempts: {detail}"
+                if cause == "424":
+                    raise TextsFailedError(message, tuple(idx))
+                raise EmbedderUnavailable(message)
             retries += 1
             log.info("retrying %d texts (attempt %d of %d): %s", len(idx), retries + 1, self.max_retries + 1, detail)
             await self._pause_before_retry(retries, cause)
@@ -474,7 +481,7 @@ class TEIClient:
                     raise EmbedderError(f"{self.source} refused GET /info: {detail}")
                 cause = str(status)
             if retries >= self.max_retries:
-                raise EmbedderError(f"{self.source} failed GET /info after {retries + 1} attempts: {detail}")
+                raise EmbedderUnavailable(f"{self.source} failed GET /info after {retries + 1} attempts: {detail}")
             retries += 1
             await self._pause_before_retry(retries, cause)
 

@@ -44,6 +44,7 @@ from volembed_runner.estimate.sizes import (
     local_sizes,
 )
 from volembed_runner.plan import Plan
+from volembed_runner.units import UNIT_TIMEOUT_SHARE, fleet_of
 
 
 @dataclass
@@ -129,9 +130,15 @@ def estimate(plan: Plan, *, prices: Path | None = None, sample_cap: int = SAMPLE
         assumptions.append(f"local run overhead: {local['overhead_seconds']} s ({local['overhead_source']})")
     else:
         rate = tei_rate(model, plan.compute.gpu, calibrations)
+        fleet = fleet_of(plan, rate.tokens_per_second)
         if job is not None:
             priced = price(plan, job, rate.tokens_per_second, rate, price_table, dim, sizes.remote)
             modal_warnings(plan, job, priced, warnings)
+            unit = job.processed / max(priced.units, 1)
+            assumptions.append(
+                f"embed units: {priced.units:,} of ≈{unit:,.0f} tokens, ≈{fleet.unit_seconds(unit) or 0:,.0f} s each "
+                f"in a container with {fleet.inputs} in flight (≤ {UNIT_TIMEOUT_SHARE:.0%} of compute.timeout "
+                f"{plan.compute.timeout:,} s), for {fleet.containers} × {fleet.inputs} input slots (units.py)")
     if rate is not None:
         assumptions.append(f"throughput: {rate.source}")
     if plan.backend == "modal" or job is not None:

@@ -1,7 +1,8 @@
 """The cost model: each stage's containers, wall time, CPU/GPU hours and dollars, on Modal or on this machine.
 
 Container sizes come from the plan (the same figures the generated app requests); start-up, storage and chunking
-rates from the catalog's throughput table.
+rates from the catalog's throughput table; the embed stage's work units from the rule the orchestrator cuts them by
+(`units.plan_units`), so the GPUs and the tail modelled here are the ones the run gets.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from volembed_runner.estimate.prices import Prices
 from volembed_runner.estimate.rates import Rate, tei_rate
 from volembed_runner.estimate.sizes import Counts
 from volembed_runner.plan import Plan
+from volembed_runner.units import Fleet, ShardSize, fleet_of, plan_units
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Priced:
     cost_usd: float | None
     gpu_seconds: float | None
     effective_gpus: int
+    units: int = 0
 
 
 def total(values: list[float | None]) -> float | None:
@@ -102,18 +105,20 @@ def modal_job(plan: Plan, job: Job, gpu: str, rate: float, prices: Prices, dim: 
     cores = compute.embed.cpu if gpu == compute.gpu else float(catalog.gpus()[gpu].embed_cpu)
     gib = compute.embed.memory_gib
     aci = plan.compute.allow_concurrent_inputs
-    g = max(1, min(plan.compute.concurrency_limit, math.ceil(job.shards / aci)))
-    shard_s = job.processed / job.shards / rate
-    if job.shards <= g * aci:
-        busy_wall = math.ceil(job.shards / g) * shard_s
-    else:
-        busy_wall = job.processed / (rate * g) + 0.5 * shard_s
+    units = embed_units(job, fleet_of(plan, rate))
+    g = max(1, min(plan.compute.concurrency_limit, math.ceil(units / aci)))  # Modal scales to inputs ÷ max_inputs
+    unit_s = job.processed / units / rate  # one unit's GPU time alone
+    # Every unit in flight at once: a GPU runs its container's share. Else the GPUs stay full until the queue
+    # empties, then each idles about half a unit.
+    one_wave = units <= g * aci
+    busy_wall = math.ceil(units / g) * unit_s if one_wave else job.processed / (rate * g) + 0.5 * unit_s
     wall = gpu_start + load + busy_wall
     gpu_s = g * (gpu_start + load + idle) + job.processed / rate
     gpu_price = prices.gpu.get(gpu)
     stages.append(Stage("embed", g, describe_resources(cores, gib, gpu), wall, gpu_s * cores / 3600, gpu_s / 3600,
                         prices.container(gpu_s, cores, gib, gpu), None if gpu_price is None else gpu_s * gpu_price,
-                        note=f"{rate:,.0f} tokens/s per GPU; start {gpu_start + load:g} s + scaledown {idle:g} s each"))
+                        note=f"{rate:,.0f} tokens/s per GPU; {units:,} units; start {gpu_start + load:g} s + scaledown "
+                             f"{idle:g} s each"))
 
     work_wall = total([s.seconds for s in stages])
     cores, gib = compute.orchestrator.cpu, compute.orchestrator.memory_gib
@@ -130,7 +135,18 @@ def modal_job(plan: Plan, job: Job, gpu: str, rate: float, prices: Prices, dim: 
     stages.append(Stage("storage", 0, f"{gib_stored:,.1f} GiB × {months} mo", None, 0.0, 0.0, storage,
                         note="data + chunks + vectors on the Volume; Modal's free TiB per workspace not deducted"))
     wall_total = None if work_wall is None else work_wall + cpu_start
-    return Priced(stages, wall_total, total([s.cost_usd for s in stages]), gpu_s, g)
+    return Priced(stages, wall_total, total([s.cost_usd for s in stages]), gpu_s, g, units)
+
+
+def modelled_shards(job: Job) -> list[ShardSize]:
+    """The job's chunk shards as the dry run models them: `job.shards` equal shards of its chunks and tokens."""
+    rows = max(1, round(job.chunks / max(job.shards, 1)))
+    return [ShardSize(f"{i:05d}", rows, job.processed / max(job.shards, 1)) for i in range(max(job.shards, 1))]
+
+
+def embed_units(job: Job, fleet: Fleet) -> int:
+    """How many embed units the orchestrator will cut the job into for `fleet` (`units.plan_units`)."""
+    return max(1, len(plan_units(modelled_shards(job), fleet)))
 
 
 def local_job(plan: Plan, job: Job, rate: float, remote: bool, load: float | None = None) -> Priced:
@@ -173,10 +189,8 @@ def modal_warnings(plan: Plan, job: Job, priced: Priced, warnings: list[str]) ->
     g, aci = priced.effective_gpus, plan.compute.allow_concurrent_inputs
     embed = next(s for s in priced.stages if s.name == "embed")
     if g < limit and (embed.seconds or 0) > 600:
-        most = max(1, job.documents // (limit * aci))
-        warnings.append(f"only {g} of {limit} GPU containers get work: {job.shards} shard(s) ÷ "
-                        f"{aci} per container (allow_concurrent_inputs); set dataset.shard_rows <= {most:,.0f} "
-                        f"to use all {limit}")
+        warnings.append(f"only {g} of {limit} GPU containers get work: {priced.units:,} embed unit(s) ÷ {aci} per "
+                        f"container (allow_concurrent_inputs), the job has too few chunks for more")
 
 
 def modal_assumptions(plan: Plan, prices: Prices) -> list[str]:

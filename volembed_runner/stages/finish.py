@@ -17,6 +17,7 @@ from typing import Any
 from volembed_runner import results, store
 from volembed_runner.errors import VolembedError, describe, first_line
 from volembed_runner.plan import HubSettings, Plan
+from volembed_runner.units import parse_key
 
 LIBRARIES = ("volembed-runner", "modal", "pydantic", "tokenizers", "pyarrow", "httpx", "huggingface_hub",
              "sentence-transformers", "torch")
@@ -51,14 +52,26 @@ def _bucket_key(label: str) -> tuple[int, str]:
     return (int(digits) if digits else 0, label)
 
 
+def _markers(folder: Path) -> dict[str, dict[str, Any]]:
+    return {s: store.read_marker(store.shard_path(folder, s)) for s in store.done_shards(folder)}
+
+
 def _marker_stats(folder: Path) -> list[dict[str, Any]]:
-    return [store.read_marker(store.shard_path(folder, s)) for s in store.done_shards(folder)]
+    return list(_markers(folder).values())
 
 
 def totals(root: Path, plan: Plan) -> dict[str, Any]:
-    """Documents, chunks, tokens and vectors of the finished shards, read from their done-markers."""
-    chunk_stats = _marker_stats(store.chunks_dir(root, plan.name, plan.chunk.fingerprint))
-    embed_stats = _marker_stats(store.embeddings_dir(root, plan.name, plan.embed.fingerprint))
+    """Documents, chunks, tokens and vectors of the finished shards and embed units, read from their done-markers.
+
+    A chunk shard's vectors are in the files of its embed units (one, or several row ranges: `units.py`); it counts
+    as embedded once its units' rows add up to its chunks."""
+    chunks = _markers(store.chunks_dir(root, plan.name, plan.chunk.fingerprint))
+    units = _markers(store.embeddings_dir(root, plan.name, plan.embed.fingerprint))
+    chunk_stats, embed_stats = list(chunks.values()), list(units.values())
+    embedded_rows: Counter[str] = Counter()
+    for key, stats in units.items():
+        embedded_rows[parse_key(key)[0]] += int(stats.get("rows", 0))
+
     def total(stats: list[dict[str, Any]], key: str) -> int:
         return sum(int(s.get(key, 0)) for s in stats)
 
@@ -72,7 +85,9 @@ def totals(root: Path, plan: Plan) -> dict[str, Any]:
         "embedded_tokens": total(embed_stats, "tokens"),
         "truncated": total(embed_stats, "truncated"),
         "chunk_shards_done": len(chunk_stats),
-        "embed_shards_done": len(embed_stats),
+        "embed_shards_done": sum(1 for shard, stats in chunks.items()
+                                 if shard in embedded_rows and embedded_rows[shard] == int(stats.get("chunks", 0))),
+        "embed_units_done": len(embed_stats),
         "dims": sorted({int(s["dim"]) for s in embed_stats if "dim" in s}),
     }
 

@@ -34,9 +34,12 @@ def print_plan(plan: Plan, console: Console) -> None:
     table.add_row("dataset", f"{source}" + (f", limit {d.limit}" if d.limit else ""))
     table.add_row("chunks", f"{c.size} tokens, overlap {c.overlap}, tokenizer {plan.model.tokenizer_id}")
     table.add_row("embedding", f"{plan.model.ref} via {e.engine}" + (f", prefix {e.prefix!r}" if e.prefix else ""))
+    if plan.model.revision:
+        source = plan.model.revision_source
+        table.add_row("revision", plan.model.revision + (f" ({source})" if source else ""))
     if plan.backend == "modal":
         table.add_row("compute", f"{k.gpu} × ≤{k.concurrency_limit} containers, "
-                      f"{k.allow_concurrent_inputs} shards in flight each")
+                      f"{k.allow_concurrent_inputs} embed units in flight each")
     table.add_row("fingerprints", f"data {d.fingerprint}  chunks {c.fingerprint}  embeddings {e.fingerprint}")
     from volembed_runner.results import planned_outputs
 

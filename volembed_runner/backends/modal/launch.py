@@ -1,7 +1,9 @@
-"""Run a Plan on Modal through the SDK: upload local files, render the app, run it; read its status; stop it.
+"""Run a Plan on Modal through the SDK: check, upload local files, render the app, run it; read its status; stop it.
 
-Thin over tested code: the app is `render.py`'s output, the control flow `orchestrate.py` inside it. Credentials
-are checked before any network call, so a machine without them gets one line saying how to set them up.
+Thin over tested code: the app is `render.py`'s output, the control flow `orchestrate.py` inside it. Before anything
+is created on Modal, the plan is validated (`render.validate`), credentials are checked (one line saying how to set
+them up), the Volume's name must not belong to a v1 Volume, and the run must not be live: a second launch of a
+running job is refused with one line naming its holder (the lease, read through the SDK) rather than attached to.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 from volembed_runner import store
 from volembed_runner.backends.modal import render
 from volembed_runner.errors import BackendError, StageError
+from volembed_runner.lease import check_free
 from volembed_runner.plan import Plan, volembed_home
 
 CREDENTIALS_HINT = ("no Modal credentials: run `modal setup` (or `modal token new`), "
@@ -127,18 +130,51 @@ def upload_files(plan: Plan, on_upload: Callable[[int, str], None] | None = None
     return len(todo)
 
 
+def check_volume(plan: Plan) -> None:
+    """Raise BackendError (one line) when the plan's Volume name belongs to a v1 Volume: the app mounts it as v2, and
+    modal 1.6.4 raises InvalidError for that only while deploying, after the app was created (`volume.py`)."""
+    import modal
+    from modal.exception import InvalidError, NotFoundError
+
+    with _modal_errors("look up the Volume"):
+        try:
+            modal.Volume.from_name(plan.volume, version=2).hydrate()
+        except NotFoundError:
+            return  # created (as v2) when the app starts
+        except InvalidError:
+            raise BackendError(f"Modal Volume {plan.volume!r} already exists as a v1 Volume (Modal's own tutorials "
+                               "create v1 Volumes), and this app needs v2: set `volume:` in the spec to another "
+                               "name") from None
+
+
+def check_not_running(plan: Plan) -> None:
+    """Raise RunHeld (one line, naming the holder) while another orchestrator of this run is alive on Modal, or left
+    inputs running longer than a new one would wait for them (the lease in the workspace's Dict)."""
+    import modal
+
+    from volembed_runner.backends.modal.runtime import DictLeaseStore
+
+    with _modal_errors("read the run's lease"):
+        leases = modal.Dict.from_name(render.LEASE_DICT, create_if_missing=True)
+        check_free(DictLeaseStore(leases, render.lease_run(plan)), wait=render.input_work_seconds(plan))
+
+
 def run(plan: Plan, *, until: str | None, detach: bool,
         on_upload: Callable[[int, str], None] | None = None) -> Launched:
-    """Render `plan` into the build folder and run it on Modal.
+    """Check, render `plan` into the build folder and run it on Modal.
 
     Attached, the app is ephemeral and this process follows the orchestrator (through its hand-overs) to the end.
     With `detach`, the app is deployed under the job's name and the orchestrator spawned on it, so the job, its
-    hand-overs included, outlives this process; `status` reads its progress and `stop` ends it. Failed shards raise
-    StageError (a rerun retries just them).
+    hand-overs included, outlives this process; `status` reads its progress and `stop` ends it. Either way the
+    orchestrator is spawned (Modal retries it server-side). Failed shards raise StageError (a rerun retries just
+    them); a live run raises RunHeld.
     """
+    render.validate(plan)
     require_credentials()
     import modal
 
+    check_volume(plan)
+    check_not_running(plan)
     folder = build_dir(plan)
     with _modal_errors("upload the dataset files"):
         upload_files(plan, on_upload)
@@ -151,10 +187,11 @@ def run(plan: Plan, *, until: str | None, detach: bool,
         _record_run(folder, plan, app_id=module.app.app_id, deployed=True, call_id=call.object_id)
         return Launched(plan.name, module.app.app_id, call.object_id, detached=True)
     with _modal_errors("run the app"), modal.enable_output(), module.app.run():
-        _record_run(folder, plan, app_id=module.app.app_id, deployed=False, call_id=None)
-        summary = _follow(module.orchestrate.remote(until or ""))
+        call = module.orchestrate.spawn(until or "")
+        _record_run(folder, plan, app_id=module.app.app_id, deployed=False, call_id=call.object_id)
+        summary = _follow(call.get())
     _check(plan, summary)
-    return Launched(plan.name, module.app.app_id, None, detached=False, summary=summary)
+    return Launched(plan.name, module.app.app_id, call.object_id, detached=False, summary=summary)
 
 
 def _follow(summary: dict[str, Any]) -> dict[str, Any]:

@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from volembed_runner import catalog
-from volembed_runner.errors import BackendError
+from volembed_runner.errors import BackendError, SpecError, SpecIssue
+from volembed_runner.estimate.rates import Rate, tei_rate
 from volembed_runner.models import MODEL_FILE_PATTERNS
 from volembed_runner.plan import MODAL_ROOT, Plan
+from volembed_runner.units import check_fleet, fleet_of
 
 TEMPLATE = "app.py.tmpl"
 PYTHON_VERSION = "3.12"
@@ -55,8 +57,11 @@ TOKENIZER_FILES = ["tokenizer.json"]
 
 ROUTER_READY_MARGIN_S = 120  # the router's own deadline, shorter than Modal's startup timeout, so it says why
 ORCHESTRATE_TIMEOUT_S = 24 * 3600  # Modal's maximum per attempt
-HANDOVER_AFTER_S = 23 * 3600 + 1800  # leaves 30 min to record the manifest and spawn the next orchestrator
-MAX_PASSES = 60  # hand-overs before giving up: 60 × 23.5 h ≈ 59 days
+# An orchestrator stops feeding inputs this long before its timeout, plus the longest one input can run: what it
+# fed drains before it hands over, and the margin records the manifest and spawns the next orchestrator.
+HANDOVER_MARGIN_S = 1800
+MIN_FEEDING_S = 3600  # the least time an orchestrator must have to feed inputs, or the spec is refused
+MAX_PASSES = 60  # hand-overs before giving up
 LEASE_DICT = "volembed-runner-leases"  # the workspace's modal.Dict of run leases
 RETRY_INITIAL_DELAY_S, RETRY_BACKOFF = 5.0, 2.0  # the stages' modal.Retries
 RETRY_MAX_DELAY_S = 60.0  # Modal clamps a retry's delay to at most this (modal 1.6.4 retries.py)
@@ -141,6 +146,37 @@ def input_work_seconds(plan: Plan) -> int:
     retries = plan.compute.retries
     delays = sum(min(RETRY_MAX_DELAY_S, RETRY_INITIAL_DELAY_S * RETRY_BACKOFF**i) for i in range(retries))
     return int((retries + 1) * plan.compute.timeout + delays)
+
+
+def handover_after_seconds(plan: Plan) -> int:
+    """When an orchestrator stops feeding: its timeout less the longest input's run (it drains) less a margin."""
+    return ORCHESTRATE_TIMEOUT_S - input_work_seconds(plan) - HANDOVER_MARGIN_S
+
+
+def embed_rate(plan: Plan) -> Rate:
+    """The GPU's rate for the plan's model: this machine's calibration, else the catalog's (what units are cut by)."""
+    return tei_rate(plan.model.ref, plan.compute.gpu)
+
+
+def validate(plan: Plan) -> Rate:
+    """Refuse a plan that cannot run well on Modal (before anything is created); returns the embed rate it is sized
+    for. SpecError names the field to change: an input that cannot drain inside an orchestrator's 24 h, or an embed
+    unit that cannot finish in half its timeout."""
+    if plan.embed.endpoint:
+        raise BackendError("embedding.endpoint names your own TEI server, but backend modal runs TEI on its own GPUs; "
+                           "remove embedding.endpoint, or run with --backend local")
+    compute = plan.compute
+    work = input_work_seconds(plan)
+    if handover_after_seconds(plan) < MIN_FEEDING_S:
+        hours = ORCHESTRATE_TIMEOUT_S // 3600
+        raise SpecError([SpecIssue(plan.spec_path, "compute.timeout",
+                                   f"{compute.timeout:,} s × (compute.retries {compute.retries} + 1) attempts lets "
+                                   f"one input run {work / 3600:.1f} h, which leaves a {hours} h orchestrator under "
+                                   f"{MIN_FEEDING_S // 3600} h to feed inputs before it must drain them; lower "
+                                   "compute.timeout or compute.retries")])
+    rate = embed_rate(plan)
+    check_fleet(plan, fleet_of(plan, rate.tokens_per_second), f"{rate.kind} rate")
+    return rate
 
 
 def tei_image(plan: Plan) -> tuple[str, str]:
@@ -229,11 +265,14 @@ def _version() -> str:
         return "unknown"
 
 
+def lease_run(plan: Plan) -> str:
+    """The run's key in the workspace's lease Dict: its Volume and name (one writer per run)."""
+    return f"{plan.volume}/{plan.name}"
+
+
 def render_app(plan: Plan) -> str:
-    """The generated app's source for `plan` (deterministic: the same plan renders the same bytes)."""
-    if plan.embed.endpoint:
-        raise BackendError("embedding.endpoint names your own TEI server, but backend modal runs TEI on its own GPUs; "
-                           "remove embedding.endpoint, or run with --backend local")
+    """The generated app's source for `plan` (deterministic for a plan and this machine's calibrations)."""
+    rate = validate(plan)
     router = router_settings(plan)
     registry, tag = tei_image(plan)
     local = local_model_dir(plan)
@@ -260,6 +299,8 @@ def render_app(plan: Plan) -> str:
         "gpu": plan.compute.gpu,
         "embed_max_containers": plan.compute.concurrency_limit,
         "embed_max_inputs": plan.compute.allow_concurrent_inputs,
+        "embed_tokens_per_second": round(rate.tokens_per_second),
+        "embed_rate_kind": rate.kind,
         "embed_cpu": router.cpu,
         "embed_memory_mib": compute.embed.memory_mib,
         "embed_scaledown_s": compute.embed_scaledown_s,
@@ -281,8 +322,9 @@ def render_app(plan: Plan) -> str:
         "orchestrate_cpu": compute.orchestrator.cpu,
         "orchestrate_memory_mib": compute.orchestrator.memory_mib,
         "orchestrate_timeout_s": ORCHESTRATE_TIMEOUT_S,
-        "handover_after_s": HANDOVER_AFTER_S,
+        "handover_after_s": handover_after_seconds(plan),
         "lease_dict": LEASE_DICT,
+        "lease_run": lease_run(plan),
         "input_work_s": input_work_seconds(plan),
         "max_passes": MAX_PASSES,
     }

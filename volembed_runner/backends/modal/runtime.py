@@ -1,16 +1,23 @@
 """What the generated Modal app runs inside its containers, kept here so it is the code the tests run.
 
-* `ModalMapper` adapts `Function.map(order_outputs=False, return_exceptions=True)` to the orchestrator's `Mapper`:
-  results come back in completion order without their inputs, so every stage function returns its key with its
-  result and raises `ShardFailed` carrying that key; failures Modal reports without one (timeouts, lost containers)
-  are matched to the inputs left without a result once the map ends.
-* `TEIRouter` starts `text-embeddings-router`, forwards its log, waits until its port accepts and fails fast when it
-  exits or falls back to CPU.
+* `shard_errors` decides what Modal retries. Modal's `Retries` retry whatever a function raises (modal 1.6.4
+  `parallel_map.py`: every status but TERMINATED is retried), so a stage *returns* a deterministic failure (invalid
+  data, a rejected input: `errors.is_transient` is False) as `{"key", "error"}`, failing once with its cause, and
+  raises only a transient one (I/O, TEI unavailable) as `ShardFailed` for Modal to retry.
+* `ModalMapper` adapts `Function.starmap.aio(order_outputs=False, return_exceptions=True)` to the orchestrator's
+  `Mapper`. It pulls inputs lazily through a window (an async generator paced by a semaphore: `.map` itself reads
+  its input iterator eagerly into an unbounded queue), so the orchestrator's feed can stop at its deadline and
+  every input in flight drains before a hand-over. Results come back in completion order with their keys; failures
+  Modal reports without one (timeouts, lost containers) go to the inputs left without a result.
+* `TEIRouter` starts `text-embeddings-router` (logging at warn), forwards its log, waits until its port accepts and
+  fails fast when it exits or falls back to CPU.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import itertools
 import os
 import re
 import socket
@@ -19,11 +26,13 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from volembed_runner.errors import describe
+from volembed_runner.errors import describe, is_transient
+from volembed_runner.orchestrate import drive
 
 T = TypeVar("T")
 
@@ -33,6 +42,12 @@ CUDA_COMPAT_DIR = "/usr/local/cuda/compat"
 # TEI logs this when CUDA init fails, then serves from the CPU (reference/tei.md §0.5): a silent 100x slowdown.
 CPU_FALLBACK_MARKER = "Using CPU instead"
 LOG_TAIL_LINES = 20
+# The router logs every request at info, and every line is forwarded to Modal's logs; warnings and errors (the CPU
+# fallback among them: TEI's candle backend logs it with tracing::warn!) still come through.
+ROUTER_LOG_LEVEL = "warn"
+# The server's bound on a map's inputs without a final output, when it sends none (modal 1.6.4 parallel_map.py):
+# a window above it would queue inputs client-side that a deadline could no longer hold back.
+MAX_INPUTS_OUTSTANDING = 1000
 
 
 class ShardFailed(Exception):
@@ -47,34 +62,58 @@ class ShardFailed(Exception):
         return self.error
 
 
+@dataclass
+class Reply:
+    """What a stage function returns for one input: its key with the result, or with a deterministic failure."""
+
+    key: str
+    result: Any = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """`{"key", "result"}`, or `{"key", "error"}` for an input that failed for good."""
+        return {"key": self.key, "error": self.error} if self.error else {"key": self.key, "result": self.result}
+
+
 @contextmanager
-def shard_errors(key: str) -> Iterator[None]:
-    """Re-raise any failure in the block as `ShardFailed(key, ...)`; Modal still retries it, then returns it."""
+def shard_errors(key: str) -> Iterator[Reply]:
+    """The block's outcome as a `Reply`: a transient failure is raised as `ShardFailed(key, ...)` so Modal retries
+    it; a deterministic one is recorded in the reply, so the function returns it and Modal does not retry."""
+    reply = Reply(key)
     try:
-        yield
+        yield reply
     except Exception as exc:
-        raise ShardFailed(key, describe(exc)) from exc
+        if is_transient(exc):
+            raise ShardFailed(key, describe(exc)) from exc
+        reply.error = describe(exc)
 
 
-def pair(inputs: Mapping[str, T], results: Iterable[Any]) -> Iterator[tuple[T, Any]]:
-    """Match `{"key", "result"}` dicts and `ShardFailed`s to their inputs as they arrive, the rest at the end.
+def pair(inputs: MutableMapping[str, T], results: Iterable[Any]) -> Iterator[tuple[T, Any]]:
+    """Match `{"key", "result"}` / `{"key", "error"}` replies and `ShardFailed`s to their inputs as they arrive.
 
-    Exceptions without a key (Modal's timeouts, container losses, undeserializable errors) are given to the inputs
-    that got no result, in input order: the set of failed inputs is exact; when several such failures have
-    different causes, which cause belongs to which input is not known, and the message says so.
+    `inputs` may grow while results arrive (a lazy feed); each input is removed as it gets its result. Exceptions
+    without a key (Modal's timeouts, container losses, undeserializable errors) are given to the inputs that got no
+    result, in input order: the set of failed inputs is exact; when several such failures have different causes,
+    which cause belongs to which input is not known, and the message says so.
     """
-    pending = dict(inputs)
+    pending = inputs
     anonymous: list[BaseException] = []
     for item in results:
         key = item.get("key") if isinstance(item, dict) else getattr(item, "key", None)
         if isinstance(key, str) and key in pending:
-            yield pending.pop(key), (item if isinstance(item, BaseException) else item.get("result"))
+            value = pending.pop(key)
+            if isinstance(item, BaseException):
+                yield value, item
+            elif item.get("error"):
+                yield value, ShardFailed(key, str(item["error"]))
+            else:
+                yield value, item.get("result")
         elif isinstance(item, BaseException):
             anonymous.append(item)
         else:
             anonymous.append(RuntimeError(f"a result for an unknown input came back: {str(item)[:200]}"))
     causes = sorted({describe(exc) for exc in anonymous})
-    for i, (key, value) in enumerate(pending.items()):
+    for i, (key, value) in enumerate(list(pending.items())):
         if i >= len(anonymous):
             yield value, ShardFailed(key, "RuntimeError: no result came back for this input")
         elif len(causes) > 1:
@@ -85,15 +124,17 @@ def pair(inputs: Mapping[str, T], results: Iterable[Any]) -> Iterator[tuple[T, A
 
 
 class Mappable(Protocol):
-    """A Modal Function (or a stand-in) with `.map`."""
+    """A Modal Function (or a stand-in) with `.starmap.aio`."""
 
-    def map(self, *iterables: Iterable[Any], order_outputs: bool = ..., return_exceptions: bool = ...) -> Any: ...
+    starmap: Any
 
 
-class Committable(Protocol):
+class Syncable(Protocol):
     """A mounted Modal Volume (or a stand-in)."""
 
     def commit(self) -> None: ...
+
+    def reload(self) -> None: ...
 
 
 class Task(Protocol):
@@ -102,48 +143,84 @@ class Task(Protocol):
     def to_dict(self) -> dict[str, Any]: ...
 
 
-class ModalMapper:
-    """The orchestrator's Mapper on Modal: one `.map` per stage, never over an empty list, results paired by key.
+@dataclass(frozen=True)
+class Windows:
+    """Inputs each stage keeps in flight: enough to fill its containers, never more (so a deadline holds)."""
 
-    After each map the Volume is committed, which also reloads it: the orchestrator then sees the files the stage
-    containers committed, and `volembed-run status` sees the manifest it wrote.
+    download: int
+    chunk: int
+    embed: int
+
+
+class ModalMapper:
+    """The orchestrator's Mapper on Modal: one lazy `.starmap` per stage, results paired by key.
+
+    Each stage's inputs are pulled from the orchestrator's feed only as its window has room, so when the feed stops
+    (the hand-over deadline) nothing more is submitted and the map ends once what is in flight has drained. After
+    each map the Volume is committed, then reloaded: `commit()` reloads only when the server asks it to (modal 1.6.4
+    `volume.py`: `skip_reload`, set for mounts with background commits), and the orchestrator must see the files the
+    stage containers committed before it looks for the next stage's work.
     """
 
-    def __init__(
-        self, *, download: Mappable, chunk: Mappable, embed: Mappable, volume: Committable | None = None
-    ) -> None:
+    def __init__(self, *, download: Mappable, chunk: Mappable, embed: Mappable, windows: Windows,
+                 volume: Syncable | None = None) -> None:
         self._download = download
         self._chunk = chunk
         self._embed = embed
+        self._windows = windows
         self._volume = volume
 
-    def download(self, tasks: Iterable[Task]) -> Iterator[tuple[Task, Any]]:
-        """Map `download(key, task_dict)` over source tasks; keys are the tasks' positions."""
-        tasks = list(tasks)
-        keys = [str(i) for i in range(len(tasks))]
-        yield from self._map(self._download, dict(zip(keys, tasks, strict=True)), keys, [t.to_dict() for t in tasks])
+    def download(self, tasks: Iterator[Task]) -> Iterator[tuple[Task, Any]]:
+        """Map `download(key, task_dict)` over source tasks; keys are the tasks' positions in the feed."""
+        keys = map(str, itertools.count())
+        return self._map(self._download, tasks, lambda task: next(keys), lambda key, task: (key, task.to_dict()),
+                         self._windows.download)
 
-    def chunk(self, shards: Iterable[tuple[str, int | None]]) -> Iterator[tuple[str, Any]]:
+    def chunk(self, shards: Iterator[tuple[str, int | None]]) -> Iterator[tuple[str, Any]]:
         """Map `chunk(shard, max_rows)` over source shards."""
-        shards = list(shards)
-        ids = [shard for shard, _ in shards]
-        yield from self._map(self._chunk, {s: s for s in ids}, ids, [cap for _, cap in shards])
+        results = self._map(self._chunk, shards, lambda item: item[0], lambda key, item: item,
+                            self._windows.chunk)
+        return ((shard, result) for (shard, _), result in results)
 
-    def embed(self, shards: Iterable[str]) -> Iterator[tuple[str, Any]]:
-        """Map `Embedder.embed(shard)` over chunk shards."""
-        shards = list(shards)
-        yield from self._map(self._embed, {s: s for s in shards}, list(shards))
+    def embed(self, units: Iterator[str]) -> Iterator[tuple[str, Any]]:
+        """Map `Embedder.embed(unit)` over embed units."""
+        return self._map(self._embed, units, lambda unit: unit, lambda key, unit: (unit,), self._windows.embed)
 
-    def _map(self, fn: Mappable, inputs: dict[str, T], *iterables: Sequence[Any]) -> Iterator[tuple[T, Any]]:
-        if not inputs:
+    def _map(self, fn: Mappable, feed: Iterator[T], key_of: Callable[[T], str],
+             args_of: Callable[[str, T], tuple[Any, ...]], window: int) -> Iterator[tuple[T, Any]]:
+        first = next(feed, None)
+        if first is None:
             return
-        if len(inputs) != len(iterables[0]):
-            raise ValueError(f"duplicate input keys: {len(iterables[0])} inputs, {len(inputs)} distinct")
+        fed: dict[str, T] = {}  # inputs in flight, by key
+        seen: set[str] = set()
+
+        async def source() -> AsyncIterator[tuple[Any, ...]]:
+            item: T | None = first
+            while True:
+                await room.acquire()
+                item = item if item is not None else next(feed, None)  # the feed says no more at the deadline
+                if item is None:
+                    return
+                key = key_of(item)
+                if key in seen:
+                    raise ValueError(f"input {key} was fed twice")
+                seen.add(key)
+                fed[key] = item
+                yield args_of(key, item)
+                item = None
+
+        async def outputs() -> AsyncIterator[Any]:
+            async for output in fn.starmap.aio(source(), order_outputs=False, return_exceptions=True):
+                room.release()
+                yield output
+
+        room = asyncio.Semaphore(max(1, min(window, MAX_INPUTS_OUTSTANDING)))
         try:
-            yield from pair(inputs, fn.map(*iterables, order_outputs=False, return_exceptions=True))
+            yield from pair(fed, drive(outputs()))
         finally:
             if self._volume is not None:
-                self._volume.commit()
+                sync_volume(self._volume)
+                sync_volume(self._volume, reload=True)
 
 
 class DictLeaseStore:
@@ -196,16 +273,21 @@ def follow_handovers(
 
 
 def sync_volume(volume: Any, *, reload: bool = False) -> None:
-    """Commit (or reload) a Volume from async code without yielding to the event loop.
+    """Commit (or reload) a Volume, also from async code without yielding to the event loop; a failure is an OSError
+    (transient: the input is retried).
 
     Concurrent inputs of one container touch Volume files only between awaits, so while this blocks none has a
-    file open; awaiting `.aio()` instead would let another input open a file mid-reload ("volume busy").
+    file open; awaiting `.aio()` instead would let another input open a file mid-reload ("volume busy"). modal 1.6.4
+    `volume.py` raises RuntimeError for a conflict, a missing Volume or open files.
     """
     from modal.exception import AsyncUsageWarning
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AsyncUsageWarning)
-        volume.reload() if reload else volume.commit()
+        try:
+            volume.reload() if reload else volume.commit()
+        except RuntimeError as exc:
+            raise OSError(f"Volume {'reload' if reload else 'commit'} failed: {describe(exc)}") from exc
 
 
 def cuda_driver_version(nvidia_smi_output: str) -> tuple[int, int] | None:
@@ -215,8 +297,10 @@ def cuda_driver_version(nvidia_smi_output: str) -> tuple[int, int] | None:
 
 
 def router_env(base: Mapping[str, str], nvidia_smi_output: str | None) -> dict[str, str]:
-    """The router's environment: the image's CUDA forward-compat libraries first when the driver is older."""
+    """The router's environment: logging at warn unless set, the image's CUDA forward-compat libraries first when
+    the driver is older."""
     env = dict(base)
+    env.setdefault("LOG_LEVEL", ROUTER_LOG_LEVEL)
     version = cuda_driver_version(nvidia_smi_output or "")
     if version is not None and version < TEI_IMAGE_CUDA:
         env["LD_LIBRARY_PATH"] = ":".join(p for p in (CUDA_COMPAT_DIR, env.get("LD_LIBRARY_PATH", "")) if p)

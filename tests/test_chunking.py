@@ -1,4 +1,9 @@
-"""Chunking: token windows, offsets into the original text, and the chunk shard written atomically."""
+"""Chunking: chunks that fit the model once re-encoded, cut on word boundaries, with offsets into the original text;
+the chunk shard written atomically.
+
+Three tokenizer families: the packaged WordPiece (all-MiniLM-L6-v2, the bert-base-uncased vocabulary), and a
+byte-level BPE and a Unigram/Metaspace tokenizer trained here on real English (the Python docs' topics).
+"""
 
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from volembed_runner.stages import chunk as chunk_stage
 from volembed_runner.stages.chunk import chunk_shard
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+KINDS = ("wordpiece", "byte_level", "metaspace")
 
 PROSE = (
     "The quick brown fox jumps over the lazy dog . Café naïve Über ÉCOLE façade Ångström smörgåsbord "
@@ -35,11 +41,73 @@ WORDS = PROSE.split()
 # Characters the tokenizer keeps (letters, digits, punctuation, CJK, emoji) and whitespace it splits on.
 KEPT = list("aAzZéÉüÜßøñçÅ0189.,;:!?'-()北京大学東京日本語한국어😀🎉") + ["👍🏽"]
 SPACES = [" ", "  ", "\n", "\n\n", "\t", "\u3000", "\xa0", " \n "]
+# Code, and "words" longer than a window: a URL, base64, a run of CJK, minified code, emoji.
+CODE = ["def f(x):\n    return x ** 2\n", "for (i = 0; i < n; i++) { a[i] += b[i]; }", "x = {'k': [1, 2.5, None]}"]
+LONG_WORDS = [
+    "https://example.com/" + "/".join(f"p{i}x{i * 7}" for i in range(60)) + "?q=1&r=2",
+    "".join(chr(65 + (i * 7919) % 58) for i in range(400)).replace("[", "+").replace("]", "/"),
+    "北京大学東京日本語한국어" * 30,
+    "function(a,b){return a.map(c=>c*b).filter(Boolean)};" * 12,
+    "😀🎉👍🏽" * 40,
+]
+PREFIXES = ["", "passage: ", "query:", "search_document: "]
 
 texts_from_words = st.lists(st.sampled_from(WORDS + SPACES[1:]), max_size=120).map(" ".join)
 texts_from_chars = st.lists(st.sampled_from(KEPT + SPACES), max_size=300).map("".join)
-any_text = st.one_of(texts_from_words, texts_from_chars)
-size_overlap = st.integers(1, 64).flatmap(lambda size: st.tuples(st.just(size), st.integers(0, size - 1)))
+mixed_texts = st.lists(
+    st.one_of(
+        st.sampled_from(WORDS),
+        st.sampled_from(CODE),
+        st.sampled_from(LONG_WORDS),
+        st.sampled_from(SPACES).flatmap(lambda s: st.integers(1, 40).map(lambda k: s * k)),
+        st.text(min_size=1, max_size=30),
+    ),
+    max_size=40,
+).map(" ".join)
+any_text = st.one_of(texts_from_words, texts_from_chars, mixed_texts)
+size_overlap = st.integers(8, 64).flatmap(lambda size: st.tuples(st.just(size), st.integers(0, size - 1)))
+
+
+def _training_lines() -> list[str]:
+    """About 60k characters of real English (the standard library's pydoc topics), plus the test prose."""
+    from pydoc_data.topics import topics
+
+    lines, chars = [], 0
+    for text in topics.values():
+        for line in text.splitlines():
+            if line.strip() and chars < 60_000:
+                lines.append(line)
+                chars += len(line)
+    return lines + [PROSE] * 20
+
+
+@pytest.fixture(scope="module")
+def trained() -> dict[str, Tokenizer]:
+    """A byte-level BPE (GPT-2/RoBERTa style) and a Unigram with Metaspace (T5/XLM-R style), trained once, with
+    special tokens added around every input as those models do."""
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    lines = _training_lines()
+    byte_level = Tokenizer(models.BPE())
+    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    bpe = trainers.BpeTrainer(vocab_size=1000, initial_alphabet=alphabet, special_tokens=["<s>", "</s>"])
+    byte_level.train_from_iterator(lines, bpe)
+    byte_level.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=True),
+            processors.TemplateProcessing(single="<s> $A </s>", special_tokens=[("<s>", 0), ("</s>", 1)]),
+        ]
+    )
+    metaspace = Tokenizer(models.Unigram())
+    metaspace.normalizer = normalizers.NFKC()
+    metaspace.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
+    metaspace.decoder = decoders.Metaspace(prepend_scheme="always")
+    unigram = trainers.UnigramTrainer(vocab_size=800, unk_token="<unk>", special_tokens=["<unk>", "</s>"])
+    metaspace.train_from_iterator(lines, unigram)
+    metaspace.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return {"byte_level": byte_level, "metaspace": metaspace}
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +121,14 @@ def tok_path() -> Path:
 @pytest.fixture(scope="module")
 def tok(tok_path: Path) -> Tokenizer:
     return load_tokenizer(tok_path)
+
+
+@pytest.fixture(params=KINDS)
+def family(request: pytest.FixtureRequest, trained: dict[str, Tokenizer]) -> Tokenizer:
+    """Each tokenizer family in turn (the WordPiece one only where its package is installed)."""
+    if request.param == "wordpiece":
+        return request.getfixturevalue("tok")
+    return trained[request.param]
 
 
 def english_text(n_chars: int, seed: int = 0) -> str:
@@ -73,11 +149,19 @@ def read_chunks(path: Path) -> list[dict]:
     return pq.read_table(path).to_pylist()
 
 
+def n_tokens(tokenizer: Tokenizer, text: str, special: bool = False) -> int:
+    return len(tokenizer.encode(text, add_special_tokens=special))
+
+
+def spans(cols: chunking.ChunkColumns, doc: int = 0) -> list[tuple[int, int]]:
+    return [(a, b) for d, a, b in zip(cols.doc_index, cols.char_start, cols.char_end, strict=True) if d == doc]
+
+
 # --- windows ----------------------------------------------------------------------------------------------------
 
 
 @settings(max_examples=500)
-@given(n=st.integers(0, 3000), so=size_overlap)
+@given(n=st.integers(0, 3000), so=st.integers(1, 64).flatmap(lambda s: st.tuples(st.just(s), st.integers(0, s - 1))))
 def test_windows_cover_every_token_and_never_repeat_a_predecessor(n: int, so: tuple[int, int]) -> None:
     size, overlap = so
     got = windows(n, size, overlap)
@@ -134,77 +218,149 @@ def test_bad_window_settings_raise(size: int, overlap: int) -> None:
         windows(100, size, overlap)
 
 
-# --- chunk_texts with the real tokenizer -------------------------------------------------------------------------
+# --- chunks fit the model, on three tokenizer families ----------------------------------------------------------
+
+PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(text=any_text, so=size_overlap)
-@example(text="Café Müller ÉCOLE naïve 北京大学 😀  \n\t end", so=(3, 1))
-def test_chunks_are_windows_sliced_from_the_original_text(tok: Tokenizer, text: str, so: tuple[int, int]) -> None:
+@PROPERTY
+@given(text=any_text, so=size_overlap, prefix=st.sampled_from(PREFIXES))
+@example(text="Café Müller ÉCOLE naïve 北京大学 😀  \n\t end", so=(8, 1), prefix="")
+@example(text=LONG_WORDS[1] + " tail", so=(8, 0), prefix="query:")
+def test_every_chunk_re_encoded_with_prefix_and_special_tokens_fits(
+    family: Tokenizer, text: str, so: tuple[int, int], prefix: str
+) -> None:
     size, overlap = so
-    cols = chunk_texts(tok, [text], size, overlap)
-    offsets = tok.encode(text, add_special_tokens=False).offsets
-    expected = [(offsets[s][0], offsets[e - 1][1], e - s) for s, e in windows(len(offsets), size, overlap)]
-    assert list(zip(cols.char_start, cols.char_end, cols.n_tokens, strict=True)) == expected
-    assert cols.chunk_index == list(range(len(expected)))
-    assert cols.doc_index == [0] * len(expected)
-    assert cols.text == [text[s:e] for s, e, _ in expected]
-    assert cols.doc_tokens == len(offsets)
-    assert cols.empty_documents == (0 if offsets else 1)
-    covered = set()
-    for start, end in zip(cols.char_start, cols.char_end, strict=True):
-        covered.update(range(start, end))
-    assert all(i in covered for i, ch in enumerate(text) if not ch.isspace()), "a kept character is in no chunk"
+    cols = chunk_texts(family, [text], size, overlap, prefix=prefix)
+    in_prefix = n_tokens(family, prefix) if prefix else 0
+    special = family.num_special_tokens_to_add(False)
+    for chunk, count in zip(cols.text, cols.n_tokens, strict=True):
+        assert count == n_tokens(family, prefix + chunk) - in_prefix, "n_tokens is not the re-encoded count"
+        assert count <= size
+        assert (
+            n_tokens(family, prefix + chunk, special=True) == count + in_prefix + special <= size + in_prefix + special
+        )
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@PROPERTY
+@given(text=any_text, so=size_overlap, prefix=st.sampled_from(PREFIXES))
+@example(text="  Café Müller\n\n" + LONG_WORDS[2] + "  ", so=(8, 3), prefix="")
+def test_chunks_slice_the_text_cover_it_and_end_at_its_end(
+    family: Tokenizer, text: str, so: tuple[int, int], prefix: str
+) -> None:
+    size, overlap = so
+    cols = chunk_texts(family, [text], size, overlap, prefix=prefix)
+    got = spans(cols)
+    assert cols.text == [text[a:b] for a, b in got], "a chunk's text is not its slice of the document"
+    assert cols.chunk_index == list(range(len(got)))
+    assert all(t and t == t.strip() for t in cols.text)
+    if not n_tokens(family, text) or text.isspace():
+        assert got == [] and cols.empty_documents == 1
+        return
+    covered = bytearray(len(text))
+    for a, b in got:
+        covered[a:b] = b"\1" * (b - a)
+    assert all(covered[i] for i, ch in enumerate(text) if not ch.isspace()), "a character is in no chunk"
+    assert got[-1][1] == len(text.rstrip()), "the last chunk does not end at the document's end"
+    for (a0, b0), (a1, b1) in pairwise(got):
+        assert a1 > a0 and b1 > b0, "a chunk lies within its predecessor (or its predecessor within it)"
+        assert a1 <= b0 or text[b0:a1].isspace()
+
+
+@PROPERTY
 @given(
-    parts=st.lists(any_text, min_size=1, max_size=12),
-    so=size_overlap,
+    words=st.lists(st.sampled_from(WORDS), min_size=1, max_size=150),
+    size=st.integers(32, 64),
+    data=st.data(),
+    prefix=st.sampled_from(PREFIXES),
 )
+def test_chunks_start_and_end_on_word_boundaries_and_overlap_to_within_a_word(
+    family: Tokenizer, words: list[str], size: int, data: st.DataObject, prefix: str
+) -> None:
+    overlap = data.draw(st.integers(0, size // 2 - 1))
+    text = " ".join(words)
+    cols = chunk_texts(family, [text], size, overlap, prefix=prefix)
+    got = spans(cols)
+    for a, b in got:
+        assert a == 0 or text[a - 1] == " ", f"chunk starts inside a word: {text[max(0, a - 10) : a + 10]!r}"
+        assert b == len(text) or text[b] == " ", f"chunk ends inside a word: {text[max(0, b - 10) : b + 10]!r}"
+    longest = max(n_tokens(family, w) for w in WORDS) + 1  # a word, with its space in some tokenizers
+    offsets = family.encode(text, add_special_tokens=False).offsets
+    for k, ((_, b0), (a1, _)) in enumerate(pairwise(got)):
+        shared = sum(1 for x0, x1 in offsets if x0 >= a1 and x1 <= b0)
+        assert shared >= overlap - 1, "overlap not honoured"  # within the one token a byte-level space can be
+        if k + 2 < len(got):  # the last chunk starts as early as it can: more overlap
+            assert shared <= overlap + longest, "the start moved more than a word"
+
+
+@pytest.mark.parametrize("size", [8, 32])
+def test_documents_of_0_1_size_and_size_plus_1_tokens(family: Tokenizer, size: int) -> None:
+    def doc(n: int) -> str:
+        text = " ".join(["the"] * n)
+        assert n_tokens(family, text) == n, "'the' is no longer one token in this tokenizer"
+        return text
+
+    cols = chunk_texts(family, [doc(0), doc(1), doc(size), doc(size + 1)], size, 2)
+    assert cols.documents == 4 and cols.empty_documents == 1
+    assert cols.doc_index == [1, 2, 3, 3]
+    assert cols.text[:2] == ["the", doc(size)] and cols.n_tokens[:2] == [1, size]
+    # size + 1 tokens: a full window from the start, and the last one full too, ending at the document's end
+    assert cols.text[2:] == [doc(size), doc(size)] and cols.n_tokens[2:] == [size, size]
+    assert spans(cols, 3) == [(0, len(doc(size))), (4, len(doc(size + 1)))]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=st.lists(any_text, min_size=1, max_size=12), so=size_overlap, prefix=st.sampled_from(PREFIXES))
 def test_long_documents_split_into_pieces_give_the_same_chunks(
-    tok: Tokenizer, parts: list[str], so: tuple[int, int]
+    family: Tokenizer, parts: list[str], so: tuple[int, int], prefix: str
 ) -> None:
     size, overlap = so
     texts = [" ".join(parts), *parts]
-    whole = chunk_texts(tok, texts, size, overlap)
+    whole = chunk_texts(family, texts, size, overlap, prefix=prefix)
     for max_piece_chars in (256, 64):
-        assert chunk_texts(tok, texts, size, overlap, max_piece_chars=max_piece_chars) == whole
+        assert chunk_texts(family, texts, size, overlap, prefix=prefix, max_piece_chars=max_piece_chars) == whole
 
 
-@pytest.fixture(scope="module")
-def other_toks() -> dict[str, Tokenizer]:
-    """Small tokenizers of the other common kinds, trained on the spot: byte-level BPE and Metaspace Unigram."""
-    from tokenizers import models, normalizers, pre_tokenizers, processors, trainers
-
-    corpus = [english_text(2000, seed=i) for i in range(200)]
-    byte_level = Tokenizer(models.BPE())
-    byte_level.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    byte_level.post_processor = processors.ByteLevel(trim_offsets=True)
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    byte_level.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, initial_alphabet=alphabet))
-    metaspace = Tokenizer(models.Unigram())
-    metaspace.normalizer = normalizers.NFKC()
-    metaspace.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
-    unigram = trainers.UnigramTrainer(vocab_size=300, unk_token="<unk>", special_tokens=["<unk>"])
-    metaspace.train_from_iterator(corpus, unigram)
-    return {"byte_level": byte_level, "metaspace": metaspace}
+def test_a_prefix_that_merges_with_the_first_word_is_counted(trained: dict[str, Tokenizer]) -> None:
+    tok, prefix = trained["metaspace"], "query:"  # no space: "▁query:Accessing" is one pre-token
+    text = "Accessing " + " ".join(["the"] * 20)
+    in_prefix = n_tokens(tok, prefix)
+    assert n_tokens(tok, prefix + text) > in_prefix + n_tokens(tok, text), "the junction no longer adds tokens"
+    size = n_tokens(tok, text)
+    assert chunk_texts(tok, [text], size, 0).text == [text]
+    cols = chunk_texts(tok, [text], size, 0, prefix=prefix)
+    assert len(cols) == 2, "the document fits alone but not after the prefix: it must be cut"
+    assert all(n_tokens(tok, prefix + t) <= in_prefix + size for t in cols.text)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(kind=st.sampled_from(["byte_level", "metaspace"]), parts=st.lists(any_text, min_size=1, max_size=12))
-def test_other_tokenizer_kinds_give_windows_of_a_whole_encode_also_in_pieces(
-    other_toks: dict[str, Tokenizer], kind: str, parts: list[str]
-) -> None:
-    tok = other_toks[kind]
-    text = " ".join(parts)
-    offsets = tok.encode(text, add_special_tokens=False).offsets
-    expected = [(offsets[s][0], max(offsets[s][0], offsets[e - 1][1])) for s, e in windows(len(offsets), 8, 2)]
-    if text.isspace() or not text:
-        expected = []
-    for max_piece_chars in (chunking.MAX_PIECE_CHARS, 256, 64):
-        cols = chunk_texts(tok, [text], 8, 2, max_piece_chars=max_piece_chars)
-        assert list(zip(cols.char_start, cols.char_end, strict=True)) == expected
+def test_a_size_too_small_for_one_character_is_a_clear_error(trained: dict[str, Tokenizer]) -> None:
+    tok = trained["byte_level"]
+    assert n_tokens(tok, "🦜") > 2  # four bytes the training text never merged
+    with pytest.raises(SourceError, match=r"document 1: .* at most 2 tokens .* chunking.size is too small"):
+        chunk_texts(tok, ["fine", "a 🦜 b"], 2, 0)
+
+
+@pytest.mark.parametrize(("size", "limit"), [(254, 256), (510, 512)])
+def test_chunks_cut_at_the_model_limit_fit_it(tok: Tokenizer, size: int, limit: int) -> None:
+    """MiniLM (254 + [CLS] + [SEP] = 256) and bge-base (510 + 2 = 512), on the bert-base-uncased vocabulary."""
+    docs = [english_text(n, seed=n) for n in range(500, 60_000, 1_500)]
+    docs += [" ".join([*LONG_WORDS, *CODE, PROSE] * 8), PROSE * 200]
+    cols = chunk_texts(tok, docs, size, 50)
+    lengths = [n_tokens(tok, t, special=True) for t in cols.text]
+    assert len(lengths) > 100 and max(lengths) <= limit
+    # The same documents cut into plain token windows (today's spans, no word boundaries) do not fit: this data
+    # would catch a chunker that trusts the document's token count.
+    over = 0
+    for text in docs:
+        offs = tok.encode(text, add_special_tokens=False).offsets
+        over += sum(
+            n_tokens(tok, text[offs[s][0] : offs[e - 1][1]], special=True) > limit
+            for s, e in windows(len(offs), size, 50)
+        )
+    assert over > 0
+
+
+# --- chunk_texts with the packaged WordPiece tokenizer -----------------------------------------------------------
 
 
 def test_chunk_text_keeps_case_accents_and_inner_spacing(tok: Tokenizer) -> None:
@@ -245,13 +401,13 @@ def test_ten_megabyte_document_is_chunked_in_pieces(
     tmp_path: Path, tok_path: Path, tok: Tokenizer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls = []
-    real = chunking._long_doc_offsets
+    real = chunking._long_doc_tokens
 
     def spy(*args, **kwargs):
         calls.append(result := real(*args, **kwargs))
         return result
 
-    monkeypatch.setattr(chunking, "_long_doc_offsets", spy)
+    monkeypatch.setattr(chunking, "_long_doc_tokens", spy)
     text = english_text(10_000_000, seed=1)
     size, overlap = 254, 32
     src = write_input(tmp_path / "in.parquet", ["short", "long"], ["short one", text])
@@ -260,9 +416,10 @@ def test_ten_megabyte_document_is_chunked_in_pieces(
     assert len(calls) == 1 and calls[0] is not None, "the long document was not tokenized in pieces"
     table = pq.read_table(out)
     assert table.column("doc_id").to_pylist() == ["short"] + ["long"] * (table.num_rows - 1)
-    bounds = windows(stats["doc_tokens"] - 2, size, overlap)
-    assert table.num_rows - 1 == len(bounds) > 10_000
-    assert table.column("n_tokens").to_pylist()[1:] == [size] * len(bounds)
+    nominal = windows(stats["doc_tokens"] - 2, size, overlap)
+    assert table.num_rows - 1 >= len(nominal) > 10_000
+    counts = table.column("n_tokens").to_pylist()[1:]
+    assert max(counts) <= size and sum(counts) / len(counts) > size - 8, "chunks are not nearly full"
     starts = table.column("char_start").to_pylist()[1:]
     ends = table.column("char_end").to_pylist()[1:]
     assert starts[0] == 0 and ends[-1] == len(text)
@@ -271,7 +428,7 @@ def test_ten_megabyte_document_is_chunked_in_pieces(
     texts = table.column("text").to_pylist()[1:]
     for k in range(0, len(texts), 997):
         assert texts[k] == text[starts[k] : ends[k]]
-        assert len(tok.encode(texts[k], add_special_tokens=False)) in range(size - 3, size + 4)
+        assert n_tokens(tok, texts[k]) == counts[k]
 
 
 @pytest.mark.slow
@@ -325,7 +482,9 @@ def test_chunk_shard_writes_columns_keeps_columns_and_stats(tmp_path: Path, tok_
     assert stats["tiny_chunks"] == sum(r["n_tokens"] < 8 for r in rows) == 1
     assert sum(stats["token_histogram"].values()) == stats["chunks"]
     assert list(stats["token_histogram"]) == ["1", "2-3", "4-7", "8-15", "16-31", "32-63", "64"]
-    assert stats["token_histogram"]["64"] == len(d2) and stats["token_histogram"]["2-3"] == 1
+    # d2's chunks end on word boundaries within a few tokens of the size
+    assert stats["token_histogram"]["32-63"] + stats["token_histogram"]["64"] == len(d2)
+    assert all(56 <= r["n_tokens"] <= 64 for r in d2[:-1]) and stats["token_histogram"]["2-3"] == 1
     assert stats["chunks_per_doc_histogram"]["0"] == 3 and stats["chunks_per_doc_histogram"]["1"] == 1
     assert sum(stats["chunks_per_doc_histogram"].values()) == stats["documents"]
 

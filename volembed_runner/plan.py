@@ -96,6 +96,7 @@ class ChunkSettings:
     size: int
     overlap: int
     keep_columns: tuple[str, ...]
+    prefix: str  # what the engine puts before every chunk: chunks are cut so that prefix + chunk fits
     fingerprint: str = ""
 
 
@@ -421,11 +422,14 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
         "tokenizer": model.tokenizer_id,
         "keep_columns": ds.keep_columns,
     }
+    if spec.prefix:  # the prefix's junction with a chunk's first word can change where a chunk must end
+        chunk_key["prefix"] = spec.prefix
     chunk = ChunkSettings(
         data_fingerprint=data.fingerprint,
         size=spec.chunking.size,
         overlap=spec.chunking.overlap_tokens,
         keep_columns=tuple(ds.keep_columns),
+        prefix=spec.prefix,
         fingerprint=fingerprint(chunk_key),
     )
 

@@ -9,10 +9,11 @@ import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy as np
 from tokenizers import Tokenizer
 
 from volembed_runner import catalog, models
-from volembed_runner.chunking import load_tokenizer, windows
+from volembed_runner.chunking import chunk_texts, load_tokenizer
 from volembed_runner.plan import Plan
 
 SAMPLE_CAP = 5_000  # documents sampled at most
@@ -69,6 +70,7 @@ class Sample:
 
     size: int
     overlap: int
+    prefix: str = ""
     tokens: list[int] = field(default_factory=list)
     chunks: list[int] = field(default_factory=list)
     embedded: list[int] = field(default_factory=list)
@@ -83,15 +85,16 @@ class Sample:
         return len(self.tokens)
 
     def add(self, tok: Tokenizer, texts: list[str]) -> None:
-        """Count tokens, windows and window tokens of each text (no special tokens, like the chunk stage)."""
-        encodings = tok.encode_batch(texts, add_special_tokens=False) if texts else []
-        for text, enc in zip(texts, encodings, strict=True):
-            n = len(enc) if text and not text.isspace() else 0
-            spans = windows(n, self.size, self.overlap)
-            self.tokens.append(n)
-            self.chunks.append(len(spans))
-            self.embedded.append(sum(end - start for start, end in spans))
-            self.nbytes.append(len(text.encode("utf-8")))
+        """Count each text's tokens, chunks and chunk tokens with the chunk stage's own chunker (so a sample of the
+        whole dataset is exact)."""
+        cols = chunk_texts(tok, texts, self.size, self.overlap, prefix=self.prefix)
+        doc_index = np.asarray(cols.doc_index, dtype=np.int64)
+        chunks = np.bincount(doc_index, minlength=len(texts))
+        embedded = np.bincount(doc_index, weights=np.asarray(cols.n_tokens, dtype=np.float64), minlength=len(texts))
+        self.tokens.extend(cols.tokens_per_doc)
+        self.chunks.extend(int(c) for c in chunks)
+        self.embedded.extend(int(e) for e in embedded)
+        self.nbytes.extend(len(text.encode("utf-8")) for text in texts)
         if self.n:
             self._means.append(sum(self.embedded) / self.n)
 

@@ -128,7 +128,7 @@ def local_sizes(plan: Plan, tok: CountingTokenizer | None, sample_cap: int) -> S
     int_limit = data.limit if isinstance(data.limit, int) and not isinstance(data.limit, bool) else None
     wanted = sizes.rows if sizes.rows is not None else int_limit
     unknown_fraction = sizes.rows is None and isinstance(data.limit, float)
-    sample = Sample(plan.chunk.size, plan.chunk.overlap, note=tok.note)
+    sample = Sample(plan.chunk.size, plan.chunk.overlap, plan.chunk.prefix, note=tok.note)
     readers = text_readers(shape, tasks, row_quotas([r for r, _, _ in counts], wanted))
     try:
         if sizes.rows is not None and sizes.rows <= sample_cap:
@@ -305,7 +305,7 @@ def _hub_worker(plan: Plan, tok: CountingTokenizer | None, sample_cap: int, foun
             return
         path = parse_hf_uri(tasks[0].source)[2]
         pf = pq.ParquetFile(open_file(tasks[0]), metadata=metas[0])  # its footer was read above
-        sample = Sample(plan.chunk.size, plan.chunk.overlap, note=tok.note)
+        sample = Sample(plan.chunk.size, plan.chunk.overlap, plan.chunk.prefix, note=tok.note)
         found["sample"] = sample
         batches = pf.iter_batches(batch_size=SAMPLE_BATCH, columns=shape.needed, row_groups=[0])
 

@@ -68,6 +68,7 @@ def run_shard(root: Path, plan: Plan, shard: str, max_rows: int | None = None) -
         overlap=plan.chunk.overlap,
         keep_columns=list(plan.chunk.keep_columns),
         max_rows=max_rows,
+        prefix=plan.chunk.prefix,
     )
 
 
@@ -230,6 +231,7 @@ def chunk_shard(
     overlap: int,
     keep_columns: list[str],
     max_rows: int | None = None,
+    prefix: str = "",
 ) -> dict[str, Any]:
     """Chunk one input shard (`id`, `text`, keep_columns; its first `max_rows` rows) into one chunk shard.
 
@@ -250,7 +252,7 @@ def chunk_shard(
         with pq.ParquetWriter(str(tmp), schema, use_dictionary=["doc_id", *keep_columns], **_WRITER_OPTIONS) as out:
             for first_row, batch in _read_batches(reader, columns, Path(in_path), max_rows):
                 texts = _texts(batch.column("text"), Path(in_path), first_row)
-                cols = chunk_texts(tokenizer, texts, size, overlap)
+                cols = chunk_texts(tokenizer, texts, size, overlap, prefix=prefix)
                 doc_index = np.asarray(cols.doc_index, dtype=np.int64)
                 n_tokens = np.asarray(cols.n_tokens, dtype=np.int32)
                 take = pa.array(doc_index, type=pa.int64())

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -124,3 +125,17 @@ def test_cleanup_removes_only_dead_writers_temporaries(tmp_path: Path) -> None:
         path.write_bytes(b"partial")
     store.remove_stale_temporaries(shard)
     assert live.exists() and remote.exists() and not gone.exists()
+
+
+def test_cleanup_counts_a_killed_but_unreaped_writer_as_gone(tmp_path: Path) -> None:
+    """A run killed with its workers leaves zombies until they are reaped; a rerun at once still cleans up."""
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{zombie.pid}/stat").read_text().split(") ")[-1][0] != "Z" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    shard = tmp_path / "shard-00000-0000.parquet"
+    left = tmp_path / f".{shard.name}.{store.writer_tag().rsplit('-', 1)[0]}-{zombie.pid}.abc123.tmp"
+    left.write_bytes(b"partial")
+    store.remove_stale_temporaries(shard)
+    zombie.wait()
+    assert not left.exists()

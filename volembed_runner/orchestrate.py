@@ -196,6 +196,7 @@ def _passes(
     todo = [(s, cap) for s, cap in index if s not in already]
     if not _run_shards("chunk", todo, len(index), mapper.chunk, manifest, keeper, outcome, emit, out_of_time):
         return outcome
+    store.remove_dead_temporaries(chunk_folder, "shard-")  # a killed pass's writers, gone by now
     if until == "chunk":
         manifest.close(outcome_ok=outcome.ok)
         return outcome
@@ -207,6 +208,7 @@ def _passes(
     if not _run_shards("embed", todo_embed, len(todo_embed) + len(already), mapper.embed, manifest, keeper, outcome,
                        emit, out_of_time):
         return outcome
+    store.remove_dead_temporaries(embed_folder, "shard-")
     manifest.close(outcome_ok=outcome.ok)
     return outcome
 

@@ -184,7 +184,17 @@ def _writer_gone(tag: str) -> bool:
         return True
     except PermissionError:
         return False
-    return False
+    return _is_zombie(int(pid))
+
+
+def _is_zombie(pid: int) -> bool:
+    """True when `pid` has exited but is not yet reaped (Linux `/proc/<pid>/stat` state `Z`): a killed run's
+    workers linger so until their new parent collects them, and they will never write again."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2 :].startswith("Z")
 
 
 def remove_dead_temporaries(folder: Path, prefix: str) -> None:

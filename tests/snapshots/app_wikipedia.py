@@ -195,6 +195,7 @@ PLAN = {
         'size': 510,
         'overlap': 50,
         'keep_columns': ['url', 'title'],
+        'prefix': '',
         'fingerprint': '250bf3334413514d',
     },
     'embed': {
@@ -231,7 +232,7 @@ PLAN = {
         'embed_scaledown_s': 60,
         'embed_startup_timeout_s': 1200,
     },
-    'machine': {'cores': 2, 'native_bf16': False},
+    'machine': {'cores': 2, 'native_bf16': True},
     'warnings': [],
     'hub': None,
 }

@@ -43,7 +43,7 @@ from volembed_runner.backends.modal import launch, render, runtime
 from volembed_runner.backends.modal.runtime import ModalMapper, ShardFailed, TEIRouter
 from volembed_runner.errors import BackendError, SpecError
 from volembed_runner.models import MODEL_FILE_PATTERNS
-from volembed_runner.plan import Plan, make_plan
+from volembed_runner.plan import MachineFacts, Plan, make_plan
 from volembed_runner.spec import Spec
 
 REPO = Path(__file__).resolve().parent.parent
@@ -342,7 +342,9 @@ def test_rendering_is_deterministic(tmp_path: Path) -> None:
 
 def _snapshot_plan() -> Plan:
     plan = pipeline_plan(REPO / "pipelines" / "wikipedia.yaml")
-    return dataclasses.replace(plan, spec_path="pipelines/wikipedia.yaml", git={"commit": None, "dirty": None})
+    # The machine facts are this machine's; the snapshot fixes them so that it reads the same on every machine.
+    return dataclasses.replace(plan, spec_path="pipelines/wikipedia.yaml", git={"commit": None, "dirty": None},
+                               machine=MachineFacts(cores=2, native_bf16=False))
 
 
 def test_snapshot_of_the_wikipedia_app() -> None:

@@ -20,6 +20,8 @@ MODEL_FILE_PATTERNS = ["*.json", "*.safetensors", "*.txt", "1_Pooling/*", "2_Den
 def packaged_model_dir(model_id: str) -> Path | None:
     """The folder inside an installed package that ships `model_id`, found without importing the package."""
     known = catalog.find_model(model_id)
+    if known is not None and known.build is not None:  # the demo ColBERT: its files start as its base's
+        return packaged_model_dir(known.build.base)
     if known is None or known.package is None:
         return None
     spec = importlib.util.find_spec(known.package.module)

@@ -44,6 +44,16 @@ class Mapper(Protocol):
 
     def embed(self, units: Iterator[str]) -> Iterable[tuple[str, Stats | BaseException]]: ...
 
+    def late_index(self, keys: Iterator[str]) -> Iterable[tuple[str, Stats | BaseException]]:
+        """Build a late-interaction run's token index from its embedding files (`stages/late.py`), here."""
+        from volembed_runner.stages import late
+
+        for key in keys:
+            try:
+                yield key, late.build_index(self.root, self.plan)  # type: ignore[attr-defined]
+            except Exception as exc:  # recorded as the stage's failure
+                yield key, exc
+
 
 def drive(results: AsyncGenerator[T, None]) -> Iterator[T]:
     """Iterate an async generator from synchronous code, on one event loop that lives as long as the iteration
@@ -209,6 +219,9 @@ def _passes(
                        emit, out_of_time):
         return outcome
     store.remove_dead_temporaries(embed_folder, "shard-")
+    if plan.late is not None and outcome.ok and until != "embed":  # late interaction: the token index
+        _run_shards("index", [plan.late.fingerprint], 1, mapper.late_index, manifest, keeper, outcome, emit,
+                    lambda: False)
     manifest.close(outcome_ok=outcome.ok)
     return outcome
 

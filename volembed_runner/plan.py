@@ -22,6 +22,16 @@ import orjson
 
 from volembed_runner import catalog
 from volembed_runner.errors import SpecError, SpecIssue
+from volembed_runner.late import (
+    INDEX_EF_CONSTRUCTION,
+    INDEX_EF_SEARCH,
+    INDEX_KIND,
+    INDEX_M,
+    K_TOKEN,
+    LATE,
+    PYLATE_VERSION,
+    LateSettings,
+)
 from volembed_runner.machine import native_bf16, resolve_precision, usable_cores
 from volembed_runner.redact import public_url
 from volembed_runner.spec import Spec, prefix_tokens
@@ -192,6 +202,7 @@ class Plan:
     machine: MachineFacts
     warnings: tuple[str, ...] = field(default_factory=tuple)
     hub: HubSettings | None = None
+    late: LateSettings | None = None  # set for `embedding.kind: late_interaction`
 
     def local_root(self) -> Path:
         """The folder standing in for the Volume on the local backend."""
@@ -222,7 +233,7 @@ class Plan:
             compute[kind] = Container(**compute[kind])
         return cls(
             **{k: v for k, v in d.items() if k not in ("data", "model", "chunk", "embed", "compute", "machine",
-                                                       "warnings", "hub")},
+                                                       "warnings", "hub", "late")},
             data=DataSettings(**tuples(d["data"], "files", "keep_columns")),
             model=ModelSettings(**tuples(d["model"], "known_issues")),
             chunk=ChunkSettings(**tuples(d["chunk"], "keep_columns")),
@@ -231,6 +242,7 @@ class Plan:
             machine=MachineFacts(**d["machine"]),
             warnings=tuple(d.get("warnings", ())),
             hub=HubSettings(**d["hub"]) if d.get("hub") else None,
+            late=LateSettings(**tuples(d["late"], "markers")) if d.get("late") else None,
         )
 
 
@@ -434,12 +446,17 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
     )
 
     compute = resolve_compute(spec)
+    late = emb.kind == LATE
     engine = "tei" if (backend == "modal" or emb.endpoint) else "local"
+    if late:  # PyLate on both backends: in this process, or in Modal's GPU image (TEI serves no ColBERT)
+        engine = "pylate" if backend == "modal" else "local"
     precision = resolve_precision(emb.precision) if engine == "local" else "float16"
     if emb.endpoint:
         server = public_url(emb.endpoint)
     else:
         server = f"tei:{catalog.gpu_table()['tei_version']}" if engine == "tei" else "local"
+    if late:
+        server = f"pylate:{PYLATE_VERSION}"
     embed_key = {
         "chunks": chunk.fingerprint,
         "engine": engine,
@@ -453,6 +470,8 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
         "truncate": emb.truncate,
         "server": server,
     }
+    if late:  # dense fingerprints stay as they were
+        embed_key["kind"] = LATE
     embed = EmbedSettings(
         chunk_fingerprint=chunk.fingerprint,
         engine=engine,
@@ -470,6 +489,7 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
         server=server,
         fingerprint=fingerprint(embed_key),
     )
+    late_settings = resolve_late(spec, embed.fingerprint) if late else None
     warnings = []
     if model.known and engine == "tei" and not is_commit(revision):
         warnings.extend(f"{model.ref}: {issue}" for issue in model.known_issues)
@@ -490,6 +510,25 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
         machine=MachineFacts(cores=usable_cores(), native_bf16=native_bf16()),
         warnings=tuple(warnings),
         hub=HubSettings(**spec.output.hub.model_dump()) if spec.output.hub else None,
+        late=late_settings,
+    )
+
+
+def resolve_late(spec: Spec, embed_fingerprint: str) -> LateSettings:
+    """The query side of a ColBERT model (catalog) and the token index's settings, fingerprinted after embed."""
+    known = catalog.find_model(spec.embedding.model)
+    settings = {"index": INDEX_KIND, "m": INDEX_M, "ef_construction": INDEX_EF_CONSTRUCTION}
+    return LateSettings(
+        query_length=known.query_length if known else None,
+        markers=known.markers if known else (),
+        build_base=known.build.base if known and known.build else None,
+        build_seed=known.build.seed if known and known.build else None,
+        index=INDEX_KIND,
+        index_m=INDEX_M,
+        index_ef_construction=INDEX_EF_CONSTRUCTION,
+        index_ef_search=INDEX_EF_SEARCH,
+        k_token=K_TOKEN,
+        fingerprint=fingerprint({"embeddings": embed_fingerprint, **settings}),
     )
 
 

@@ -172,6 +172,9 @@ class Chunking(_Section):
 class Embedding(_Section):
     """The embedding model and how its inputs and outputs are shaped."""
 
+    kind: Literal["dense", "late_interaction"] = Field(
+        "dense", description="dense: one vector per chunk; late_interaction: one vector per token (ColBERT, run by "
+        "PyLate), with a MaxSim index and search")
     model: str = Field(..., description="Hub model id, or a local folder with the model's files")
     revision: str | None = Field(None, description="Model commit to pin for reproducible runs")
     prefix: str | None = Field(None, description='Text put before every chunk, e.g. "search_document: " for nomic; '
@@ -274,6 +277,33 @@ class Spec(BaseModel):
             return self.embedding.prefix
         known = catalog.find_model(self.embedding.model)
         return known.default_prefix if known else ""
+
+    @model_validator(mode="after")
+    def _kind_fits(self) -> Spec:
+        """A late-interaction job names a ColBERT model, sets nothing that only dense engines read, and runs where
+        PyLate runs (the local engine, or Modal's GPU image; not a TEI endpoint, which serves no ColBERT model)."""
+        emb, known = self.embedding, catalog.find_model(self.embedding.model)
+        kind = known.kind if known else None
+        if kind is not None and kind != emb.kind:
+            hint = ("set embedding.kind: late_interaction" if kind == "late_interaction"
+                    else "late_interaction needs a ColBERT model, e.g. colbert-ir/colbertv2.0")
+            raise _cross("embedding.kind", "{model} is a {kind} model, not {wanted}; {hint}", model=known.id,
+                         kind=kind.replace("_", "-"), wanted=emb.kind.replace("_", "-"), hint=hint)
+        if emb.kind != "late_interaction":
+            return self
+        for field, value, default in (("dimensions", emb.dimensions, None), ("normalize", emb.normalize, True),
+                                      ("endpoint", emb.endpoint, None), ("prefix", emb.prefix, None),
+                                      ("truncate", emb.truncate, False)):
+            if value != default:
+                raise _cross(f"embedding.{field}", "does not apply to late_interaction: PyLate adds the model's "
+                             "markers, normalizes every token vector, cuts at the document length, and no TEI serves "
+                             "ColBERT; remove it")
+        if self.compute.max_batch_tokens is not None:
+            raise _cross("compute.max_batch_tokens", "is a TEI setting; late_interaction runs PyLate, not TEI")
+        if known is not None and known.build is not None and self.backend == "modal":
+            raise _cross("embedding.model", "{model} is built on this machine for the offline demo; on Modal use a "
+                         "Hub ColBERT model such as colbert-ir/colbertv2.0", model=known.id)
+        return self
 
     @model_validator(mode="after")
     def _fits_model(self) -> Spec:

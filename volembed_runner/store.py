@@ -7,12 +7,17 @@ share one layout:
     <root>/runs/<name>/chunks/<chunk_fp>/shard-00000.parquet         (+ .done marker)
     <root>/runs/<name>/embeddings/<embed_fp>/shard-00000.parquet     (+ .done marker; one file per embed unit:
     <root>/runs/<name>/embeddings/<embed_fp>/shard-00000.000000000-000004096.parquet    a shard, or rows of it)
+    <root>/runs/<name>/index/<index_fp>/                             (late interaction: PyLate's token index; a
+                                                                       folder renamed into place, then index.done)
     <root>/runs/<name>/manifest.json, stats.json
     <root>/runs/<name>/current.json                                  (the fingerprints of the run's current outputs)
     <root>/runs/<name>/lease/00000003.json                           (the run's lease, local volumes)
 
 A file is written under a temporary name, renamed into place, and only then marked done; a file without its
 marker is never taken as finished, and a rerun rewrites it.
+
+A late-interaction embedding file has the dense file's columns, but `embedding` holds a chunk's token vectors as
+list<fixed_size_list<float16>[dim]> and `n_vectors` their count (`multivector_columns`, `read_multivectors`).
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
+import pyarrow as pa
 
 DONE_SUFFIX = ".done"
 # A source shard holds at most `dataset.shard_rows` documents and about this much text, so memory stays bounded.
@@ -62,6 +69,37 @@ def chunks_dir(root: Path, name: str, chunk_fp: str) -> Path:
 def embeddings_dir(root: Path, name: str, embed_fp: str) -> Path:
     """Embedding shards of a run for one embed fingerprint."""
     return run_dir(root, name) / "embeddings" / embed_fp
+
+
+def index_dir(root: Path, name: str, index_fp: str) -> Path:
+    """A late-interaction run's token index for one index fingerprint (done when `index_done_path` exists)."""
+    return run_dir(root, name) / "index" / index_fp
+
+
+def index_done_path(folder: Path) -> Path:
+    """The index folder's done-marker (beside it): written after the folder is renamed into place."""
+    return folder.with_name(folder.name + DONE_SUFFIX)
+
+
+def multivector_columns(vectors: list[np.ndarray], dim: int) -> tuple[pa.ListArray, pa.Int32Array]:
+    """Per-chunk token vectors as (`embedding`: list<fixed_size_list<float16>[dim]>, `n_vectors`: int32)."""
+    counts = np.array([len(v) for v in vectors], dtype=np.int32)
+    flat = np.concatenate(vectors).astype(np.float16) if vectors else np.zeros((0, dim), dtype=np.float16)
+    tokens = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=pa.float16()), dim)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts, dtype=np.int64)]).astype(np.int32), type=pa.int32())
+    return pa.ListArray.from_arrays(offsets, tokens), pa.array(counts, type=pa.int32())
+
+
+def read_multivectors(column: pa.ChunkedArray | pa.ListArray) -> list[np.ndarray]:
+    """The `embedding` column of a late-interaction file back as one float16 array [n_vectors, dim] per chunk."""
+    column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    if len(column) == 0:
+        return []
+    dim = column.type.value_type.list_size
+    flat = column.flatten()
+    values = flat.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    offsets = column.offsets.to_numpy() - column.offsets[0].as_py()
+    return [values[offsets[i]:offsets[i + 1]] for i in range(len(column))]
 
 
 def lease_dir(root: Path, name: str) -> Path:

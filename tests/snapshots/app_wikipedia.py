@@ -135,6 +135,7 @@ PLAN = {
         },
         'chunking': {'size': 510, 'overlap': 50, 'workers': 100},
         'embedding': {
+            'kind': 'dense',
             'model': 'BAAI/bge-base-en-v1.5',
             'revision': None,
             'prefix': None,
@@ -156,7 +157,7 @@ PLAN = {
         },
         'output': {'include_text': False, 'hub': None},
     },
-    'spec_hash': '96178e139b37c972',
+    'spec_hash': 'd1c3512202bc5f56',
     'git': {'commit': None, 'dirty': None},
     'data': {
         'kind': 'hf',
@@ -235,6 +236,7 @@ PLAN = {
     'machine': {'cores': 2, 'native_bf16': False},
     'warnings': [],
     'hub': None,
+    'late': None,
 }
 
 # ── App, Volume, Secrets ─────────────────────────────────────────────────────────────────────────────────────────

@@ -119,6 +119,11 @@ class LocalMapper(Mapper):
                     await client.info()  # the server's identity is checked before any shard
                     yield client
                 return
+            if self.plan.late is not None:  # ColBERT through PyLate, in this process
+                from volembed_runner.stages import late
+
+                yield InProcess(late.engine(self.plan, threads=self.plan.machine.cores))  # type: ignore[arg-type]
+                return
             from volembed_runner.embedders.local import LocalEmbedder
 
             yield InProcess(LocalEmbedder(model=model.location, revision=model.revision, prefix=e.prefix,

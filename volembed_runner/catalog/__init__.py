@@ -51,6 +51,19 @@ class Model:
     known_issues: tuple[str, ...] = field(default_factory=tuple)
     tei_revision: str | None = None  # a commit the pinned TEI loads, where the Hub's main does not
     tei_revision_source: str | None = None
+    kind: str = "dense"  # "dense" (one vector per chunk) or "late_interaction" (one vector per token, ColBERT)
+    query_length: int | None = None  # late interaction: tokens a query is padded/cut to, markers included
+    markers: tuple[str, ...] = ()  # late interaction: the query and document marker tokens PyLate inserts
+    build: BuiltModel | None = None  # a model made on this machine from a packaged one (the offline demo)
+    source: str | None = None  # where a user can check these facts (the model card)
+
+
+@dataclass(frozen=True)
+class BuiltModel:
+    """A ColBERT that PyLate builds from a packaged model: a projection to `dim` with weights drawn from `seed`."""
+
+    base: str
+    seed: int
 
 
 def _load(name: str) -> dict[str, Any]:
@@ -88,8 +101,10 @@ def models() -> dict[str, Model]:
     for model_id, m in _load("models.yaml")["models"].items():
         package = PackagedModel(**m["package"]) if m.get("package") else None
         issues = tuple(m.get("known_issues", []))
-        fields = {k: v for k, v in m.items() if k not in ("package", "known_issues")}
-        out[model_id] = Model(id=model_id, package=package, known_issues=issues, **fields)
+        build = BuiltModel(**m["build"]) if m.get("build") else None
+        fields = {k: v for k, v in m.items() if k not in ("package", "known_issues", "build", "markers")}
+        out[model_id] = Model(id=model_id, package=package, known_issues=issues, build=build,
+                              markers=tuple(m.get("markers", [])), **fields)
     return out
 
 

@@ -120,6 +120,11 @@ async def embed_shard_async(root: Path, plan: Plan, unit: str, embedder: AsyncEm
         vectors = await embedder.embed(texts, n_tokens) if texts else None
     except (TextsFailedError, VectorCheckError) as exc:
         raise _failed_chunk(chunks, unit, exc) from exc
+    if plan.late is not None:  # per-token vectors: the late-interaction layout (`stages/late.py`)
+        from volembed_runner.stages import late
+
+        return late.write_unit(plan, chunks, list(vectors or []), out, unit,
+                               {"truncated": embedder.truncations(n_tokens)})
     if vectors is None:
         vectors = np.zeros((0, int(run_dim or embedder.dim or 0)), dtype=np.float32)
     if run_dim is not None and vectors.shape[1] != run_dim:

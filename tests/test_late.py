@@ -1,0 +1,227 @@
+"""Late interaction (ColBERT through PyLate): spec rules, the multi-vector layout, token vectors equal to PyLate's own,
+resume, fingerprints, the token index and MaxSim search.
+
+The model is PyLate's ColBERT built from the packaged all-MiniLM-L6-v2 with a projection drawn from a fixed seed
+(the catalog's `volembed/colbert-minilm-demo`): no ColBERT weights can be downloaded here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from volembed_runner import catalog, store
+from volembed_runner.cli import app
+from volembed_runner.errors import SpecError
+from volembed_runner.loading import load_spec
+from volembed_runner.plan import Plan, make_plan
+
+from .test_local_run import _kill_after_first_marker
+
+runner = CliRunner()
+WORDS = ["river", "mountain", "Zürich", "café", "harbour", "museum", "quantum", "garden", "library", "theory",
+         "violin", "glacier", "pepper", "comet", "lantern", "orchard", "falcon", "marble", "tundra", "saffron"]
+
+SPEC = """\
+version: 1
+name: late
+backend: {backend}
+volume: testvol
+dataset:
+  files: [docs.jsonl]
+  keep_columns: [title]
+  shard_rows: 8
+chunking:
+  size: {size}
+  overlap: 8
+  workers: 1
+embedding:
+  kind: late_interaction
+  model: {model}
+  precision: fp32
+"""
+
+
+def write(folder: Path, *, model: str = "volembed/colbert-minilm-demo", size: int = 64, backend: str = "local",
+          docs: int = 20, extra: str = "") -> Path:
+    rng = random.Random(7)
+    with (folder / "docs.jsonl").open("w", encoding="utf-8") as fh:
+        for i in range(docs):
+            text = " ".join(rng.choice(WORDS) for _ in range(rng.choice([3, 8, 20, 90])))
+            fh.write(json.dumps({"text": text, "title": f"doc {i}"}) + "\n")
+    path = folder / "spec.yaml"
+    path.write_text(SPEC.format(model=model, size=size, backend=backend) + extra)
+    return path
+
+
+def plan_of(spec: Path) -> Plan:
+    return make_plan(load_spec(spec), spec)
+
+
+def issue(spec: Path) -> str:
+    with pytest.raises(SpecError) as caught:
+        load_spec(spec)
+    return str(caught.value.issues[0])
+
+
+def test_a_colbert_model_needs_the_late_interaction_kind(tmp_path: Path) -> None:
+    spec = write(tmp_path)
+    spec.write_text(spec.read_text().replace("  kind: late_interaction\n", ""))
+    assert "embedding.kind" in issue(spec) and "set embedding.kind: late_interaction" in issue(spec)
+    spec = write(tmp_path, model="sentence-transformers/all-MiniLM-L6-v2")
+    assert "needs a ColBERT model" in issue(spec)
+
+
+@pytest.mark.parametrize("extra", ["  dimensions: 64\n", "  normalize: false\n", "  endpoint: http://tei:80\n"])
+def test_dense_only_settings_are_refused_for_late_interaction(tmp_path: Path, extra: str) -> None:
+    spec = write(tmp_path, extra=extra)
+    field = extra.split(":")[0].strip()
+    assert f"embedding.{field}" in issue(spec) and "does not apply to late_interaction" in issue(spec)
+
+
+def test_chunks_must_fit_the_colbert_document_length_with_its_markers(tmp_path: Path) -> None:
+    assert "177" in issue(write(tmp_path, size=178))  # 180 tokens with [CLS], [D] and [SEP]
+    load_spec(write(tmp_path, size=177))
+
+
+def test_the_built_demo_model_is_refused_on_modal(tmp_path: Path) -> None:
+    assert "built on this machine" in issue(write(tmp_path, backend="modal"))
+
+
+def test_the_plan_carries_the_query_side_and_an_index_fingerprint(tmp_path: Path) -> None:
+    plan = plan_of(write(tmp_path))
+    assert plan.late is not None and plan.late.query_length == 32 and plan.late.index == "voyager"
+    assert plan.embed.server.startswith("pylate:") and plan.model.dim == 128
+    assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+    modal = plan_of(write(tmp_path, model="colbert-ir/colbertv2.0", backend="modal"))
+    assert modal.embed.engine == "pylate" and modal.late and modal.late.fingerprint != plan.late.fingerprint
+
+
+def test_token_vectors_round_trip_through_the_multivector_layout() -> None:
+    rng = np.random.default_rng(0)
+    vectors = [rng.standard_normal((n, 8)).astype(np.float32) for n in (3, 1, 7)]
+    column, counts = store.multivector_columns(vectors, 8)
+    assert str(column.type) == "list<item: fixed_size_list<item: halffloat>[8]>"
+    assert counts.to_pylist() == [3, 1, 7]
+    back = store.read_multivectors(column.slice(1))
+    assert [b.shape for b in back] == [(1, 8), (7, 8)]
+    np.testing.assert_array_equal(back[1], vectors[2].astype(np.float16))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Plan]:
+    """One finished late-interaction run of 20 small documents, through the CLI."""
+    folder = tmp_path_factory.mktemp("late")
+    home = folder / "home"
+    old = os.environ.get("VOLEMBED_HOME")
+    os.environ["VOLEMBED_HOME"] = str(home)
+    try:
+        spec = write(folder)
+        result = runner.invoke(app, [str(spec)])
+        assert result.exit_code == 0, result.output
+        return spec, plan_of(spec)
+    finally:
+        os.environ.pop("VOLEMBED_HOME") if old is None else os.environ.__setitem__("VOLEMBED_HOME", old)
+
+
+def _home(monkeypatch: pytest.MonkeyPatch, spec: Path) -> None:
+    monkeypatch.setenv("VOLEMBED_HOME", str(spec.parent / "home"))
+
+
+def _rows(plan: Plan) -> tuple[list[str], list[np.ndarray]]:
+    folder = store.embeddings_dir(plan.local_root(), plan.name, plan.embed.fingerprint)
+    texts, vectors = [], []
+    for unit in store.done_shards(folder):
+        table = pq.read_table(store.shard_path(folder, unit))
+        chunks = pq.read_table(store.shard_path(store.chunks_dir(plan.local_root(), plan.name,
+                                                                 plan.chunk.fingerprint), unit.split(".")[0]))
+        texts += chunks["text"].to_pylist()
+        vectors += store.read_multivectors(table["embedding"])
+        assert table["n_vectors"].to_pylist() == [len(v) for v in store.read_multivectors(table["embedding"])]
+    return texts, vectors
+
+
+@pytest.mark.slow
+def test_pipeline_vectors_equal_pylates_own_encode(finished, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec, plan = finished
+    _home(monkeypatch, spec)
+    from pylate.models import ColBERT
+
+    from volembed_runner.stages.late import demo_model_dir
+
+    texts, stored = _rows(plan)
+    assert len(texts) >= 20
+    reference = ColBERT(str(demo_model_dir(plan)), device="cpu").encode(texts, is_query=False,
+                                                                       show_progress_bar=False)
+    for got, want in zip(stored, reference, strict=True):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got.astype(np.float32), want, atol=2e-3)
+
+
+@pytest.mark.slow
+def test_a_query_equal_to_a_chunks_text_ranks_that_chunk_first(finished, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec, plan = finished
+    _home(monkeypatch, spec)
+    from volembed_runner.stages import late
+
+    rows = pq.read_table(late.index_folder(plan.local_root(), plan) / late.ROWS_FILE).to_pylist()
+    picked = [r for r in rows if len(r["snippet"].split()) <= 20][:4]
+    results = late.search(plan.local_root(), plan, [r["snippet"] for r in picked], k=3)
+    for row, hits in zip(picked, results, strict=True):
+        assert (hits[0].doc_id, hits[0].chunk_index) == (row["doc_id"], row["chunk_index"])
+        assert hits[0].columns["title"] == row["title"] and hits[0].score >= hits[-1].score
+
+
+@pytest.mark.slow
+def test_changing_only_the_model_reruns_only_embed_and_index(finished, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec, plan = finished
+    _home(monkeypatch, spec)
+    demo = catalog.find_model("volembed/colbert-minilm-demo")
+    other = dataclasses.replace(demo, id="test/colbert-minilm-seed1", build=catalog.BuiltModel(demo.build.base, 1))
+    monkeypatch.setitem(catalog.models(), other.id, other)
+    spec.write_text(spec.read_text().replace("volembed/colbert-minilm-demo", other.id))
+    result = runner.invoke(app, [str(spec), "--json"])
+    assert result.exit_code == 0, result.output
+    assert "chunk: 0 of" in result.output or '"chunk"' in result.output
+    new = plan_of(spec)
+    manifest = json.loads(store.manifest_path(new.local_root(), new.name).read_text())
+    stages = manifest["stages"]
+    assert stages["chunk"].get("skipped") == stages["chunk"].get("total")
+    assert stages["embed"].get("skipped", 0) == 0 and stages["index"].get("skipped", 0) == 0
+    assert new.chunk.fingerprint == plan.chunk.fingerprint and new.embed.fingerprint != plan.embed.fingerprint
+    assert new.late and plan.late and new.late.fingerprint != plan.late.fingerprint
+    _, before = _rows(plan)
+    _, after = _rows(new)
+    assert not np.allclose(before[0].astype(np.float32), after[0].astype(np.float32))
+
+
+@pytest.mark.slow
+def test_a_killed_late_run_resumes_to_byte_identical_shards(tmp_path: Path) -> None:
+    spec = write(tmp_path, docs=40)
+    command = [sys.executable, "-m", "volembed_runner", str(spec), "--until", "embed"]
+
+    def env(home: str) -> dict[str, str]:
+        return {**os.environ, "VOLEMBED_HOME": str(tmp_path / home)}
+
+    killed = tmp_path / "home-a" / "volumes" / "testvol" / "runs" / "late" / "embeddings"
+    _kill_after_first_marker(command, env("home-a"), killed)
+    for home in ("home-a", "home-b"):
+        done = subprocess.run(command, env=env(home), capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+
+    def files(home: str) -> dict[str, bytes]:
+        folder = next((tmp_path / home / "volumes" / "testvol" / "runs" / "late" / "embeddings").iterdir())
+        return {p.name: p.read_bytes() for p in sorted(folder.glob("shard-*.parquet"))}
+
+    assert len(files("home-b")) == 5 and files("home-a") == files("home-b")
+    assert [p for p in killed.rglob("*") if p.name.endswith(".tmp")] == []

@@ -225,3 +225,29 @@ def test_a_killed_late_run_resumes_to_byte_identical_shards(tmp_path: Path) -> N
 
     assert len(files("home-b")) == 5 and files("home-a") == files("home-b")
     assert [p for p in killed.rglob("*") if p.name.endswith(".tmp")] == []
+
+
+def test_the_modal_app_runs_pylate_on_its_gpu_image_and_builds_the_index_there(tmp_path: Path) -> None:
+    from tests.fake_modal import fake_modal_server
+    from tests.test_modal_app import REPO, build_kwargs, build_steps, import_offline, no_network, pipeline_plan
+    from volembed_runner.backends.modal import render
+
+    plan = pipeline_plan(REPO / "pipelines" / "colbert-pdfs.yaml")
+    module = import_offline(render.render_app(plan), tmp_path / "colbert_app.py")
+    assert module.ENGINE == "pylate" and module.MODEL_ID == "colbert-ir/colbertv2.0"
+    with no_network():
+        embed, index = module.Embedder().embed.info(), module.late_index.info()
+    assert embed.gpus == [("A100-40GB", 1)] and embed.method_names == ["embed"]
+    assert index.gpus == [] and {p: v.name for p, v in index.volumes.items()} == {"/vol": "colbert-pdfs"}
+    with fake_modal_server() as rec:
+        module.app.deploy()
+    fns = rec.functions()
+    assert {"Embedder.*", "late_index", "orchestrate"} <= set(fns)
+    lines = rec.dockerfile(fns["Embedder.*"].image_id)
+    assert lines[0].startswith("FROM ") and "text-embeddings-inference" not in lines[0]
+    installs = [line for line in lines if "uv pip install" in line]
+    assert all(pkg in installs[0].split() for pkg in render.LATE_PACKAGES) and "torch==2.13.0" in installs[0]
+    assert "--no-deps" in installs[1] and render.PYLATE_PACKAGE in installs[1]
+    (weights,) = build_steps(rec, "Embedder.*")
+    assert build_kwargs(weights)["allow_patterns"] == render.LATE_MODEL_FILES
+    assert "torch" not in " ".join(rec.dockerfile(fns["chunk"].image_id))  # CPU stages stay light

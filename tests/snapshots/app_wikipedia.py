@@ -45,6 +45,34 @@ TEI_PACKAGES = [
     'pyyaml==6.0.3',
 ]
 
+# The GPU stage's engine: "tei" (a TEI router per container) or "pylate" (late interaction: ColBERT via PyLate).
+ENGINE = 'tei'
+LATE_PACKAGES = [
+    'torch==2.13.0',
+    'sentence-transformers==5.3.0',
+    'transformers==5.24.0',
+    'datasets==5.2.0',
+    'voyager==2.1.0',
+    'huggingface_hub==2.4.0',
+    'numpy==2.4.6',
+    'orjson==3.13.0',
+    'pyarrow==26.0.1',
+    'pydantic==2.14.3',
+    'pyyaml==6.0.3',
+    'tokenizers==0.23.3',
+]  # the PyLate image: torch for the GPU's CUDA and PyLate's libraries, pinned
+PYLATE_PACKAGE = 'pylate==1.6.0'  # installed with --no-deps, as tested
+LATE_MODEL_FILES = [
+    '*.json',
+    '*.safetensors',
+    '*.txt',
+    '1_Pooling/*',
+    '2_Dense*/*',
+    '1_Dense/*',
+    'artifact.metadata',
+    'pytorch_model.bin',
+]
+
 TEI_REGISTRY = 'ghcr.io/huggingface/text-embeddings-inference'
 TEI_TAG = '86-1.9.3'  # the TEI build for this GPU's architecture, pinned to a patch release
 MODEL_ID = 'BAAI/bge-base-en-v1.5'
@@ -286,12 +314,21 @@ else:
 cpu_image = cpu_image.add_local_python_source("volembed_runner", ignore=package_files)
 
 # GPU stage: TEI's image for this GPU, its router ENTRYPOINT dropped so Modal can start Python in it, the client's
-# libraries added, and the weights baked in: they are known at build time, so no container downloads them.
-tei_image = (
-    modal.Image.from_registry(f"{TEI_REGISTRY}:{TEI_TAG}", add_python=PYTHON_VERSION)
-    .entrypoint([])
-    .uv_pip_install(*TEI_PACKAGES)
-)
+# libraries added, and the weights baked in: they are known at build time, so no container downloads them. A
+# late-interaction job gets PyTorch and PyLate instead (TEI serves no ColBERT model), its weights baked the same way.
+if ENGINE == "tei":
+    tei_image = (
+        modal.Image.from_registry(f"{TEI_REGISTRY}:{TEI_TAG}", add_python=PYTHON_VERSION)
+        .entrypoint([])
+        .uv_pip_install(*TEI_PACKAGES)
+    )
+else:
+    tei_image = (
+        modal.Image.debian_slim(python_version=PYTHON_VERSION)
+        .uv_pip_install(*LATE_PACKAGES)
+        .uv_pip_install(PYLATE_PACKAGE, extra_options="--no-deps")
+    )
+    MODEL_FILES = LATE_MODEL_FILES
 if LOCAL_MODEL:
     tei_image = tei_image.add_local_dir(LOCAL_MODEL, MODEL_DIR, copy=True)
 else:
@@ -324,7 +361,9 @@ with cpu_image.imports():
     from volembed_runner.units import fleet_of
 with tei_image.imports():
     from volembed_runner.backends.modal.runtime import TEIRouter, shard_errors, sync_volume
+    from volembed_runner.embedders import InProcess
     from volembed_runner.plan import Plan
+    from volembed_runner.stages import late
     from volembed_runner.stages.embed import embed_shard_async, tei_client
 
 
@@ -359,38 +398,75 @@ def chunk(shard: str, max_rows: int | None) -> dict:
 # orchestrator to this fleet): the container reads it from the Volume and writes its vectors back, so texts and
 # vectors never pass through Modal's queue, and EMBED_MAX_INPUTS units share one TEI client whose requests keep the
 # router's queue full.
-@app.cls(image=tei_image, gpu=GPU, volumes=VOLUMES, secrets=secrets, cpu=EMBED_CPU, memory=EMBED_MEMORY_MIB,
-         timeout=TIMEOUT_S, startup_timeout=EMBED_STARTUP_TIMEOUT_S, retries=retry_policy,
-         max_containers=EMBED_MAX_CONTAINERS, scaledown_window=EMBED_SCALEDOWN_S)
-@modal.concurrent(max_inputs=EMBED_MAX_INPUTS)
-class Embedder:
-    """Embeds units of chunk shards through a TEI router started once per container."""
+if ENGINE == "tei":
+    @app.cls(image=tei_image, gpu=GPU, volumes=VOLUMES, secrets=secrets, cpu=EMBED_CPU, memory=EMBED_MEMORY_MIB,
+             timeout=TIMEOUT_S, startup_timeout=EMBED_STARTUP_TIMEOUT_S, retries=retry_policy,
+             max_containers=EMBED_MAX_CONTAINERS, scaledown_window=EMBED_SCALEDOWN_S)
+    @modal.concurrent(max_inputs=EMBED_MAX_INPUTS)
+    class Embedder:
+        """Embeds units of chunk shards through a TEI router started once per container."""
 
-    @modal.enter()
-    def start(self) -> None:
-        """Start text-embeddings-router and wait until it accepts connections; fail fast if it exits."""
-        self.router = TEIRouter.start(ROUTER_ARGS, port=TEI_PORT, timeout=ROUTER_READY_TIMEOUT_S)
-        self.plan = Plan.from_dict(PLAN)
-        self.client = None
+        @modal.enter()
+        def start(self) -> None:
+            """Start text-embeddings-router and wait until it accepts connections; fail fast if it exits."""
+            self.router = TEIRouter.start(ROUTER_ARGS, port=TEI_PORT, timeout=ROUTER_READY_TIMEOUT_S)
+            self.plan = Plan.from_dict(PLAN)
+            self.client = None
 
-    @modal.method()
-    async def embed(self, unit: str) -> dict:
-        """Embed one unit; returns its key with the unit's statistics."""
-        with shard_errors(unit) as reply:
-            if self.client is None:  # created on the event loop the inputs run on, shared by all of them
-                self.client = tei_client(self.plan, TEI_URL, **TEI_CLIENT)
-                await self.client.info()  # the router must serve the plan's model (checked once per container)
+        @modal.method()
+        async def embed(self, unit: str) -> dict:
+            """Embed one unit; returns its key with the unit's statistics."""
+            with shard_errors(unit) as reply:
+                if self.client is None:  # created on the event loop the inputs run on, shared by all of them
+                    self.client = tei_client(self.plan, TEI_URL, **TEI_CLIENT)
+                    await self.client.info()  # the router must serve the plan's model (checked once per container)
+                sync_volume(volume, reload=True)
+                reply.result = await embed_shard_async(Path(ROOT), self.plan, unit, self.client)
+                sync_volume(volume)
+            return reply.to_dict()
+
+        @modal.exit()
+        def stop(self) -> None:
+            """Stop the router."""
+            router = getattr(self, "router", None)
+            if router is not None:
+                router.stop()
+
+    late_index = None
+else:
+    # Late interaction: PyLate's ColBERT loaded once per container on its GPU; units run one after another on it.
+    @app.cls(image=tei_image, gpu=GPU, volumes=VOLUMES, secrets=secrets, cpu=EMBED_CPU, memory=EMBED_MEMORY_MIB,
+             timeout=TIMEOUT_S, startup_timeout=EMBED_STARTUP_TIMEOUT_S, retries=retry_policy,
+             max_containers=EMBED_MAX_CONTAINERS, scaledown_window=EMBED_SCALEDOWN_S)
+    @modal.concurrent(max_inputs=EMBED_MAX_INPUTS)
+    class Embedder:
+        """Embeds units of chunk shards into per-token vectors with PyLate, its model loaded once per container."""
+
+        @modal.enter()
+        def start(self) -> None:
+            """Load the ColBERT model from the image onto the GPU."""
+            self.plan = Plan.from_dict(PLAN)
+            self.engine = InProcess(late.engine(self.plan, device="cuda"))
+
+        @modal.method()
+        async def embed(self, unit: str) -> dict:
+            """Embed one unit; returns its key with the unit's statistics."""
+            with shard_errors(unit) as reply:
+                sync_volume(volume, reload=True)
+                reply.result = await embed_shard_async(Path(ROOT), self.plan, unit, self.engine)
+                sync_volume(volume)
+            return reply.to_dict()
+
+    # The token index: built after embed from the Volume's embedding files, one file at a time, on CPU.
+    @app.function(image=tei_image, volumes=VOLUMES, secrets=secrets, cpu=EMBED_CPU, memory=EMBED_MEMORY_MIB,
+                  timeout=TIMEOUT_S, retries=retry_policy, max_containers=1)
+    def late_index(key: str) -> dict:
+        """Build the run's late-interaction index on the Volume; returns its key with the index's statistics."""
+        with shard_errors(key) as reply:
             sync_volume(volume, reload=True)
-            reply.result = await embed_shard_async(Path(ROOT), self.plan, unit, self.client)
+            reply.result = late.build_index(Path(ROOT), Plan.from_dict(PLAN))
             sync_volume(volume)
         return reply.to_dict()
-
-    @modal.exit()
-    def stop(self) -> None:
-        """Stop the router."""
-        router = getattr(self, "router", None)
-        if router is not None:
-            router.stop()
 
 
 # ── Stage 4: publish (optional) ──────────────────────────────────────────────────────────────────────────────────
@@ -432,7 +508,8 @@ def orchestrate(until: str = "", passes: int = 1) -> dict:
     plan = Plan.from_dict(PLAN)
     windows = Windows(download=DOWNLOAD_MAX_CONTAINERS, chunk=CHUNK_MAX_CONTAINERS,
                       embed=EMBED_MAX_CONTAINERS * EMBED_MAX_INPUTS)
-    mapper = ModalMapper(download=download, chunk=chunk, embed=Embedder().embed, windows=windows, volume=volume)
+    mapper = ModalMapper(download=download, chunk=chunk, embed=Embedder().embed, windows=windows, volume=volume,
+                         late_index=late_index)
     outcome = run_pipeline(plan, Path(ROOT), mapper, lease_store=DictLeaseStore(leases, LEASE_RUN),
                            holder=Holder.here("modal"), work_seconds=INPUT_WORK_S, wait=INPUT_WORK_S,
                            until=until or None, deadline=deadline, fleet=fleet_of(plan, EMBED_TOKENS_PER_SECOND),

@@ -22,6 +22,7 @@ from typing import Any
 from volembed_runner import catalog
 from volembed_runner.errors import BackendError, SpecError, SpecIssue
 from volembed_runner.estimate.rates import Rate, tei_rate
+from volembed_runner.late import PYLATE_VERSION, VOYAGER_VERSION
 from volembed_runner.models import MODEL_FILE_PATTERNS
 from volembed_runner.plan import MODAL_ROOT, Plan
 from volembed_runner.units import check_fleet, fleet_of
@@ -47,6 +48,19 @@ CPU_PACKAGES = tuple(f"{name}=={version}" for name, version in PINS.items())
 # GPU stage: the TEI client and the parquet writer next to the router (huggingface_hub for the weights build step).
 TEI_PACKAGES = tuple(f"{name}=={PINS[name]}" for name in
                      ("httpx", "huggingface_hub", "numpy", "orjson", "pyarrow", "pydantic", "pyyaml"))
+
+# Late interaction: the GPU image is PyTorch for the GPU's CUDA (PyPI's Linux torch wheel) with PyLate, as tested
+# here; PyLate itself goes in with --no-deps (its own pins cannot resolve beside torch 2.13: pyproject `[late]`).
+LATE_PACKAGES = (
+    "torch==2.13.0", "sentence-transformers==5.3.0", "transformers==5.24.0", "datasets==5.2.0",
+    f"voyager=={VOYAGER_VERSION}",
+    *(f"{name}=={PINS[name]}" for name in
+      ("huggingface_hub", "numpy", "orjson", "pyarrow", "pydantic", "pyyaml", "tokenizers")),
+)
+PYLATE_PACKAGE = f"pylate=={PYLATE_VERSION}"
+# A ColBERT checkpoint's files: a PyLate folder (modules.json, 1_Dense/) or a Stanford one (artifact.metadata and
+# the projection inside the weights, which may be only pytorch_model.bin).
+LATE_MODEL_FILES = [*MODEL_FILE_PATTERNS, "1_Dense/*", "artifact.metadata", "pytorch_model.bin"]
 
 UPLOADS_DIR = "uploads"
 TEI_HOST = "127.0.0.1"
@@ -288,6 +302,10 @@ def render_app(plan: Plan) -> str:
         "python_version": PYTHON_VERSION,
         "cpu_packages": list(CPU_PACKAGES),
         "tei_packages": list(TEI_PACKAGES),
+        "engine": "pylate" if plan.late is not None else "tei",
+        "late_packages": list(LATE_PACKAGES),
+        "pylate_package": PYLATE_PACKAGE,
+        "late_model_files": LATE_MODEL_FILES,
         "tei_registry": registry,
         "tei_tag": tag,
         "model_id": plan.model.ref,

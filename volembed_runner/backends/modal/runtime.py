@@ -163,10 +163,11 @@ class ModalMapper:
     """
 
     def __init__(self, *, download: Mappable, chunk: Mappable, embed: Mappable, windows: Windows,
-                 volume: Syncable | None = None) -> None:
+                 volume: Syncable | None = None, late_index: Mappable | None = None) -> None:
         self._download = download
         self._chunk = chunk
         self._embed = embed
+        self._late_index = late_index
         self._windows = windows
         self._volume = volume
 
@@ -185,6 +186,12 @@ class ModalMapper:
     def embed(self, units: Iterator[str]) -> Iterator[tuple[str, Any]]:
         """Map `Embedder.embed(unit)` over embed units."""
         return self._map(self._embed, units, lambda unit: unit, lambda key, unit: (unit,), self._windows.embed)
+
+    def late_index(self, keys: Iterator[str]) -> Iterator[tuple[str, Any]]:
+        """Map `late_index(key)` (the app's late-interaction index function) over the one index key."""
+        if self._late_index is None:
+            raise RuntimeError("this app has no late-interaction index function (embedding.kind is dense)")
+        return self._map(self._late_index, keys, lambda key: key, lambda key, _: (key,), 1)
 
     def _map(self, fn: Mappable, feed: Iterator[T], key_of: Callable[[T], str],
              args_of: Callable[[str, T], tuple[Any, ...]], window: int) -> Iterator[tuple[T, Any]]:

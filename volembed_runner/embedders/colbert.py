@@ -13,6 +13,8 @@ torch and PyLate are imported when an engine is built, never when this module is
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import tempfile
@@ -44,7 +46,8 @@ def built_model_dir(folder: Path, model: str, base: str, seed: int) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        build_colbert(source, seed).save(str(tmp))
+        with contextlib.redirect_stderr(io.StringIO()):  # transformers' "Writing model shards" bar
+            build_colbert(source, seed).save(str(tmp))
         try:
             os.replace(tmp, folder)
         except OSError:  # another process built it first: theirs is the same model

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import tempfile
@@ -124,7 +126,8 @@ def build_index(root: Path, plan: Plan) -> dict[str, Any]:
             vectors = [v.astype(np.float32) for v in store.read_multivectors(table["embedding"])]
             ids = [str(i) for i in range(at, at + len(vectors))]
             if vectors:
-                index.add_documents(documents_ids=ids, documents_embeddings=vectors)
+                with contextlib.redirect_stderr(io.StringIO()):  # PyLate's per-call progress bar
+                    index.add_documents(documents_ids=ids, documents_embeddings=vectors)
             rows.append(_rows(root, plan, unit, table))
             at += len(vectors)
             tokens += sum(len(v) for v in vectors)
@@ -179,8 +182,9 @@ def search(root: Path, plan: Plan, queries: list[str], k: int = 10,
                             embedding_size=plan.embed.dim or embedder.dim, M=late.index_m,
                             ef_construction=late.index_ef_construction, ef_search=late.index_ef_search)
     rows = pq.read_table(folder / ROWS_FILE).to_pylist()
-    found = retrieve.ColBERT(index=index).retrieve(queries_embeddings=embedder.encode_queries(queries), k=k,
-                                                   k_token=late.k_token, device="cpu")
+    with contextlib.redirect_stderr(io.StringIO()):  # PyLate's per-call progress bar
+        found = retrieve.ColBERT(index=index).retrieve(queries_embeddings=embedder.encode_queries(queries), k=k,
+                                                       k_token=late.k_token, device="cpu")
     kept = plan.embed.keep_columns
     return [[_hit(rank, float(r["score"]), rows[int(r["id"])], kept) for rank, r in enumerate(result, 1)]
             for result in found]

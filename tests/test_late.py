@@ -207,7 +207,7 @@ def test_changing_only_the_model_reruns_only_embed_and_index(finished, monkeypat
 
 @pytest.mark.slow
 def test_a_killed_late_run_resumes_to_byte_identical_shards(tmp_path: Path) -> None:
-    spec = write(tmp_path, docs=40)
+    spec = write(tmp_path, docs=24)
     command = [sys.executable, "-m", "volembed_runner", str(spec), "--until", "embed"]
 
     def env(home: str) -> dict[str, str]:
@@ -223,7 +223,7 @@ def test_a_killed_late_run_resumes_to_byte_identical_shards(tmp_path: Path) -> N
         folder = next((tmp_path / home / "volumes" / "testvol" / "runs" / "late" / "embeddings").iterdir())
         return {p.name: p.read_bytes() for p in sorted(folder.glob("shard-*.parquet"))}
 
-    assert len(files("home-b")) == 5 and files("home-a") == files("home-b")
+    assert len(files("home-b")) == 3 and files("home-a") == files("home-b")
     assert [p for p in killed.rglob("*") if p.name.endswith(".tmp")] == []
 
 
@@ -251,3 +251,24 @@ def test_the_modal_app_runs_pylate_on_its_gpu_image_and_builds_the_index_there(t
     (weights,) = build_steps(rec, "Embedder.*")
     assert build_kwargs(weights)["allow_patterns"] == render.LATE_MODEL_FILES
     assert "torch" not in " ".join(rec.dockerfile(fns["chunk"].image_id))  # CPU stages stay light
+
+
+def test_the_dry_run_counts_every_token_vector_and_the_index_in_storage(tmp_path: Path) -> None:
+    from tests.test_modal_app import REPO
+
+    pdfs = REPO / "pipelines" / "colbert-pdfs.yaml"
+    late = tmp_path / "late.yaml"
+    late.write_text(pdfs.read_text().replace('"${PDF_DIR:-pdfs}"', str(REPO / "pipelines" / "pdfs")))
+    dense = tmp_path / "dense.yaml"
+    dense.write_text(late.read_text().replace("  kind: late_interaction\n", "")
+                     .replace("colbert-ir/colbertv2.0", "BAAI/bge-small-en-v1.5"))
+
+    def storage(spec: Path) -> dict:
+        result = runner.invoke(app, [str(spec), "--dry-run", "--json"])
+        assert result.exit_code == 0, result.output
+        estimate = json.loads(result.output)
+        return next(s for s in estimate["stages"] if s["name"] == "storage") | {"tokens": estimate["tokens"]}
+
+    late_storage, dense_storage = storage(late), storage(dense)
+    assert "token vectors" in late_storage["note"] and "token index" in late_storage["note"]
+    assert late_storage["cost_usd"] > 3 * dense_storage["cost_usd"]  # one 128-dim vector per token vs one per chunk

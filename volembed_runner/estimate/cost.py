@@ -129,11 +129,16 @@ def modal_job(plan: Plan, job: Job, gpu: str, rate: float, prices: Prices, dim: 
     ratio = catalog.throughput()["download"]["parquet_ratio"]
     chunk_bytes = job.text_bytes * (job.processed / max(job.tokens, 1.0)) * ratio + job.chunks * 40
     vectors = job.chunks * dim * 4 + (chunk_bytes if plan.embed.include_text else 0)
+    what = "data + chunks + vectors"
+    if plan.late is not None:  # a float16 vector per token in the shards, the index's float32 copy and HNSW links
+        per_token = dim * 2 + dim * 4 + plan.late.index_m * 2 * 4
+        vectors = job.processed * per_token + (chunk_bytes if plan.embed.include_text else 0)
+        what = f"data + chunks + token vectors ({dim} × 2 B per token) + token index ({dim} × 4 B + links per token)"
     gib_stored = (job.text_bytes * ratio + chunk_bytes + vectors) / 2**30
     months = consts["storage_months"]
     storage = None if prices.volume_gib_month is None else gib_stored * prices.volume_gib_month * months
     stages.append(Stage("storage", 0, f"{gib_stored:,.1f} GiB × {months} mo", None, 0.0, 0.0, storage,
-                        note="data + chunks + vectors on the Volume; Modal's free TiB per workspace not deducted"))
+                        note=f"{what} on the Volume; Modal's free TiB per workspace not deducted"))
     wall_total = None if work_wall is None else work_wall + cpu_start
     return Priced(stages, wall_total, total([s.cost_usd for s in stages]), gpu_s, g, units)
 

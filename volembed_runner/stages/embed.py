@@ -72,18 +72,27 @@ def _vectors_column(vectors: np.ndarray, rows: int, unit: str) -> pa.FixedSizeLi
 def _write(plan: Plan, chunks: pa.Table, vectors: np.ndarray, out: Path, unit: str,
            extra: dict[str, Any]) -> dict[str, Any]:
     column = _vectors_column(vectors, chunks.num_rows, unit)
+    return write_unit_file(plan, chunks, {"embedding": column}, out, unit,
+                           {"dim": int(column.type.list_size), **extra})
+
+
+def write_unit_file(plan: Plan, chunks: pa.Table, columns: dict[str, pa.Array], out: Path, unit: str,
+                    stats: dict[str, Any], metadata: dict[bytes, bytes] | None = None) -> dict[str, Any]:
+    """Write a unit's embedding file: its chunks' ids, kept columns (and text) plus `columns`, then mark it done."""
     names = [*BASE_COLUMNS, *plan.embed.keep_columns, *(["text"] if plan.embed.include_text else [])]
-    table = chunks.select(list(dict.fromkeys(names))).append_column("embedding", column)
-    metadata = {b"volembed.model": plan.model.ref.encode(), b"volembed.fingerprint": plan.embed.fingerprint.encode()}
-    table = table.replace_schema_metadata(metadata)
+    table = chunks.select(list(dict.fromkeys(names)))
+    for name, column in columns.items():
+        table = table.append_column(name, column)
+    table = table.replace_schema_metadata({b"volembed.model": plan.model.ref.encode(),
+                                           b"volembed.fingerprint": plan.embed.fingerprint.encode(),
+                                           **(metadata or {})})
 
     def write(tmp: Path) -> dict[str, Any]:
         pq.write_table(table, tmp, compression="zstd")
         written = pq.ParquetFile(tmp).metadata.num_rows
         if written != chunks.num_rows:
             raise StageError(f"embedding unit {unit}: wrote {written} rows for {chunks.num_rows} chunks")
-        return {"rows": written, "dim": int(column.type.list_size),
-                "tokens": int(pc.sum(chunks["n_tokens"]).as_py() or 0), **extra}
+        return {"rows": written, "tokens": int(pc.sum(chunks["n_tokens"]).as_py() or 0), **stats}
 
     return store.write_shard(out, write)
 

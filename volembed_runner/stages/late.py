@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from volembed_runner import store
 from volembed_runner.errors import StageError
 from volembed_runner.plan import Plan, model_slug, volembed_home
+from volembed_runner.stages.embed import _read_chunks, paths, write_unit_file
 
 if TYPE_CHECKING:
     from volembed_runner.embedders.colbert import ColbertEmbedder
@@ -69,25 +70,9 @@ def write_unit(plan: Plan, chunks: pa.Table, vectors: list[np.ndarray], out: Pat
         raise StageError(f"embedding unit {unit}: chunk {wrong} has vectors of shape {vectors[wrong].shape}, the "
                          f"run's are {dim}-dim; not written")
     column, counts = store.multivector_columns(vectors, dim)
-    names = [*BASE_COLUMNS, *plan.embed.keep_columns, *(["text"] if plan.embed.include_text else [])]
-    table = chunks.select(list(dict.fromkeys(names))).append_column("n_vectors", counts)
-    table = table.append_column("embedding", column)
-    metadata = {b"volembed.model": plan.model.ref.encode(), b"volembed.fingerprint": plan.embed.fingerprint.encode(),
-                b"volembed.kind": b"late_interaction"}
-    table = table.replace_schema_metadata(metadata)
-
-    def write(tmp: Path) -> dict[str, Any]:
-        pq.write_table(table, tmp, compression="zstd")
-        written = pq.ParquetFile(tmp).metadata.num_rows
-        if written != chunks.num_rows:
-            raise StageError(f"embedding unit {unit}: wrote {written} rows for {chunks.num_rows} chunks")
-        return {"rows": written, "dim": dim, "tokens": int(pc.sum(chunks["n_tokens"]).as_py() or 0),
-                "vectors_total": int(pc.sum(counts).as_py() or 0), **extra}
-
-    return store.write_shard(out, write)
-
-
-BASE_COLUMNS = ("doc_id", "chunk_index", "char_start", "char_end", "n_tokens")
+    return write_unit_file(plan, chunks, {"n_vectors": counts, "embedding": column}, out, unit,
+                           {"dim": dim, "vectors_total": int(pc.sum(counts).as_py() or 0), **extra},
+                           {b"volembed.kind": b"late_interaction"})
 
 
 def index_folder(root: Path, plan: Plan) -> Path:
@@ -143,11 +128,10 @@ def build_index(root: Path, plan: Plan) -> dict[str, Any]:
 
 def _rows(root: Path, plan: Plan, unit: str, table: pa.Table) -> pa.Table:
     """The index's row table for one embedding file: ids, kept columns and a snippet of each chunk's text."""
-    from volembed_runner.stages.embed import _read_chunks, paths
-
     text = table["text"] if "text" in table.column_names else _read_chunks(paths(root, plan, unit)[0], unit)["text"]
     snippets = pa.array([t[:SNIPPET_CHARS] for t in text.to_pylist()], type=pa.string())
-    kept = [c for c in (*BASE_COLUMNS[:4], *plan.embed.keep_columns) if c in table.column_names]
+    kept = [c for c in ("doc_id", "chunk_index", "char_start", "char_end", *plan.embed.keep_columns)
+            if c in table.column_names]
     return table.select(kept).append_column("snippet", snippets)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from volembed_runner import sources, store
-from volembed_runner.errors import describe
+from volembed_runner.errors import describe, is_transient
 from volembed_runner.lease import Holder, Keeper, LeaseStore, held
 from volembed_runner.plan import Plan
 from volembed_runner.sources import SourceTask
@@ -253,7 +253,9 @@ def _run_shards(
         if error:
             failed.append(shard)
         stats = None if error or not isinstance(result, dict) else result
-        manifest.shard_finished(stage, shard, error, stats)
+        final = (getattr(result, "exit_code", 1) if isinstance(result, BaseException) and not is_transient(result)
+                 else None)
+        manifest.shard_finished(stage, shard, error, stats, unretryable=final)
         emit(ShardFinished(stage, shard, error, stats))
     keeper.lease.busy = False
     if feed.stopped and feed.fed < len(todo):

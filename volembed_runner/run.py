@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from volembed_runner import store
-from volembed_runner.errors import BackendError, StageError
+from volembed_runner.errors import BackendError, SourceError, StageError
 from volembed_runner.orchestrate import Event, ShardFinished
 from volembed_runner.plan import Plan
 
@@ -37,6 +37,7 @@ class RunSummary:
     outputs: dict[str, str]
     manifest: str
     error: str | None = None  # why the run failed outside any shard (e.g. vectors of mixed widths)
+    unretryable: dict[str, dict[str, int]] | None = None  # failed shards another attempt cannot fix: exit status
 
     def to_dict(self) -> dict[str, Any]:
         """The `--json` form."""
@@ -109,6 +110,8 @@ def run_local(plan: Plan, *, until: str | None, on_event: Callable[[Event], None
         outputs=manifest["outputs"],
         manifest=str(manifest_file),
         error=manifest.get("error") if manifest.get("status") == "failed" else None,
+        unretryable={stage: entry["unretryable"] for stage, entry in manifest.get("stages", {}).items()
+                     if entry.get("unretryable")},
     )
 
 
@@ -117,6 +120,11 @@ def failures(summary: RunSummary) -> StageError | None:
     if not summary.failed:
         return StageError(f"{summary.name} failed: {summary.error}") if summary.error else None
     count = sum(len(v) for v in summary.failed.values())
+    final = [status for stage in (summary.unretryable or {}).values() for status in stage.values()]
+    if len(final) == count and SourceError.exit_code in final:  # unreadable input: a rerun fails the same way
+        first = next(cause for stage in summary.failed.values() for cause in stage.values())
+        return SourceError(f"{count} shard(s) failed on input a rerun cannot fix (listed in {summary.manifest}); "
+                           f"fix it, then rerun. First: {first}")
     return StageError(f"{count} shard(s) failed (listed in {summary.manifest}); rerun the same command to retry them")
 
 

@@ -29,6 +29,8 @@ from typing import Any
 
 import orjson
 
+from volembed_runner.errors import OutputError, is_write_failure
+
 DONE_SUFFIX = ".done"
 # A source shard holds at most `dataset.shard_rows` documents and about this much text, so memory stays bounded.
 MAX_SHARD_TEXT_BYTES = 128 * 2**20
@@ -134,15 +136,24 @@ def writer_tag() -> str:
 def atomic_path(path: Path, *, mode: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path` (named for its writer); on success rename it into place, on failure
     delete it. `mode` sets the file's permissions (mkstemp's are owner-only): for files handed to a user."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{writer_tag()}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{writer_tag()}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        if is_write_failure(exc):
+            raise OutputError.of(path, exc) from exc
+        raise
     tmp = Path(tmp_name)
     try:
         yield tmp
         if mode is not None:
             os.chmod(tmp, mode)
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk: the finished file keeps its old bytes, the torn temporary goes
+        if is_write_failure(exc):
+            raise OutputError.of(path, exc) from exc
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -6,6 +6,7 @@ the whole job, and a manifest read mid-run (`volembed-run status`) shows live pr
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import platform
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from volembed_runner import results, store
-from volembed_runner.errors import VolembedError, describe, first_line
+from volembed_runner.errors import OutputError, VolembedError, describe, first_line
 from volembed_runner.plan import HubSettings, Plan
 from volembed_runner.units import parse_key
 
@@ -183,8 +184,10 @@ class Manifest:
         self.write(force=True)
 
     def shard_finished(self, stage: str, shard: str, error: str | None,
-                       stats: dict[str, Any] | None = None) -> None:
-        """One shard of a stage ended, successfully (with its stats) or with `error`.
+                       stats: dict[str, Any] | None = None, *, unretryable: int | None = None) -> None:
+        """One shard of a stage ended, successfully (with its stats) or with `error`; `unretryable` is the exit
+        status of a failure another attempt at the same input cannot fix (an unreadable row: 3), kept apart so the
+        run's end says so instead of "rerun to retry".
 
         What this pass did (shards, rows, tokens) is summed apart from the totals, so the report's rates count only
         the work this pass's seconds were spent on, not the shards an earlier pass finished.
@@ -192,6 +195,8 @@ class Manifest:
         entry = self.data["stages"][stage]
         if error:
             entry["failed"][shard] = error
+            if unretryable is not None:
+                entry.setdefault("unretryable", {})[shard] = unretryable
         else:
             entry["done"] += 1
             done = entry.setdefault("this_pass", {"shards": 0, "rows": 0, "tokens": 0})
@@ -255,7 +260,9 @@ class Manifest:
         self.data["status"] = "failed"
         self.data["error"] = error
         self.data["finished_at"] = _now()
-        self.write(force=True)
+        # a full disk takes nothing now: the last manifest stays whole, and `status` shows the pass as interrupted
+        with contextlib.suppress(OutputError):
+            self.write(force=True)
 
     def write(self, *, force: bool = False) -> None:
         """Write the manifest (throttled to one write per WRITE_EVERY_S unless forced, which also refreshes totals)."""

@@ -85,6 +85,9 @@ def print_summary(summary: RunSummary, console: Console) -> None:
         table.add_row(key.replace("_", " "), f"{getattr(summary, key):,}")
     if summary.tokens_per_second:
         table.add_row("embed rate", f"{summary.tokens_per_second:,.0f} tokens/s (embed stage, this run)")
+    elif summary.failed:
+        count = sum(len(shards) for shards in summary.failed.values())
+        table.add_row("embed rate", f"nothing embedded this run: {count} shard(s) failed")
     elif "embed" in summary.stages:
         table.add_row("embed rate", "nothing to embed: every shard was already done")
     last = summary.stages[-1] if summary.stages else None

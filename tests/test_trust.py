@@ -3,8 +3,14 @@ whole, the status tells the truth, nothing secret is recorded, and outputs land 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +147,192 @@ def test_refused_texts_name_the_document_id(tmp_path: Path, limit: dict) -> None
     assert code == 1, out
     causes = [c for c in manifest_of(spec)["stages"]["embed"]["failed"].values()]
     assert causes and all("document '" in c and "text 0" not in c for c in causes), causes
+
+
+def _kill_when(cmd: list[str], env: dict[str, str], ready) -> None:
+    """Start the CLI in a subprocess and SIGKILL its process group once `ready()` holds (or it ended)."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.poll() is None and not ready():
+        time.sleep(0.01)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_status_of_a_killed_run_says_interrupted_with_counts_from_the_disk(tmp_path: Path) -> None:
+    make_docs(tmp_path, 400, seed=3)
+    spec = spec_in(tmp_path, SPEC.format(shard_rows=10))
+    plan = make_plan(load_spec(spec), spec)
+    chunk_dir = store.chunks_dir(plan.local_root(), plan.name, plan.chunk.fingerprint)
+    env = {**os.environ, "VOLEMBED_HOME": os.environ["VOLEMBED_HOME"]}
+    _kill_when([sys.executable, "-m", "volembed_runner", str(spec), "--until", "chunk"], env,
+               lambda: len(list(chunk_dir.glob("shard-*.done"))) >= 3)
+    on_disk = len(store.done_shards(chunk_dir))
+    assert 3 <= on_disk < 40
+    assert json.loads(store.manifest_path(plan.local_root(), plan.name).read_text())["status"] == "running"
+
+    code, out = run_cli("status", str(spec), "--backend", "local")
+    assert code == 0, out
+    assert "e2e: interrupted" in out and "during the chunk stage" in out
+    code, out = run_cli("status", str(spec), "--json")
+    shown = json.loads(out)
+    assert shown["status"] == "interrupted" and shown["interrupted"]["stage"] == "chunk" and shown["interrupted"]["at"]
+    assert list(shown["stages"]) == ["download", "chunk"]  # pipeline order, not the file's sorted keys
+    assert shown["stages"]["chunk"]["done"] == on_disk
+    assert shown["totals"]["chunk_shards_done"] == on_disk
+
+
+def test_status_lists_stages_in_pipeline_order_with_output_paths(tmp_path: Path) -> None:
+    make_docs(tmp_path, 30)
+    spec = spec_in(tmp_path, **{"workers: 2": "workers: 1"})
+    assert run_cli(str(spec))[0] == 0
+    code, out = run_cli("status", str(spec))
+    assert code == 0 and "e2e: succeeded" in out
+    rows = [line.split()[0] for line in out.splitlines() if line.split() and line.split()[0] in
+            ("download", "chunk", "embed")]
+    assert rows == ["download", "chunk", "embed"]
+    plan = make_plan(load_spec(spec), spec)
+    assert str(store.embeddings_dir(plan.local_root(), plan.name, plan.embed.fingerprint)) in out
+    code, out = run_cli("status", str(spec), "--backend", "gpu")
+    assert code == 2 and "--backend" in out
+
+
+def test_done_index_follows_markers_and_is_repaired(tmp_path: Path) -> None:
+    folder = tmp_path / "stage"
+    for i in range(3):
+        store.write_shard(store.shard_path(folder, f"{i:05d}"), lambda tmp, i=i: (tmp.write_bytes(b"x"),
+                                                                               {"rows": i})[1])
+    store.clear_done(store.shard_path(folder, "00001"))  # about to be rewritten
+    assert store.indexed_done(folder) == {"shard-00000.parquet": {"rows": 0}, "shard-00002.parquet": {"rows": 2}}
+    (next((folder / store.INDEX_DIR).iterdir())).open("ab").write(b'{"name": "shard-0')  # a killed writer's line
+    store.mark_done(store.shard_path(folder, "00001"), {"rows": 1})
+    store.marker_path(store.shard_path(folder, "00002")).unlink()  # lost without its index line
+    store.repair_index(folder, store.done_shards(folder))
+    assert store.indexed_done(folder) == {"shard-00000.parquet": {"rows": 0}, "shard-00001.parquet": {"rows": 1}}
+
+
+def test_a_planted_secret_reaches_no_record_log_or_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from .tei_server import TEIServer
+
+    planted = "pl4nted-s3cret-value"
+    monkeypatch.setenv("TEI_PASSWORD", planted)
+    make_docs(tmp_path, 30)
+    spec = spec_in(tmp_path, **{"workers: 2": "workers: 1"})
+    with TEIServer(max_client_batch_size=8) as server:
+        endpoint = server.url.replace("http://", "http://user:${TEI_PASSWORD}@")
+        text = spec.read_text().replace("  precision: fp32\n", f"  precision: fp32\n  endpoint: {endpoint}\n")
+        spec.write_text(text)
+        server.schedule.extend([500])  # a retried failure is logged too
+        code, run_out = run_cli(str(spec))
+        assert code == 0, run_out
+        outputs = [run_out, run_cli("status", str(spec))[1], run_cli("status", str(spec), "--json")[1],
+                   run_cli("plan", str(spec))[1], run_cli("render", str(spec))[1]]
+    home = Path(os.environ["VOLEMBED_HOME"])
+    written = [p for p in home.rglob("*") if p.is_file()]
+    assert any(p.name == "manifest.json" for p in written)
+    for path in written:
+        assert planted.encode() not in path.read_bytes(), path
+    for out in outputs:
+        assert planted not in out
+    manifest = manifest_of(spec)
+    assert manifest["spec"]["embedding"]["endpoint"].startswith("http://***@")
+
+
+def test_scrub_masks_url_credentials_and_secret_query_values() -> None:
+    from volembed_runner.redact import scrub
+
+    assert scrub("GET https://bob:hunter2@example.org/x?api_key=abc&page=2 failed") == \
+        "GET https://***@example.org/x?api_key=***&page=2 failed"
+    assert scrub("token is s3cret-value here", {"TOKEN": "s3cret-value"}) == "token is ${TOKEN} here"
+    assert scrub("hf://datasets/org/name@main") == "hf://datasets/org/name@main"
+
+
+def test_outputs_land_in_one_place_whatever_the_current_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VOLEMBED_HOME")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "user-data"))
+    repo = tmp_path / "repo"
+    (repo / ".git").mkdir(parents=True)
+    (repo / "pipelines").mkdir()
+    make_docs(repo / "pipelines", 20)
+    spec = spec_in(repo / "pipelines")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    monkeypatch.chdir(repo / "pipelines")
+    code, out = run_cli("spec.yaml", "--until", "download")
+    assert code == 0, out
+    assert f"outputs under {repo / '.volembed' / 'volumes' / 'testvol'}" in out
+    assert (repo / ".volembed" / "volumes" / "testvol" / "runs" / "e2e" / "manifest.json").is_file()
+    assert (repo / ".volembed" / ".gitignore").read_text().strip().endswith("*")
+
+    monkeypatch.chdir(elsewhere)
+    code, out = run_cli("status", str(spec))
+    assert code == 0 and "e2e: succeeded" in out, out
+    assert not (elsewhere / ".volembed").exists()
+
+    outside = tmp_path / "loose"
+    outside.mkdir()
+    make_docs(outside, 20)
+    code, out = run_cli(str(spec_in(outside)), "--until", "download")
+    assert code == 0, out
+    assert (tmp_path / "user-data" / "volembed" / "volumes" / "testvol" / "runs" / "e2e" / "manifest.json").is_file()
+
+
+@pytest.mark.slow
+def test_soak_sigkill_at_seeded_points_then_rerun_is_byte_identical(tmp_path: Path) -> None:
+    import random
+
+    rng = random.Random(13)
+    make_docs(tmp_path, 120, seed=5)
+    spec = spec_in(tmp_path, SPEC.format(shard_rows=10))
+    command = [sys.executable, "-m", "volembed_runner", str(spec)]
+
+    def env(home: str) -> dict[str, str]:
+        return {**os.environ, "VOLEMBED_HOME": str(tmp_path / home)}
+
+    volume = tmp_path / "soak" / "volumes" / "testvol"
+    run = volume / "runs" / "e2e"
+
+    # (stage, what to count, how many): kill as the first data shard is being written, then after a seeded random
+    # count of chunk and embed markers, each a seeded random moment later (often inside the next shard)
+    kill_points = [("download", "data/*/*shard-*", 1),
+                   ("chunk", "runs/e2e/chunks/*/shard-*.done", rng.randint(1, 8)),
+                   ("embed", "runs/e2e/embeddings/*/shard-*.done", rng.randint(1, 8))]
+    for _, pattern, count in kill_points:
+        pause = rng.uniform(0.0, 0.3)
+
+        def ready(pattern: str = pattern, count: int = count, pause: float = pause) -> bool:
+            if len(list(volume.glob(pattern))) < count:
+                return False
+            time.sleep(pause)
+            return True
+
+        _kill_when(command, env("soak"), ready)
+    resumed = subprocess.run(command, env=env("soak"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    clean = subprocess.run(command, env=env("clean"), capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stderr
+
+    def files(home: Path) -> dict[str, bytes]:
+        """Every output file and done-marker, by path under the volume (records of the passes left out)."""
+        out = {}
+        for path in sorted(home.rglob("*")):
+            rel = path.relative_to(home).as_posix()
+            if path.is_file() and (rel.startswith("data/") or "/chunks/" in rel or "/embeddings/" in rel) \
+                    and f"/{store.INDEX_DIR}/" not in f"/{rel}":
+                out[rel] = path.read_bytes()
+        return out
+
+    soaked, fresh = files(volume), files(tmp_path / "clean" / "volumes" / "testvol")
+    assert soaked.keys() == fresh.keys()
+    assert [rel for rel in soaked if soaked[rel] != fresh[rel]] == []
+    assert [p for p in volume.rglob("*.tmp")] == []
+    names = set(soaked)
+    for rel in names:
+        if rel.endswith(store.DONE_SUFFIX) and "/shard-" in rel:
+            assert rel[: -len(store.DONE_SUFFIX)] in names, f"marker without its file: {rel}"
+        if rel.endswith(".parquet"):
+            assert rel + store.DONE_SUFFIX in names, f"file without its marker: {rel}"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "succeeded" and manifest["totals"]["vectors"] == manifest["totals"]["chunks"]

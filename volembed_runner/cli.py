@@ -64,8 +64,10 @@ def _fail(exc: VolembedError, debug: bool) -> None:
     """Print an error as one line per problem (no traceback unless --debug) and exit with its status."""
     if debug:
         raise exc
+    from volembed_runner.redact import scrub
+
     console = err_console()
-    for line in str(exc).splitlines() or [type(exc).__name__]:
+    for line in scrub(str(exc)).splitlines() or [type(exc).__name__]:
         console.print(f"error: {line}", markup=False)
     raise typer.Exit(exc.exit_code)
 
@@ -173,6 +175,8 @@ def _run_local(plan: Plan, *, until: str | None, as_json: bool) -> None:
     from volembed_runner.run import failures, run_local
     from volembed_runner.ui.progress import RunProgress
 
+    if not as_json:
+        err_console().print(f"{plan.name}: outputs under {plan.local_root()}", markup=False)
     with RunProgress(err_console(), quiet=as_json) as progress:
         summary = run_local(plan, until=until, on_event=progress)
     if as_json:
@@ -232,7 +236,10 @@ def plan_cmd(
 
     with _one_line_errors(debug):
         plan = _load(spec, sets)
-    sys.stdout.write(json.dumps({**plan.to_dict(), "outputs": planned_outputs(plan)}, indent=2) + "\n")
+    from volembed_runner.redact import public_record
+
+    shown = public_record({**plan.to_dict(), "outputs": planned_outputs(plan)})
+    sys.stdout.write(json.dumps(shown, indent=2) + "\n")
 
 
 @app.command("render")
@@ -257,23 +264,36 @@ def render_cmd(
 @app.command("status")
 def status_cmd(
     spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    backend: Annotated[str | None, typer.Option(metavar="local|modal", help="Override the spec's backend.")] = None,
     sets: SetOpt = None,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Progress and failures of SPEC's run, read from its manifest (on the Modal Volume, or the local folder)."""
+    """Progress and failures of SPEC's run, read from its manifest (on the Modal Volume, or the local folder); a run
+    whose writer stopped without finishing shows as interrupted."""
     from volembed_runner.backends.modal import launch
     from volembed_runner.errors import BackendError
+    from volembed_runner.lease import FileLeaseStore, current
     from volembed_runner.run import manifest_of
+    from volembed_runner.status import live_status
 
     with _one_line_errors(debug):
-        plan = _load(spec, sets)
+        if backend is not None and backend not in ("local", "modal"):
+            raise SpecError([_option_issue("--backend", f"must be local or modal, got {backend!r}")])
+        plan = _load(spec, sets, backend)
         if plan.backend == "modal":
+            from volembed_runner.backends.modal.volume_files import lease_store
+
             manifest = launch.status(plan)
+            manifest = live_status(manifest, current(lease_store(plan)))
         else:
+            from volembed_runner.store import lease_dir
+
             manifest = manifest_of(plan)
             if manifest is None:
                 raise BackendError(f"{plan.name} has not run here yet (no manifest under {plan.local_root()})")
+            root = plan.local_root()
+            manifest = live_status(manifest, current(FileLeaseStore(lease_dir(root, plan.name))), root=root)
     if as_json:
         sys.stdout.write(json.dumps(manifest, indent=2) + "\n")
         return

@@ -26,7 +26,9 @@ from dataclasses import dataclass
 
 def describe(exc: BaseException) -> str:
     """`Type: first line of the message`: how a failed shard's cause is recorded in the manifest and logs."""
-    lines = str(exc).strip().splitlines()
+    from volembed_runner.redact import scrub
+
+    lines = scrub(str(exc)).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ class Loaded:
     data: dict[str, Any]
     origins: dict[Path_, str]
     path: Path
+    variables: dict[str, str] = field(default_factory=dict)  # the `${VAR}` values it used, kept out of records
 
 
 class _Loader(yaml.SafeLoader):
@@ -185,12 +186,14 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _interpolate(value: Any, at: Path_, origins: dict[Path_, str], env: dict[str, str], issues: list[SpecIssue]) -> Any:
-    """Fill `${VAR}` / `${VAR:-default}` in every string from `env`; `$$` is a literal `$`."""
+def _interpolate(value: Any, at: Path_, origins: dict[Path_, str], env: dict[str, str], issues: list[SpecIssue],
+                 used: dict[str, str]) -> Any:
+    """Fill `${VAR}` / `${VAR:-default}` in every string from `env` (recording in `used` the values taken from it);
+    `$$` is a literal `$`."""
     if isinstance(value, dict):
-        return {k: _interpolate(v, (*at, k), origins, env, issues) for k, v in value.items()}
+        return {k: _interpolate(v, (*at, k), origins, env, issues, used) for k, v in value.items()}
     if isinstance(value, list):
-        return [_interpolate(v, (*at, i), origins, env, issues) for i, v in enumerate(value)]
+        return [_interpolate(v, (*at, i), origins, env, issues, used) for i, v in enumerate(value)]
     if not isinstance(value, str) or "$" not in value:
         return value
 
@@ -199,6 +202,7 @@ def _interpolate(value: Any, at: Path_, origins: dict[Path_, str], env: dict[str
             return "$"
         name, default = match.group(1), match.group(2)
         if name in env:
+            used[name] = env[name]
             return env[name]
         if default is not None:
             return default
@@ -229,12 +233,13 @@ def _load_file(path: Path, env: dict[str, str], chain: tuple[Path, ...]) -> Load
     if not isinstance(data, dict):
         raise SpecError([SpecIssue(origins.get((), _display(path)), "", "a spec must be a mapping of keys")])
     issues: list[SpecIssue] = []
-    data = _interpolate(data, (), origins, env, issues)
+    used: dict[str, str] = {}
+    data = _interpolate(data, (), origins, env, issues, used)
     if issues:
         raise SpecError(issues)
     base_ref = data.pop("extends", None)
     if base_ref is None:
-        return Loaded(data, origins, path)
+        return Loaded(data, origins, path, used)
     if not isinstance(base_ref, str):
         raise SpecError([SpecIssue(origins[("extends",)], "extends", "must be a path to a base spec")])
     base_path = (path.parent / base_ref).resolve()
@@ -246,7 +251,7 @@ def _load_file(path: Path, env: dict[str, str], chain: tuple[Path, ...]) -> Load
     base = _load_file(base_path, env, (*chain, path.resolve()))
     _rebase_relative_files(base, path.parent)
     merged_origins = {**base.origins, **{k: v for k, v in origins.items() if k != ("extends",)}}
-    return Loaded(_merge(base.data, data), merged_origins, path)
+    return Loaded(_merge(base.data, data), merged_origins, path, {**base.variables, **used})
 
 
 def _read_spec(path: Path) -> str:
@@ -327,9 +332,11 @@ def load_spec(path: Path, sets: list[str] | None = None, env: dict[str, str] | N
     """Read and validate a spec; every problem is reported at once in one SpecError."""
     loaded = load_data(path, sets, env)
     try:
-        return Spec.model_validate(loaded.data)
+        spec = Spec.model_validate(loaded.data)
     except ValidationError as exc:
         raise SpecError(_issues(exc, loaded)) from None
+    spec._variables = loaded.variables
+    return spec
 
 
 def _dotted(at: Path_) -> str:

@@ -193,6 +193,7 @@ def _passes(
     # Chunk: one input shard → one chunk shard.
     chunk_folder = store.chunks_dir(root, plan.name, plan.chunk.fingerprint)
     already = set(store.done_shards(chunk_folder))
+    store.repair_index(chunk_folder, sorted(already))
     todo = [(s, cap) for s, cap in index if s not in already]
     if not _run_shards("chunk", todo, len(index), mapper.chunk, manifest, keeper, outcome, emit, out_of_time):
         return outcome
@@ -204,6 +205,7 @@ def _passes(
     # Embed: the chunk shards' rows not yet embedded, in units sized to the fleet (one embedding file per unit).
     embed_folder = store.embeddings_dir(root, plan.name, plan.embed.fingerprint)
     already = store.done_shards(embed_folder)
+    store.repair_index(embed_folder, already)
     todo_embed = [unit.key for unit in plan_units(chunk_sizes(plan, chunk_folder), fleet, already)]
     if not _run_shards("embed", todo_embed, len(todo_embed) + len(already), mapper.embed, manifest, keeper, outcome,
                        emit, out_of_time):

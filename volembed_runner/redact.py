@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 
@@ -17,3 +20,32 @@ def public_url(url: str) -> str:
         port = parts.netloc.rpartition(":")[2]
     netloc = f"{host}:{port}" if port is not None else host
     return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+# `scheme://user:password@host`: whatever sits before the `@` of an authority is a credential
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@'\"]+@")
+# `?api_key=...`, `&token=...`, `&X-Amz-Signature=...`: query values whose names say they are secret
+_SECRET_QUERY = re.compile(r"([?&][^=&\s#'\"]*(?:token|key|secret|password|passwd|signature|sig|auth)[^=&\s#'\"]*=)"
+                           r"[^&\s#'\"]+", re.IGNORECASE)
+MIN_SECRET_CHARS = 4  # shorter `${VAR}` values (`1`, `true`, `en`) would blank out unrelated text
+
+
+def scrub(text: str, variables: Mapping[str, str] | None = None) -> str:
+    """`text` with URL credentials and secret query values masked (`***`), and the value of every `${VAR}` the
+    spec used written back as `${VAR}`: what may go into a manifest, a log line or a generated file."""
+    text = _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1***@", text))
+    for name, value in sorted((variables or {}).items(), key=lambda kv: -len(kv[1])):
+        if len(value) >= MIN_SECRET_CHARS:
+            text = text.replace(value, "${" + name + "}")
+    return text
+
+
+def public_record(obj: Any, variables: Mapping[str, str] | None = None) -> Any:
+    """A JSON-able record with every string passed through `scrub` (keys and non-strings kept)."""
+    if isinstance(obj, str):
+        return scrub(obj, variables)
+    if isinstance(obj, dict):
+        return {key: public_record(value, variables) for key, value in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [public_record(value, variables) for value in obj]
+    return obj

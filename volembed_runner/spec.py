@@ -10,7 +10,7 @@ import re
 from functools import cache
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, model_validator
 from pydantic_core import PydanticCustomError
 
 from volembed_runner import catalog
@@ -252,6 +252,7 @@ class Spec(BaseModel):
     """One embedding job: dataset → chunks → vectors."""
 
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, title="volembed-runner pipeline spec")
+    _variables: dict[str, str] = PrivateAttr(default_factory=dict)  # `${VAR}` values used: never recorded
 
     version: Literal[1] = Field(SPEC_VERSION, description="Spec format version")
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$"), AfterValidator(_safe_name)] = Field(

@@ -18,6 +18,7 @@ from typing import Any
 from volembed_runner import results, store
 from volembed_runner.errors import OutputError, VolembedError, describe, first_line
 from volembed_runner.plan import HubSettings, Plan
+from volembed_runner.redact import public_record
 from volembed_runner.units import parse_key
 
 LIBRARIES = ("volembed-runner", "modal", "pydantic", "tokenizers", "pyarrow", "httpx", "huggingface_hub",
@@ -54,7 +55,12 @@ def _bucket_key(label: str) -> tuple[int, str]:
 
 
 def _markers(folder: Path) -> dict[str, dict[str, Any]]:
-    return {s: store.read_marker(store.shard_path(folder, s)) for s in store.done_shards(folder)}
+    """Every finished shard's marker stats: from the folder's index (a few files), else from each marker."""
+    indexed = store.indexed_done(folder)
+    if indexed is None:
+        return {s: store.read_marker(store.shard_path(folder, s)) for s in store.done_shards(folder)}
+    return {name.removeprefix("shard-").removesuffix(".parquet"): stats for name, stats in indexed.items()
+            if name.startswith("shard-") and name.endswith(".parquet")}
 
 
 def _marker_stats(folder: Path) -> list[dict[str, Any]]:
@@ -62,12 +68,18 @@ def _marker_stats(folder: Path) -> list[dict[str, Any]]:
 
 
 def totals(root: Path, plan: Plan) -> dict[str, Any]:
+    """Documents, chunks, tokens and vectors of the plan's finished shards and embed units (`totals_of`)."""
+    return totals_of(store.chunks_dir(root, plan.name, plan.chunk.fingerprint),
+                     store.embeddings_dir(root, plan.name, plan.embed.fingerprint))
+
+
+def totals_of(chunk_folder: Path, embed_folder: Path) -> dict[str, Any]:
     """Documents, chunks, tokens and vectors of the finished shards and embed units, read from their done-markers.
 
     A chunk shard's vectors are in the files of its embed units (one, or several row ranges: `units.py`); it counts
     as embedded once its units' rows add up to its chunks."""
-    chunks = _markers(store.chunks_dir(root, plan.name, plan.chunk.fingerprint))
-    units = _markers(store.embeddings_dir(root, plan.name, plan.embed.fingerprint))
+    chunks = _markers(chunk_folder)
+    units = _markers(embed_folder)
     chunk_stats, embed_stats = list(chunks.values()), list(units.values())
     embedded_rows: Counter[str] = Counter()
     for key, stats in units.items():
@@ -273,4 +285,4 @@ class Manifest:
         self.data["updated_at"] = _now()
         if force:
             self.data["totals"] = totals(self.root, self.plan)
-        store.write_json_atomic(store.manifest_path(self.root, self.plan.name), self.data)
+        store.write_json_atomic(store.manifest_path(self.root, self.plan.name), public_record(self.data))

@@ -24,6 +24,7 @@ from volembed_runner.errors import BackendError, SpecError, SpecIssue
 from volembed_runner.estimate.rates import Rate, tei_rate
 from volembed_runner.models import MODEL_FILE_PATTERNS
 from volembed_runner.plan import MODAL_ROOT, Plan
+from volembed_runner.redact import public_record
 from volembed_runner.units import check_fleet, fleet_of
 
 TEMPLATE = "app.py.tmpl"
@@ -205,7 +206,7 @@ def remote_plan(plan: Plan) -> dict[str, Any]:
     Fingerprints are kept: they were computed from the local files, which the uploads copy byte for byte. (The
     model's files need no rewriting: the plan already names the images' copy, `plan.model.files_dir`.)
     """
-    data = json.loads(json.dumps(plan.to_dict()))
+    data = public_record(json.loads(json.dumps(plan.to_dict())))  # no credential is written into the app
     layout = upload_layout(plan)
     if layout:
         data["data"]["files"] = [f"{MODAL_ROOT}/{remote}" for _, remote in layout]

@@ -239,8 +239,12 @@ def test_a_planted_secret_reaches_no_record_log_or_app(tmp_path: Path, monkeypat
     assert manifest["spec"]["embedding"]["endpoint"].startswith("http://***@")
 
 
-def test_scrub_masks_url_credentials_and_secret_query_values() -> None:
+def test_scrub_masks_url_credentials_and_secret_query_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    from volembed_runner.errors import describe
     from volembed_runner.redact import scrub
+
+    monkeypatch.setenv("HF_TOKEN", "hf_planted_modal_secret")  # how a Modal Secret reaches a container
+    assert describe(RuntimeError("401 for hf_planted_modal_secret")) == "RuntimeError: 401 for ${HF_TOKEN}"
 
     assert scrub("GET https://bob:hunter2@example.org/x?api_key=abc&page=2 failed") == \
         "GET https://***@example.org/x?api_key=***&page=2 failed"

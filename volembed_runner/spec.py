@@ -291,31 +291,61 @@ class Spec(BaseModel):
     @property
     def prefix(self) -> str:
         """The prefix actually applied: the spec's, else the catalog default for a known model, else none."""
-        if self.embedding.prefix is not None:
-            return self.embedding.prefix
-        known = catalog.find_model(self.embedding.model)
-        return known.default_prefix if known else ""
+        return applied_prefix(self.embedding)
 
     @model_validator(mode="after")
     def _fits_model(self) -> Spec:
-        known = catalog.find_model(self.embedding.model)
-        if known is None:
-            return self
-        n_prefix = prefix_tokens(self.prefix, self.embedding.model)
-        budget = known.max_input_tokens - known.special_tokens - n_prefix
-        if self.chunking.size > budget:
-            raise _cross(
-                "chunking.size",
-                "{size} tokens do not fit {model} ({limit} max input tokens, minus {special} special tokens and "
-                "{prefix} prefix tokens = {budget})",
-                size=self.chunking.size,
-                model=known.id,
-                limit=known.max_input_tokens,
-                special=known.special_tokens,
-                prefix=n_prefix,
-                budget=budget,
-            )
+        error = model_fit_error(self.chunking, self.embedding)
+        if error is not None:
+            raise error
         return self
+
+
+class ModelFit(BaseModel):
+    """The chunk-size-vs-model rule on its own: pydantic skips Spec's check when any other field is invalid, and
+    `validate` reports every error at once, this one included."""
+
+    model_config = ConfigDict(extra="ignore", coerce_numbers_to_str=True)
+
+    chunking: Chunking = Field(default_factory=Chunking)
+    embedding: Embedding
+
+    @model_validator(mode="after")
+    def _fits_model(self) -> ModelFit:
+        error = model_fit_error(self.chunking, self.embedding)
+        if error is not None:
+            raise error
+        return self
+
+
+def applied_prefix(embedding: Embedding) -> str:
+    """The prefix applied to every chunk: the spec's, else the catalog default for a known model, else none."""
+    if embedding.prefix is not None:
+        return embedding.prefix
+    known = catalog.find_model(embedding.model)
+    return known.default_prefix if known else ""
+
+
+def model_fit_error(chunking: Chunking, embedding: Embedding) -> PydanticCustomError | None:
+    """Why `chunking.size` (with the prefix and special tokens) does not fit a known model's input, or None."""
+    known = catalog.find_model(embedding.model)
+    if known is None:
+        return None
+    n_prefix = prefix_tokens(applied_prefix(embedding), embedding.model)
+    budget = known.max_input_tokens - known.special_tokens - n_prefix
+    if chunking.size <= budget:
+        return None
+    return _cross(
+        "chunking.size",
+        "{size} tokens do not fit {model} ({limit} max input tokens, minus {special} special tokens and "
+        "{prefix} prefix tokens = {budget})",
+        size=chunking.size,
+        model=known.id,
+        limit=known.max_input_tokens,
+        special=known.special_tokens,
+        prefix=n_prefix,
+        budget=budget,
+    )
 
 
 @cache

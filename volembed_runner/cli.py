@@ -142,22 +142,29 @@ def _dry_run(plan: Plan, prices: Path | None, as_json: bool) -> None:
     render(est, out)
 
 
+def _on_terminal() -> bool:
+    """True when standard input is a terminal, so a question can be answered there."""
+    return sys.stdin.isatty()
+
+
 def _run_modal(plan: Plan, *, until: str | None, yes: bool, detach: bool, prices: Path | None,
                as_json: bool) -> None:
+    from volembed_runner.backends.modal.launch import require_credentials
     from volembed_runner.backends.modal.render import validate
-    from volembed_runner.estimate import Estimate, estimate
+    from volembed_runner.estimate import estimate
     from volembed_runner.run import check_spend, run_modal
-    from volembed_runner.ui.estimate import render
+    from volembed_runner.ui.estimate import summary_line
 
     validate(plan)  # a spec that cannot run well on Modal is refused before its estimate is shown
+    require_credentials()  # before the question: a "y" must not be answered by "no Modal credentials"
     err = err_console()
-
-    def confirm(est: Estimate) -> bool:
-        render(est, err)
-        shown = "unknown" if est.cost_usd is None else f"${est.cost_usd:,.2f}"
-        return ask(err, f"Start {plan.name} on Modal (estimated {shown})? [y/N] ")
-
-    check_spend(plan, estimate(plan, prices=prices), yes=yes, confirm=confirm if sys.stdin.isatty() else None)
+    est = estimate(plan, prices=prices)
+    err.print(f"estimate: {plan.name} on Modal: {summary_line(est)} (details: --dry-run)", markup=False)
+    for reason in est.unknown:
+        err.print(f"unknown: {reason}", markup=False)
+    ask_first = _on_terminal() and not yes
+    check_spend(plan, est, yes=yes,
+                confirm=(lambda _: ask(err, f"Start {plan.name} on Modal? [y/N] ")) if ask_first else None)
     launched = run_modal(plan, until=until, detach=detach,
                          on_upload=lambda n, where: err.print(f"uploading {n} file(s) to Modal volume {where}",
                                                               markup=False))

@@ -11,6 +11,7 @@ VolembedError                 base; never raised itself
 ├── StageError                one or more shards of a stage failed; the manifest lists them             (exit 1)
 ├── OutputError               an output cannot be written: disk full, quota, read-only (transient)      (exit 1)
 ├── BackendError              the backend cannot run the job (no Modal credentials, app failed)         (exit 4)
+├── Declined                  the user answered no when asked to start a paid run                       (exit 5)
 └── RunHeld                   another writer holds the run's lease (one writer per run)                 (exit 6)
 
 Each class says whether its failure is `transient`: whether the same input may succeed on another attempt. Only
@@ -172,6 +173,12 @@ class BackendError(VolembedError):
     """The backend cannot run the job (e.g. no Modal credentials)."""
 
     exit_code = 4
+
+
+class Declined(VolembedError):
+    """The user answered no (or nothing) when asked to start a paid run; nothing was started."""
+
+    exit_code = 5
 
 
 class RunHeld(VolembedError):

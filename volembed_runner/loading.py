@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from volembed_runner.errors import SpecError, SpecIssue
-from volembed_runner.spec import Spec
+from volembed_runner.spec import ModelFit, Spec
 
 Path_ = tuple[str | int, ...]
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -334,9 +334,20 @@ def load_spec(path: Path, sets: list[str] | None = None, env: dict[str, str] | N
     try:
         spec = Spec.model_validate(loaded.data)
     except ValidationError as exc:
-        raise SpecError(_issues(exc, loaded)) from None
+        issues = _issues(exc, loaded)
+        raise SpecError(issues + [i for i in _model_fit_issues(loaded) if i not in issues]) from None
     spec._variables = loaded.variables
     return spec
+
+
+def _model_fit_issues(loaded: Loaded) -> list[SpecIssue]:
+    """The chunk-size-vs-model problem of a spec that has other problems too (Spec checks it only when all else is
+    valid)."""
+    try:
+        ModelFit.model_validate(loaded.data)
+    except ValidationError as exc:
+        return _issues(exc, loaded)
+    return []
 
 
 def _dotted(at: Path_) -> str:

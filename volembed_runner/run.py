@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from volembed_runner import store
-from volembed_runner.errors import BackendError, SourceError, StageError
+from volembed_runner.errors import BackendError, Declined, SourceError, StageError
 from volembed_runner.orchestrate import Event, ShardFinished
 from volembed_runner.plan import Plan
 
@@ -54,7 +54,7 @@ def check_spend(plan: Plan, est: Estimate, *, yes: bool, confirm: Callable[[Esti
         raise BackendError(f"estimated cost {shown} exceeds compute.max_cost ${limit:,.2f}; "
                            "lower the job or pass --yes to run anyway")
     if confirm is not None and not confirm(est):
-        raise BackendError("not started (answered no)")
+        raise Declined(f"{plan.name} not started (answered no)")
 
 
 def run_modal(plan: Plan, *, until: str | None, detach: bool,

@@ -134,6 +134,7 @@ def test_disk_full_while_writing_the_manifest_keeps_it_whole_and_a_rerun_finishe
     assert code == 0, out
     done = manifest_of(spec)
     assert done["status"] == "succeeded" and done["totals"]["vectors"] == done["totals"]["chunks"] > 0
+    assert done["stages"]["download"]["skipped"] == done["stages"]["download"]["total"] == 1  # kept on resume
 
 
 @pytest.mark.parametrize("limit", [{"payload_limit": 150}, {"max_input_length": 24}])

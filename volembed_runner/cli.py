@@ -292,7 +292,11 @@ def status_cmd(
             from volembed_runner.backends.modal.volume_files import lease_store
 
             manifest = launch.status(plan)
-            manifest = live_status(manifest, current(lease_store(plan)))
+            try:
+                record, known = current(lease_store(plan)), True
+            except Exception:  # the lease Dict unreadable: show the manifest as written, not a guess
+                record, known = None, False
+            manifest = live_status(manifest, record, lease_known=known)
         else:
             from volembed_runner.store import lease_dir
 

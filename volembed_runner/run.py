@@ -115,7 +115,7 @@ def run_local(plan: Plan, *, until: str | None, on_event: Callable[[Event], None
     )
 
 
-def failures(summary: RunSummary) -> StageError | None:
+def failures(summary: RunSummary) -> StageError | SourceError | None:
     """The error a run with failed shards (or a failed close) ends in (exit status 1), or None."""
     if not summary.failed:
         return StageError(f"{summary.name} failed: {summary.error}") if summary.error else None

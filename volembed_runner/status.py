@@ -43,14 +43,15 @@ def _iso(seconds: float) -> str:
 
 
 def live_status(manifest: dict[str, Any], record: LeaseRecord | None, *, root: Path | None = None,
-                now: float | None = None) -> dict[str, Any]:
+                now: float | None = None, lease_known: bool = True) -> dict[str, Any]:
     """`manifest` as `status` shows it: stages in pipeline order, `interrupted` when its writer stopped without
-    closing it, and (with the local `root`) done counts and totals from the stage folders' indexes."""
+    closing it (judged only when the lease could be read: `lease_known`), and (with the local `root`) done counts
+    and totals from the stage folders' indexes."""
     now = time.time() if now is None else now
     out = {**manifest, "stages": in_pipeline_order({k: dict(v) for k, v in (manifest.get("stages") or {}).items()})}
     if root is not None:
         _count_from_index(out, root)
-    if out.get("status") == "running" and writer_stopped(record, now):
+    if lease_known and out.get("status") == "running" and writer_stopped(record, now):
         open_stages = [name for name, entry in out["stages"].items() if not entry.get("finished_at")]
         stage = (record.stage if record is not None and record.stage else None) or \
             (open_stages[-1] if open_stages else next(reversed(out["stages"]), None))

@@ -153,6 +153,7 @@ class Manifest:
     data: dict[str, Any] = field(default_factory=dict)
     _started: dict[str, float] = field(default_factory=dict)
     _last_write: float = 0.0
+    _previous_stages: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def open(cls, root: Path, plan: Plan) -> Manifest:
@@ -183,7 +184,7 @@ class Manifest:
             "work": _carried_work(previous.get("work") or {}, plan),
             "totals": {},
         }
-        manifest = cls(root=root, plan=plan, data=data)
+        manifest = cls(root=root, plan=plan, data=data, _previous_stages=dict(previous.get("stages") or {}))
         manifest.write(force=True)
         return manifest
 
@@ -194,6 +195,13 @@ class Manifest:
                                       "started_at": _now(), "finished_at": None, "seconds": None,
                                       "this_pass": {"shards": 0, "rows": 0, "tokens": 0}}
         self.write(force=True)
+
+    def skip_stage(self, stage: str) -> None:
+        """A stage found all its work done by an earlier pass: listed as such (with that pass's total), so a
+        resumed run's manifest still shows every stage."""
+        total = int((self._previous_stages.get(stage) or {}).get("total") or 0)
+        self.start_stage(stage, total=total, skipped=total)
+        self.finish_stage(stage)
 
     def shard_finished(self, stage: str, shard: str, error: str | None,
                        stats: dict[str, Any] | None = None, *, unretryable: int | None = None) -> None:

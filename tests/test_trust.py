@@ -200,7 +200,7 @@ def test_status_lists_stages_in_pipeline_order_with_output_paths(tmp_path: Path)
 
 
 def test_done_index_follows_markers_and_is_repaired(tmp_path: Path) -> None:
-    folder = tmp_path / "stage"
+    folder = store.chunks_dir(tmp_path, "run", "fp")
     for i in range(3):
         store.write_shard(store.shard_path(folder, f"{i:05d}"), lambda tmp, i=i: (tmp.write_bytes(b"x"),
                                                                                {"rows": i})[1])

@@ -14,10 +14,10 @@ share one layout:
 A file is written under a temporary name, renamed into place, and only then marked done; a file without its
 marker is never taken as finished, and a rerun rewrites it.
 
-Each stage folder also keeps an index of its done-markers, `.index/<host>-<pid>.jsonl`: every writer appends one
-line per marker it writes or clears (its own file, so writers on many machines never share one), and `status`
-reads those few files instead of every marker of a huge run. The orchestrator, which lists the markers anyway,
-repairs the index at each stage's start (a writer killed between marker and line leaves it one line short).
+Each chunk and embeddings folder also keeps an index of its done-markers, `.index/<host>-<pid>.jsonl`: every
+writer appends one line per marker it writes or clears (its own file, so writers on many machines never share one),
+and `status` reads those few files instead of every marker of a huge run. The orchestrator, which lists the markers
+anyway, repairs the index at each stage's start (a writer killed between marker and line leaves it one line short).
 """
 
 from __future__ import annotations
@@ -198,8 +198,16 @@ def clear_done(path: Path) -> None:
     marker.unlink(missing_ok=True)
 
 
+def _indexed(folder: Path) -> bool:
+    """Whether a folder keeps an index: a run's chunk and embedding folders (`status` counts them; the shared data
+    folders are counted by their task markers)."""
+    return folder.parent.name in ("chunks", "embeddings") and folder.parent.parent.parent.name == "runs"
+
+
 def _index_append(folder: Path, events: list[dict[str, Any]]) -> None:
     """Append done/cleared events to this writer's index file of `folder` (one write, so a line is never torn)."""
+    if not _indexed(folder):
+        return
     index = folder / INDEX_DIR
     index.mkdir(exist_ok=True)
     now = time.time_ns()

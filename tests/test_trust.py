@@ -94,6 +94,7 @@ def test_summary_of_a_failed_embed_never_says_already_done(tmp_path: Path, monke
     assert embed["failed"] and embed["done"] == 0
 
 
+@pytest.mark.slow
 def test_disk_full_while_writing_the_manifest_keeps_it_whole_and_a_rerun_finishes(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     make_docs(tmp_path, 60)
@@ -161,6 +162,7 @@ def _kill_when(cmd: list[str], env: dict[str, str], ready) -> None:
     proc.wait()
 
 
+@pytest.mark.slow
 def test_status_of_a_killed_run_says_interrupted_with_counts_from_the_disk(tmp_path: Path) -> None:
     make_docs(tmp_path, 400, seed=3)
     spec = spec_in(tmp_path, SPEC.format(shard_rows=10))

@@ -182,10 +182,10 @@ def _run_local(plan: Plan, *, until: str | None, as_json: bool) -> None:
     from volembed_runner.run import failures, run_local
     from volembed_runner.ui.progress import RunProgress
 
-    if not as_json:
-        err_console().print(f"{plan.name}: outputs under {plan.local_root()}", markup=False)
     with RunProgress(err_console(), quiet=as_json) as progress:
         summary = run_local(plan, until=until, on_event=progress)
+    if not as_json:  # where, whatever the current folder (`volembed_home`): status and files find it from anywhere
+        err_console().print(f"{plan.name}: outputs under {plan.local_root()}", markup=False)
     if as_json:
         out_console().print_json(json.dumps(summary.to_dict()))
     else:

@@ -182,6 +182,7 @@ def _passes(
             return outcome
         index = download_stage.finalize(root, plan.data, tasks)
     else:
+        emit(StageStarted("download", len(index), 0))  # done before: said, so a rerun's output names every stage
         outcome.stages_run.append("download")
     renamed = download_stage.renamed_ids(root, plan.data)
     if renamed:

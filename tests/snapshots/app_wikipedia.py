@@ -2,6 +2,8 @@
 # rather than editing this file. Run it with `volembed-run SPEC` (which uploads local dataset files first), or with
 # `modal run --detach app.py` on a machine where volembed-runner is installed: the stage code in the images is
 # shipped from that installation, so what runs on Modal is the code its tests run.
+# Options of `modal run app.py`: --until [all|download|chunk|embed] stops after that stage (default all);
+# --no-wait returns once the job is submitted (with --detach it then runs on without this terminal).
 """Embed one dataset on Modal: download → chunk (CPU containers) → embed (TEI on GPU containers) → manifest."""
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import modal
 
@@ -445,14 +448,16 @@ def orchestrate(until: str = "", passes: int = 1) -> dict:
 
 # ── Entry points ─────────────────────────────────────────────────────────────────────────────────────────────────
 @app.local_entrypoint()
-def main(until: str = "", wait: bool = True) -> None:
+def main(until: Literal["all", "download", "chunk", "embed"] = "all", wait: bool = True) -> None:
     """Run the job and wait for it (through its hand-overs); `--until chunk` stops after a stage.
 
-    `modal run --detach app.py` keeps the job running when this terminal goes away; add `--no-wait` to return as
-    soon as the orchestrator is submitted (without `--detach` the app would stop with this process). The
+    Modal builds `modal run app.py --help` from this signature alone (no help text per option), so the options are
+    spelled out here and at the top of the file: `--until STAGE` stops after that stage (`all`, the default, runs
+    every stage); `--no-wait` returns as soon as the orchestrator is submitted. `modal run --detach app.py` keeps
+    the job running when this terminal goes away (without `--detach` the app stops with this process). The
     orchestrator is spawned, not called: Modal then retries it server-side, whether or not this process lives.
     """
-    call = orchestrate.spawn(until)
+    call = orchestrate.spawn("" if until == "all" else until)
     if not wait:
         print(f"submitted {APP_NAME}: function call {call.object_id}")
         return

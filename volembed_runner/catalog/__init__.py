@@ -51,6 +51,24 @@ class Model:
     known_issues: tuple[str, ...] = field(default_factory=tuple)
     tei_revision: str | None = None  # a commit the pinned TEI loads, where the Hub's main does not
     tei_revision_source: str | None = None
+    card: str | None = None  # the model card the facts come from
+    matryoshka_min_dim: int | None = None  # trained for truncation down to this width (None: not trained for it)
+    matryoshka_source: str | None = None
+
+
+@dataclass(frozen=True)
+class KnownDataset:
+    """The size of one Hub (dataset, config, split), from its card, with the source and the date it was read."""
+
+    hf: str
+    config: str | None
+    split: str
+    num_rows: int
+    num_bytes: int
+    source: str
+    date: str
+    files: int | None = None
+    derivation: str | None = None
 
 
 def _load(name: str) -> dict[str, Any]:

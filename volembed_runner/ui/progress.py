@@ -33,7 +33,9 @@ class RunProgress:
             self.tasks[event.stage] = self.progress.add_task(event.stage, total=event.total,
                                                              completed=event.total - event.todo)
             if not self.live and not self.quiet:
-                self.console.print(f"{event.stage}: {event.todo} of {event.total} shard(s) to run", markup=False)
+                line = (f"{event.todo} of {event.total} shard(s) to run" if event.todo else
+                        f"nothing to run, {event.total} shard(s) done before")
+                self.console.print(f"{event.stage}: {line}", markup=False)
         elif isinstance(event, ShardFinished):
             self.progress.advance(self.tasks[event.stage])
             if event.error:

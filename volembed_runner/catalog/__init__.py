@@ -123,6 +123,18 @@ def throughput() -> dict[str, Any]:
     return _load("throughput.yaml")
 
 
+@cache
+def datasets() -> tuple[KnownDataset, ...]:
+    """`datasets.yaml`: sizes of known Hub datasets, so a dry run of them needs no network."""
+    return tuple(KnownDataset(**d) for d in _load("datasets.yaml")["datasets"])
+
+
+def find_dataset(hf: str, config: str | None, split: str) -> KnownDataset | None:
+    """The catalog's size of this Hub dataset's config and split (ids case-insensitive), or None."""
+    wanted = (hf.lower(), config, split)
+    return next((d for d in datasets() if (d.hf.lower(), d.config, d.split) == wanted), None)
+
+
 def find_model(model_id: str) -> Model | None:
     """A known model by Hub id (case-insensitive), or None for models the catalog does not cover."""
     wanted = model_id.lower()

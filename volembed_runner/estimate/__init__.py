@@ -38,6 +38,7 @@ from volembed_runner.estimate.sizes import (
     HUB_TIMEOUT_S,
     Counts,
     Sizes,
+    catalog_sizes,
     count_totals,
     hint_sizes,
     hub_sizes,
@@ -190,9 +191,16 @@ def source_sizes(plan: Plan, tok: CountingTokenizer | None, sample_cap: int, hub
     if plan.data.kind == "files":
         sizes = local_sizes(plan, tok, sample_cap)
     else:
+        known = catalog.find_dataset(plan.data.hf or "", plan.data.config, plan.data.split)
         if plan.data.num_rows and plan.data.num_bytes:
             sizes = Sizes(remote=True)
             sizes.notes.append("sizes from the spec's hints; the Hub was not consulted (no network call)")
+        elif known is not None:
+            sizes = Sizes(remote=True)
+            sizes.notes.append("sizes from the catalog (volembed_runner/catalog/datasets.yaml); the Hub was not "
+                               "consulted (no network call)")
+            hint_sizes(plan, sizes)
+            catalog_sizes(plan, sizes, known)
         else:
             sizes = hub_sizes(plan, tok, sample_cap, hub_timeout)
     hint_sizes(plan, sizes)

@@ -307,6 +307,8 @@ tei_image = tei_image.add_local_python_source("volembed_runner", ignore=package_
 # The stage code: importable wherever volembed-runner is installed and in both images, but not in build steps. Each
 # image imports what its functions use, in a block of its own, so an import that fails is reported on its image.
 with cpu_image.imports():
+    from rich.console import Console
+
     from volembed_runner.backends.modal.runtime import (
         DictLeaseStore,
         ModalMapper,
@@ -315,13 +317,15 @@ with cpu_image.imports():
         shard_errors,
         sync_volume,
     )
+    from volembed_runner.estimate.cost import spend_per_second
+    from volembed_runner.estimate.prices import load_prices
     from volembed_runner.lease import Holder
-    from volembed_runner.orchestrate import Event, ShardFinished, StageStarted
     from volembed_runner.orchestrate import orchestrate as run_pipeline
     from volembed_runner.plan import Plan
     from volembed_runner.sources import SourceTask
     from volembed_runner.stages.chunk import run_shard
     from volembed_runner.stages.download import download_task
+    from volembed_runner.ui.progress import RunProgress
     from volembed_runner.units import fleet_of
 with tei_image.imports():
     from volembed_runner.backends.modal.runtime import TEIRouter, shard_errors, sync_volume
@@ -415,12 +419,13 @@ def push(repo: str, private: bool = False, license: str = "") -> dict:
 # The control flow runs inside Modal, so a detached run survives a closed laptop. It skips finished work, records
 # failures in the manifest, and before its 24 h limit stops feeding, drains what it fed and hands over to a fresh
 # call (resume makes that safe; the lease makes the successor wait for any input a dead predecessor left running).
-def log_event(event: Event) -> None:
-    """One log line per stage and per failed shard; progress lives in the manifest (`volembed-run status`)."""
-    if isinstance(event, StageStarted):
-        print(f"[{event.stage}] {event.todo} of {event.total} to run", flush=True)
-    elif isinstance(event, ShardFinished) and event.error:
-        print(f"[{event.stage}] {event.shard} failed: {event.error}", flush=True)
+def progress_log(plan: Plan) -> RunProgress:
+    """Progress in the orchestrator's log (streamed to `modal run` and `volembed-run SPEC`): a line per stage and per
+    failed shard, and at least every 10 s the running stage's shards, tokens/s, ETA and cost so far at the catalog's
+    list prices, every container the stage may use counted busy (the full record is the manifest: `status`)."""
+    prices = load_prices()
+    return RunProgress(Console(file=sys.stdout, width=200, soft_wrap=True),
+                       spend=lambda stage, todo: spend_per_second(plan, prices, stage, todo))
 
 
 @app.function(image=cpu_image, volumes=VOLUMES, secrets=secrets + hub_secrets, cpu=ORCHESTRATE_CPU,
@@ -434,10 +439,11 @@ def orchestrate(until: str = "", passes: int = 1) -> dict:
     windows = Windows(download=DOWNLOAD_MAX_CONTAINERS, chunk=CHUNK_MAX_CONTAINERS,
                       embed=EMBED_MAX_CONTAINERS * EMBED_MAX_INPUTS)
     mapper = ModalMapper(download=download, chunk=chunk, embed=Embedder().embed, windows=windows, volume=volume)
-    outcome = run_pipeline(plan, Path(ROOT), mapper, lease_store=DictLeaseStore(leases, LEASE_RUN),
-                           holder=Holder.here("modal"), work_seconds=INPUT_WORK_S, wait=INPUT_WORK_S,
-                           until=until or None, deadline=deadline, fleet=fleet_of(plan, EMBED_TOKENS_PER_SECOND),
-                           on_event=log_event)
+    with progress_log(plan) as log:
+        outcome = run_pipeline(plan, Path(ROOT), mapper, lease_store=DictLeaseStore(leases, LEASE_RUN),
+                               holder=Holder.here("modal"), work_seconds=INPUT_WORK_S, wait=INPUT_WORK_S,
+                               until=until or None, deadline=deadline, fleet=fleet_of(plan, EMBED_TOKENS_PER_SECOND),
+                               on_event=log)
     sync_volume(volume)
     summary = {"ok": outcome.ok, "failed": outcome.failed, "stages": outcome.stages_run, "passes": passes,
                "handover": outcome.handover, "next_call": None}

@@ -96,10 +96,13 @@ def print_summary(summary: RunSummary, console: Console) -> None:
     table = Table(title=f"{summary.name}: {summary.status} in {summary.seconds:.1f} s", show_header=False, box=None)
     table.add_column(style="bold")
     table.add_column()
-    for key in ("documents", "empty_documents", "chunks", "tokens", "vectors"):
+    for key in ("documents", "empty_documents", "tokens", "chunks", "chunk_tokens", "vectors", "truncated"):
         table.add_row(key.replace("_", " "), f"{getattr(summary, key):,}")
+    failed = sum(len(shards) for shards in summary.failed.values())
+    table.add_row("failed shards", f"{failed:,}" + (" (listed in the manifest; rerun to retry them)" if failed
+                                                    else ""))
     if summary.tokens_per_second:
-        table.add_row("embed rate", f"{summary.tokens_per_second:,.0f} tokens/s (embed stage, this run)")
+        table.add_row("embed rate", f"{summary.tokens_per_second:,.0f} chunk tokens/s (embed stage, this run)")
     elif "embed" in summary.stages:
         table.add_row("embed rate", "nothing to embed: every shard was already done")
     last = summary.stages[-1] if summary.stages else None

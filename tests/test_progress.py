@@ -136,3 +136,21 @@ def test_the_summary_names_tokens_and_chunk_tokens_as_the_dry_run_does() -> None
     assert "900" in rows["tokens"] and "1,010" in rows["chunk tokens"] and "2" in rows["truncated"]
     assert "1 (listed in the manifest" in rows["failed shards"]
     assert "505 chunk tokens/s" in out.getvalue()
+
+
+def test_modal_cost_so_far_prices_every_container_a_stage_may_use() -> None:
+    from volembed_runner.cli import _load
+    from volembed_runner.estimate.cost import spend_per_second
+    from volembed_runner.estimate.prices import load_prices
+
+    from .conftest import REPO
+
+    plan, prices = _load(REPO / "pipelines" / "wikipedia.yaml", None), load_prices()
+    c = plan.compute
+    orchestrator = prices.container(1.0, c.orchestrator.cpu, c.orchestrator.memory_gib)
+    gpu = prices.container(1.0, c.embed.cpu, c.embed.memory_gib, c.gpu)
+    assert spend_per_second(plan, prices, "embed", 10_000) == 50 * gpu + orchestrator  # capped at concurrency_limit
+    assert spend_per_second(plan, prices, "embed", 80) == 2 * gpu + orchestrator  # 80 units, 40 per container
+    chunk = prices.container(1.0, c.chunk.cpu, c.chunk.memory_gib)
+    assert spend_per_second(plan, prices, "chunk", 3) == 3 * chunk + orchestrator
+    assert spend_per_second(plan, prices, "finish", 1) is None

@@ -139,7 +139,8 @@ def estimate(plan: Plan, *, prices: Path | None = None, sample_cap: int = SAMPLE
             assumptions.append(
                 f"embed units: {priced.units:,} of ≈{unit:,.0f} tokens, ≈{fleet.unit_seconds(unit) or 0:,.0f} s each "
                 f"in a container with {fleet.inputs} in flight (≤ {UNIT_TIMEOUT_SHARE:.0%} of compute.timeout "
-                f"{plan.compute.timeout:,} s), for {fleet.containers} × {fleet.inputs} input slots (units.py)")
+                f"{plan.compute.timeout:,} s), for {fleet.containers} × {fleet.inputs} input slots "
+                "(volembed_runner/units.py)")
     if rate is not None:
         assumptions.append(f"throughput: {rate.source}")
     if plan.backend == "modal" or job is not None:

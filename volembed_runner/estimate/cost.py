@@ -203,7 +203,8 @@ def modal_assumptions(plan: Plan, prices: Prices) -> list[str]:
     return [
         f"prices: {prices.source}",
         f"containers: {sizes}, scaledown {c.embed_scaledown_s:g} s, ≤ {c.download_max_containers} download "
-        "containers (as the generated app requests them: catalog containers.yaml, GPU embed_cpu)",
+        "containers (as the generated app requests them: volembed_runner/catalog/containers.yaml, the GPU's embed_cpu "
+        "in catalog/gpus.yaml)",
         f"start-up: {consts['source']}",
         f"chunking: {chunk['tokens_per_second_per_core']:,} tokens/s per core ({chunk['source']})",
         f"download: {download['hub_source']}; local sources: {download['local_source']}",

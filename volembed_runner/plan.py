@@ -118,6 +118,7 @@ class EmbedSettings:
     truncate: bool  # the engine may cut an over-long chunk (counted); off, such a chunk fails its shard
     input_overhead: int  # tokens the engine adds to every chunk: special tokens + the prefix's
     server: str  # what embeds: "local", "tei:<version>" (Modal's own TEI), or the endpoint's public URL
+    query_prefix: str = ""  # what `search` puts before a query (not part of the fingerprint: no vector changes)
     fingerprint: str = ""
 
 
@@ -469,6 +470,7 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
         input_overhead=model.special_tokens + prefix_tokens(spec.prefix, model.ref),
         server=server,
         fingerprint=fingerprint(embed_key),
+        query_prefix=spec.query_prefix,
     )
     warnings = []
     if model.known and engine == "tei" and not is_commit(revision):

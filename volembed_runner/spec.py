@@ -176,6 +176,8 @@ class Embedding(_Section):
     revision: str | None = Field(None, description="Model commit to pin for reproducible runs")
     prefix: str | None = Field(None, description='Text put before every chunk, e.g. "search_document: " for nomic; '
                                "default: the catalog's prefix for known models, else none")
+    query_prefix: str | None = Field(None, description='Text `volembed-run search` puts before a query, e.g. '
+                                     '"search_query: " for nomic; default: the catalog\'s for known models, else none')
     normalize: bool = Field(True, description="L2-normalize the vectors")
     dimensions: Count | None = Field(None, description="Matryoshka: keep the first N dimensions, then normalize")
     precision: Literal["auto", "fp32", "bf16"] = Field(
@@ -274,6 +276,14 @@ class Spec(BaseModel):
             return self.embedding.prefix
         known = catalog.find_model(self.embedding.model)
         return known.default_prefix if known else ""
+
+    @property
+    def query_prefix(self) -> str:
+        """The prefix `search` puts before a query: the spec's, else the catalog's for a known model, else none."""
+        if self.embedding.query_prefix is not None:
+            return self.embedding.query_prefix
+        known = catalog.find_model(self.embedding.model)
+        return known.query_prefix if known else ""
 
     @model_validator(mode="after")
     def _fits_model(self) -> Spec:

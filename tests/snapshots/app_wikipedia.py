@@ -138,6 +138,7 @@ PLAN = {
             'model': 'BAAI/bge-base-en-v1.5',
             'revision': None,
             'prefix': None,
+            'query_prefix': None,
             'normalize': True,
             'dimensions': None,
             'precision': 'auto',
@@ -156,7 +157,7 @@ PLAN = {
         },
         'output': {'include_text': False, 'hub': None},
     },
-    'spec_hash': '96178e139b37c972',
+    'spec_hash': 'a2a5cc09ef98c91b',
     'git': {'commit': None, 'dirty': None},
     'data': {
         'kind': 'hf',
@@ -213,6 +214,7 @@ PLAN = {
         'truncate': False,
         'input_overhead': 2,
         'server': 'tei:1.9.3',
+        'query_prefix': 'Represent this sentence for searching relevant passages: ',
         'fingerprint': 'dac76d28565a760f',
     },
     'compute': {

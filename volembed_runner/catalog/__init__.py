@@ -51,6 +51,8 @@ class Model:
     known_issues: tuple[str, ...] = field(default_factory=tuple)
     tei_revision: str | None = None  # a commit the pinned TEI loads, where the Hub's main does not
     tei_revision_source: str | None = None
+    query_prefix: str = ""  # what `search` puts before a query (the model card's retrieval instruction)
+    query_prefix_source: str | None = None
 
 
 def _load(name: str) -> dict[str, Any]:

@@ -19,24 +19,28 @@ import itertools
 import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from volembed_runner import store
 from volembed_runner.errors import BackendError, EmbedderError
 from volembed_runner.fetch import KEYS, VolumeReader
 from volembed_runner.plan import Plan
 from volembed_runner.results import (
     Entry,
+    LocalVolume,
+    Outputs,
     VolumeFiles,
     by_chunk_shard,
     finished_files,
     read_outputs,
     shard_id,
 )
+from volembed_runner.stages.index import TABLE, open_table
 
 BATCH_ROWS = 8192  # vectors scored at a time: 8,192 × 1,024 float32 is 32 MiB
 MAX_K = 10_000  # the heap holds k rows with their text
@@ -218,6 +222,12 @@ def search(plan: Plan, files: VolumeFiles, query: str, *, k: int = 10,
     vector = _unit(embed_query(query))
     result = SearchResult(query=query, query_prefix=plan.embed.query_prefix, model=plan.model.ref,
                           engine=engine or "given", method="exact", scanned=0)
+    table = index_table(files, outputs)
+    if table is not None:
+        return _search_table(plan, files, outputs, table, vector, k, result)
+    if outputs.index is not None and not isinstance(files, LocalVolume):
+        result.notes.append("the run's LanceDB table is on the Modal Volume, which only the app's containers "
+                            "mount; this search is exact, over the vectors read through the SDK")
     chunk_files = {shard_id(e.path): e for e in finished_files(files, outputs.folders["chunks"])}
     groups = by_chunk_shard(vector_files, list(chunk_files))
     columns = [*KEYS, *plan.embed.keep_columns, "text"]
@@ -229,3 +239,29 @@ def search(plan: Plan, files: VolumeFiles, query: str, *, k: int = 10,
         if any("text" not in row for row in rows):
             _texts(reader, chunk_files, rows)
     return replace(result, scanned=scanned, hits=_hits(plan, best))
+
+
+# ── the LanceDB table (output.index: lancedb) ─────────────────────────────────────────────────────────────────────
+def index_table(files: VolumeFiles, outputs: Outputs) -> Path | None:
+    """The run's finished LanceDB table on this machine, or None (no index stage, unfinished, or on Modal)."""
+    if outputs.index is None or not isinstance(files, LocalVolume):
+        return None
+    table = files.root / PurePosixPath(outputs.index) / f"{TABLE}.lance"
+    return table if store.is_done_folder(table) else None
+
+
+def _search_table(plan: Plan, files: VolumeFiles, outputs: Outputs, table_dir: Path, vector: np.ndarray, k: int,
+                  result: SearchResult) -> SearchResult:
+    """Top-k through LanceDB: its ANN index where the table has one, else its own exact scan."""
+    table = open_table(table_dir.parent)
+    indexed = any(ix.columns == ["embedding"] for ix in table.list_indices())
+    found = table.search(vector, vector_column_name="embedding").distance_type("cosine").limit(k).to_arrow()
+    rows = found.drop_columns(["embedding"]).to_pylist()
+    best = [(1.0 - float(row.pop("_distance")), {**row, "__shard": row.pop("shard")}) for row in rows]
+    if any("text" not in row for _, row in best):
+        chunk_files = {shard_id(e.path): e for e in finished_files(files, outputs.folders["chunks"])}
+        with tempfile.TemporaryDirectory(prefix="volembed-search-") as scratch:
+            _texts(VolumeReader(files, Path(scratch), 0, lambda done, total: None), chunk_files,
+                   [row for _, row in best])
+    return replace(result, method="lancedb ANN" if indexed else "lancedb", scanned=table.count_rows(),
+                   hits=_hits(plan, best))

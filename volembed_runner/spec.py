@@ -247,6 +247,9 @@ class Output(_Section):
     """What the embedding files carry besides the vectors, and where the run is published."""
 
     include_text: bool = Field(False, description="Copy chunk text into the embedding files")
+    index: Literal["lancedb"] | None = Field(
+        None, description="Index stage after embed: the run's vectors as a LanceDB table (with an ANN index once it "
+        "holds 100,000 rows), which `volembed-run search` uses; needs the `index` extra")
     hub: Hub | None = Field(None, description="Push the chunk and embedding files to the Hub as a finish step")
 
 

@@ -23,7 +23,7 @@ from volembed_runner import catalog
 from volembed_runner.errors import BackendError, SpecError, SpecIssue
 from volembed_runner.estimate.rates import Rate, tei_rate
 from volembed_runner.models import MODEL_FILE_PATTERNS
-from volembed_runner.plan import MODAL_ROOT, Plan
+from volembed_runner.plan import LANCEDB_VERSION, MODAL_ROOT, Plan
 from volembed_runner.units import check_fleet, fleet_of
 
 TEMPLATE = "app.py.tmpl"
@@ -42,8 +42,11 @@ PINS = {
     "rich": "15.0.0",
     "tokenizers": "0.23.3",
 }
+# The index stage's library (output.index: lancedb): in the CPU image only when the spec has an index stage.
+INDEX_PINS = {"lancedb": LANCEDB_VERSION}
 # CPU stages (download, chunk, orchestrate): readers, the tokenizer, the Hub client; never torch.
 CPU_PACKAGES = tuple(f"{name}=={version}" for name, version in PINS.items())
+INDEX_PACKAGES = tuple(f"{name}=={version}" for name, version in INDEX_PINS.items())
 # GPU stage: the TEI client and the parquet writer next to the router (huggingface_hub for the weights build step).
 TEI_PACKAGES = tuple(f"{name}=={PINS[name]}" for name in
                      ("httpx", "huggingface_hub", "numpy", "orjson", "pyarrow", "pydantic", "pyyaml"))
@@ -286,7 +289,7 @@ def render_app(plan: Plan) -> str:
         "secret_names": list(plan.compute.secrets),
         "hub_secret_names": [plan.hub.secret] if plan.hub and plan.hub.secret else [],
         "python_version": PYTHON_VERSION,
-        "cpu_packages": list(CPU_PACKAGES),
+        "cpu_packages": list(CPU_PACKAGES) + (list(INDEX_PACKAGES) if plan.index else []),
         "tei_packages": list(TEI_PACKAGES),
         "tei_registry": registry,
         "tei_tag": tag,
@@ -319,6 +322,9 @@ def render_app(plan: Plan) -> str:
         "retries": plan.compute.retries,
         "retry_initial_delay_s": RETRY_INITIAL_DELAY_S,
         "retry_backoff": RETRY_BACKOFF,
+        "index_cpu": plan.index.cpu if plan.index else float(catalog.containers()["index"]["cpu"]),
+        "index_memory_mib": (plan.index.memory_mib if plan.index
+                             else int(catalog.containers()["index"]["memory_mib"])),
         "orchestrate_cpu": compute.orchestrator.cpu,
         "orchestrate_memory_mib": compute.orchestrator.memory_mib,
         "orchestrate_timeout_s": ORCHESTRATE_TIMEOUT_S,

@@ -129,3 +129,15 @@ def test_an_index_stage_without_finished_vectors_fails_naming_the_embed_stage(tm
     plan = make_plan(load_spec(spec), spec)
     with pytest.raises(Exception, match="no finished embedding files .* run the embed stage first"):
         index_stage.build_index(plan.local_root(), plan)
+
+
+def test_plan_and_files_name_the_index_folder_before_any_run(write_spec, tmp_path: Path) -> None:
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"text": "x", "title": "t"}) + "\n")
+    spec = write_spec(SPEC.replace("output: {include_text: false}", "output: {include_text: false, index: lancedb}"))
+    plan = make_plan(load_spec(spec), spec)
+    code, out = cli("plan", str(spec))
+    assert code == 0, out
+    assert json.loads(out)["outputs"]["index"] == str(store.index_dir(plan.local_root(), plan.name,
+                                                                      plan.index.fingerprint))
+    code, out = cli("files", str(spec))
+    assert code == 0 and f"index: {store.index_dir(plan.local_root(), plan.name, plan.index.fingerprint)}" in out

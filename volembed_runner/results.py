@@ -177,10 +177,14 @@ def outputs_from(plan: Plan, record: dict[str, Any] | None, root: str) -> Output
 
 
 def planned_outputs(plan: Plan) -> dict[str, str]:
-    """The folders the spec writes (data, chunks, embeddings), on the local volume or in the Modal Volume."""
+    """The folders the spec writes (data, chunks, embeddings, and index with `output.index`), on the local volume or
+    in the Modal Volume."""
     root = MODAL_ROOT if plan.backend == "modal" else str(plan.local_root())
     outputs = outputs_from(plan, None, root)
-    return {stage: outputs.folder(stage) for stage in outputs.folders}
+    folders = {stage: outputs.folder(stage) for stage in outputs.folders}
+    if outputs.index is not None:
+        folders["index"] = f"{root.rstrip('/')}/{outputs.index}"
+    return folders
 
 
 def _parse(raw: bytes | None, where: str) -> dict[str, Any] | None:

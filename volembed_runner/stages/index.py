@@ -38,7 +38,7 @@ def table_path(root: Path, plan: Plan) -> Path:
 
 
 def _lancedb() -> Any:
-    os.environ.setdefault("LANCE_LOG", "error")  # lance's Rust log warns on every new table; errors still show
+    os.environ.setdefault("LANCEDB_LOG", "error")  # its Rust log warns on every new table; errors still show
     try:
         import lancedb
     except ImportError:

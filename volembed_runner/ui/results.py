@@ -34,7 +34,8 @@ def print_next_steps(plan: Plan, console: Console) -> None:
     spec = shlex.quote(plan.spec_path)
     console.print(f"report:   volembed-run report {spec}   (HTML: histograms, failures, timings, estimate)",
                   markup=False)
-    console.print(f"vectors:  volembed-run files {spec} · fetch · push --repo OWNER/NAME", markup=False)
+    console.print(f"vectors:  volembed-run files {spec} · fetch · search {spec} \"query\" · push --repo OWNER/NAME",
+                  markup=False)
 
 
 def print_files(outputs: Outputs, counts: dict[str, tuple[int, int]], stage: str | None, backend: str,

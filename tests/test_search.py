@@ -149,5 +149,6 @@ def test_search_on_a_modal_volume_reads_the_vectors_through_the_sdk(run, monkeyp
     assert code == 0, out
     assert "1.0000" in out and first["title"] in out and first["text"] in out
     assert "1 of" in out and "exact (cosine)" in out and "local engine" in out
+    assert "read from modal volume aftervol through the SDK; no Modal container was started" in out
     embeddings = store.embeddings_dir(plan.local_root(), plan.name, plan.embed.fingerprint)
     assert volume.read_bytes >= sum(p.stat().st_size for p in embeddings.glob("*.parquet"))  # every vector file

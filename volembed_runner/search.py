@@ -70,6 +70,8 @@ class SearchResult:
     scanned: int  # vectors scored (the table's rows when it answered)
     hits: list[Hit] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    read_from: str | None = None  # the remote volume the files were downloaded from (a Modal Volume), else None
+    bytes_read: int = 0  # what was downloaded from it
 
     def to_dict(self) -> dict[str, Any]:
         """The `--json` form."""
@@ -238,7 +240,9 @@ def search(plan: Plan, files: VolumeFiles, query: str, *, k: int = 10,
         rows = [row for _, row in best]
         if any("text" not in row for row in rows):
             _texts(reader, chunk_files, rows)
-    return replace(result, scanned=scanned, hits=_hits(plan, best))
+    remote = None if isinstance(files, LocalVolume) else files.where
+    return replace(result, scanned=scanned, hits=_hits(plan, best), read_from=remote,
+                   bytes_read=reader.read if remote else 0)
 
 
 # ── the LanceDB table (output.index: lancedb) ─────────────────────────────────────────────────────────────────────

@@ -157,3 +157,6 @@ def print_search(result: SearchResult, console: Console) -> None:
                   f"{result.engine} with {result.model}, {prefix}", markup=False)
     for note in result.notes:
         console.print(f"note: {note}", markup=False)
+    if result.read_from:
+        console.print(f"note: {fmt_bytes(result.bytes_read)} read from {result.read_from} through the SDK; no Modal "
+                      "container was started", markup=False)

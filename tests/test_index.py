@@ -98,6 +98,7 @@ def test_lancedb_is_pinned_alike_in_pyproject_and_the_rendered_cpu_image(tmp_pat
 
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert extras["index"] == [f"lancedb=={plan_module.LANCEDB_VERSION}"]
+    assert render.read_pins()["lancedb"] == plan_module.LANCEDB_VERSION  # constraints.txt: what CI installs
     assert lancedb.__version__ == plan_module.LANCEDB_VERSION  # the tests run the version the image installs
     (tmp_path / "docs.jsonl").write_text(json.dumps({"text": "x", "title": "t"}) + "\n")
     modal_spec = SPEC.replace("backend: local", "backend: modal")

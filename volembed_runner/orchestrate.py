@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from volembed_runner import sources, store
-from volembed_runner.errors import describe
+from volembed_runner.errors import describe, is_transient
 from volembed_runner.lease import Holder, Keeper, LeaseStore, held
 from volembed_runner.plan import Plan
 from volembed_runner.sources import SourceTask
@@ -185,6 +185,7 @@ def _passes(
             return outcome
         index = download_stage.finalize(root, plan.data, tasks)
     else:
+        manifest.skip_stage("download")
         outcome.stages_run.append("download")
     renamed = download_stage.renamed_ids(root, plan.data)
     if renamed:
@@ -196,6 +197,7 @@ def _passes(
     # Chunk: one input shard → one chunk shard.
     chunk_folder = store.chunks_dir(root, plan.name, plan.chunk.fingerprint)
     already = set(store.done_shards(chunk_folder))
+    store.repair_index(chunk_folder, sorted(already))
     todo = [(s, cap) for s, cap in index if s not in already]
     if not _run_shards("chunk", todo, len(index), mapper.chunk, manifest, keeper, outcome, emit, out_of_time):
         return outcome
@@ -207,6 +209,7 @@ def _passes(
     # Embed: the chunk shards' rows not yet embedded, in units sized to the fleet (one embedding file per unit).
     embed_folder = store.embeddings_dir(root, plan.name, plan.embed.fingerprint)
     already = store.done_shards(embed_folder)
+    store.repair_index(embed_folder, already)
     todo_embed = [unit.key for unit in plan_units(chunk_sizes(plan, chunk_folder), fleet, already)]
     if not _run_shards("embed", todo_embed, len(todo_embed) + len(already), mapper.embed, manifest, keeper, outcome,
                        emit, out_of_time):
@@ -265,7 +268,9 @@ def _run_shards(
         if error:
             failed.append(shard)
         stats = None if error or not isinstance(result, dict) else result
-        manifest.shard_finished(stage, shard, error, stats)
+        final = (getattr(result, "exit_code", 1) if isinstance(result, BaseException) and not is_transient(result)
+                 else None)
+        manifest.shard_finished(stage, shard, error, stats, unretryable=final)
         emit(ShardFinished(stage, shard, error, stats))
     keeper.lease.busy = False
     if feed.stopped and feed.fed < len(todo):

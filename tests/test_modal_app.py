@@ -154,7 +154,7 @@ KEYS = [*GPU_FAMILIES, *(f"pipeline:{p.stem}" for p in sorted((REPO / "pipelines
 @pytest.mark.parametrize("key", KEYS)
 def test_app_imports_offline_and_exposes_its_stages(rendered: dict[str, Rendered], key: str) -> None:
     module = rendered[key].module
-    assert set(module.STAGES) == {"download", "chunk", "embed", "orchestrate"}
+    assert set(module.STAGES) == {"download", "chunk", "embed", "index", "orchestrate"}
     assert module.STAGES["embed"] is module.Embedder
 
 

@@ -372,7 +372,7 @@ def calibrate_cmd(
     print_calibration(entry, out_console())
 
 
-# ── After the run: files, gc, fetch, report, push ─────────────────────────────────────────────────────────────────
+# ── After the run: files, gc, fetch, search, report, push ─────────────────────────────────────────────────────────────
 OUTPUT_STAGES = ("data", "chunks", "embeddings")
 
 
@@ -482,6 +482,33 @@ def fetch_cmd(
         sys.stdout.write(json.dumps(fetched.to_dict(), indent=2) + "\n")
         return
     print_fetched(fetched, out_console())
+
+
+@app.command("search")
+def search_cmd(
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    query: Annotated[str, typer.Argument(help="The text to search for.")],
+    k: Annotated[int, typer.Option("-k", "--top", metavar="N", help="How many chunks to return.")] = 10,
+    sets: SetOpt = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """The run's chunks nearest QUERY (cosine), embedded with the run's model and its query-side prefix."""
+    from volembed_runner.search import MAX_K, search
+    from volembed_runner.ui.results import print_search
+
+    with _one_line_errors(debug):
+        if not query.strip():
+            raise SpecError([_option_issue("QUERY", "is empty; give the text to search for")])
+        if not 1 <= k <= MAX_K:
+            raise SpecError([_option_issue("-k", f"must be between 1 and {MAX_K:,}, got {k}")])
+        plan = _load(spec, sets)
+        files, _ = _volume(plan)
+        result = search(plan, files, query, k=k)
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        return
+    print_search(result, out_console())
 
 
 @app.command("report")

@@ -179,6 +179,8 @@ class Embedding(_Section):
     revision: str | None = Field(None, description="Model commit to pin for reproducible runs")
     prefix: str | None = Field(None, description='Text put before every chunk, e.g. "search_document: " for nomic; '
                                "default: the catalog's prefix for known models, else none")
+    query_prefix: str | None = Field(None, description='Text `volembed-run search` puts before a query, e.g. '
+                                     '"search_query: " for nomic; default: the catalog\'s for known models, else none')
     normalize: bool = Field(True, description="L2-normalize the vectors")
     dimensions: Count | None = Field(None, description="Matryoshka: keep the first N dimensions, then normalize")
     precision: Literal["auto", "fp32", "bf16"] = Field(
@@ -266,6 +268,9 @@ class Output(_Section):
     """What the embedding files carry besides the vectors, and where the run is published."""
 
     include_text: bool = Field(False, description="Copy chunk text into the embedding files")
+    index: Literal["lancedb"] | None = Field(
+        None, description="Index stage after embed: the run's vectors as a LanceDB table (with an ANN index once it "
+        "holds 100,000 rows), which `volembed-run search` uses; needs the `index` extra")
     hub: Hub | None = Field(None, description="Push the chunk and embedding files to the Hub as a finish step")
 
 
@@ -293,6 +298,14 @@ class Spec(BaseModel):
     def prefix(self) -> str:
         """The prefix actually applied: the spec's, else the catalog default for a known model, else none."""
         return applied_prefix(self.embedding)
+
+    @property
+    def query_prefix(self) -> str:
+        """The prefix `search` puts before a query: the spec's, else the catalog's for a known model, else none."""
+        if self.embedding.query_prefix is not None:
+            return self.embedding.query_prefix
+        known = catalog.find_model(self.embedding.model)
+        return known.query_prefix if known else ""
 
     @model_validator(mode="after")
     def _fits_model(self) -> Spec:

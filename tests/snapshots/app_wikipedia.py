@@ -97,6 +97,8 @@ TIMEOUT_S = 3600  # one input (a source file, a shard, an embed unit), one attem
 RETRIES = 3
 RETRY_INITIAL_DELAY_S = 5.0
 RETRY_BACKOFF = 2.0
+INDEX_CPU = 4.0  # output.index: the container that writes the LanceDB table
+INDEX_MEMORY_MIB = 16384
 ORCHESTRATE_CPU = 1.0
 ORCHESTRATE_MEMORY_MIB = 2048
 ORCHESTRATE_TIMEOUT_S = 86400
@@ -141,6 +143,7 @@ PLAN = {
             'model': 'BAAI/bge-base-en-v1.5',
             'revision': None,
             'prefix': None,
+            'query_prefix': None,
             'normalize': True,
             'dimensions': None,
             'precision': 'auto',
@@ -157,9 +160,9 @@ PLAN = {
             'timeout': 3600,
             'retries': 3,
         },
-        'output': {'include_text': False, 'hub': None},
+        'output': {'include_text': False, 'index': None, 'hub': None},
     },
-    'spec_hash': '057c77b717e4134b',
+    'spec_hash': '29121625d94875b4',
     'git': {'commit': None, 'dirty': None},
     'data': {
         'kind': 'hf',
@@ -216,6 +219,7 @@ PLAN = {
         'truncate': False,
         'input_overhead': 2,
         'server': 'tei:1.9.3',
+        'query_prefix': 'Represent this sentence for searching relevant passages: ',
         'fingerprint': 'dac76d28565a760f',
     },
     'compute': {
@@ -238,6 +242,7 @@ PLAN = {
     'machine': {'cores': 2, 'native_bf16': False},
     'warnings': [],
     'hub': None,
+    'index': None,
 }
 
 # ── App, Volume, Secrets ─────────────────────────────────────────────────────────────────────────────────────────
@@ -325,6 +330,7 @@ with cpu_image.imports():
     from volembed_runner.sources import SourceTask
     from volembed_runner.stages.chunk import run_shard
     from volembed_runner.stages.download import download_task
+    from volembed_runner.stages.index import build_index
     from volembed_runner.ui.progress import RunProgress
     from volembed_runner.units import fleet_of
 with tei_image.imports():
@@ -398,7 +404,22 @@ class Embedder:
             router.stop()
 
 
-# ── Stage 4: publish (optional) ──────────────────────────────────────────────────────────────────────────────────
+# ── Stage 4: index (optional) ────────────────────────────────────────────────────────────────────────────────────
+# With `output.index: lancedb`, the orchestrator calls this once every embed unit is done: one CPU container reads the
+# run's embedding files from the Volume and writes them as one LanceDB table beside them (with an ANN index once it
+# is large enough), so `volembed-run search` has an index to use. The CPU image pins lancedb only for such a spec.
+@app.function(image=cpu_image, volumes=VOLUMES, secrets=secrets, cpu=INDEX_CPU, memory=INDEX_MEMORY_MIB,
+              timeout=TIMEOUT_S, retries=retry_policy, max_containers=1)
+def index(key: str) -> dict:
+    """Write the run's LanceDB table; returns its key with the table's statistics."""
+    with shard_errors(key) as reply:
+        sync_volume(volume, reload=True)  # the embed containers committed the vectors
+        reply.result = build_index(Path(ROOT), Plan.from_dict(PLAN), key)
+        sync_volume(volume)
+    return reply.to_dict()
+
+
+# ── Stage 5: publish (optional) ──────────────────────────────────────────────────────────────────────────────────
 # `volembed-run push SPEC` calls this; with `output.hub` in the spec, the orchestrator pushes as its finish step. The
 # upload runs here, in a CPU container reading the Volume, so no file passes through the laptop; the token is HF_TOKEN
 # from a Modal Secret (output.hub.secret, or one of compute.secrets). A rerun resumes an interrupted upload.
@@ -412,7 +433,7 @@ def push(repo: str, private: bool = False, license: str = "") -> dict:
     volume.reload()  # see what the stage containers committed
     hub = HubSettings(repo=repo, private=private, license=license or None)
     return push_run(Path(ROOT), Plan.from_dict(PLAN), hub).to_dict()
-# ── end of Stage 4: publish ──────────────────────────────────────────────────────────────────────────────────────
+# ── end of Stage 5: publish ──────────────────────────────────────────────────────────────────────────────────────
 
 
 # ── Orchestrator ─────────────────────────────────────────────────────────────────────────────────────────────────
@@ -433,12 +454,14 @@ def progress_log(plan: Plan) -> RunProgress:
               timeout=ORCHESTRATE_TIMEOUT_S,
               retries=modal.Retries(max_retries=2, initial_delay=30.0))  # a lost container resumes from the Volume
 def orchestrate(until: str = "", passes: int = 1) -> dict:
-    """Run download → chunk → embed → finish over the Volume; returns a summary (`next_call` after a hand-over)."""
+    """Run download → chunk → embed (→ index) → finish over the Volume; returns a summary (`next_call` after a
+    hand-over)."""
     deadline = time.time() + HANDOVER_AFTER_S
     plan = Plan.from_dict(PLAN)
     windows = Windows(download=DOWNLOAD_MAX_CONTAINERS, chunk=CHUNK_MAX_CONTAINERS,
                       embed=EMBED_MAX_CONTAINERS * EMBED_MAX_INPUTS)
-    mapper = ModalMapper(download=download, chunk=chunk, embed=Embedder().embed, windows=windows, volume=volume)
+    mapper = ModalMapper(download=download, chunk=chunk, embed=Embedder().embed, index=index, windows=windows,
+                         volume=volume)
     with progress_log(plan) as log:
         outcome = run_pipeline(plan, Path(ROOT), mapper, lease_store=DictLeaseStore(leases, LEASE_RUN),
                                holder=Holder.here("modal"), work_seconds=INPUT_WORK_S, wait=INPUT_WORK_S,
@@ -474,4 +497,4 @@ def main(until: Literal["all", "download", "chunk", "embed"] = "all", wait: bool
 
 
 # Every stage by name, so tools and tests need not enumerate the app.
-STAGES = {"download": download, "chunk": chunk, "embed": Embedder, "orchestrate": orchestrate}
+STAGES = {"download": download, "chunk": chunk, "embed": Embedder, "index": index, "orchestrate": orchestrate}

@@ -54,6 +54,8 @@ class Model:
     card: str | None = None  # the model card the facts come from
     matryoshka_min_dim: int | None = None  # trained for truncation down to this width (None: not trained for it)
     matryoshka_source: str | None = None
+    query_prefix: str = ""  # what `search` puts before a query (the model card's retrieval instruction)
+    query_prefix_source: str | None = None
 
 
 @dataclass(frozen=True)

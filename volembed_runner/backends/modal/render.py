@@ -62,6 +62,8 @@ def _pinned(names: tuple[str, ...]) -> tuple[str, ...]:
 # CPU stages (download, chunk, orchestrate): readers, the tokenizer, the Hub client; never torch.
 CPU_PACKAGES = _pinned(("httpx", "huggingface_hub", "numpy", "orjson", "pyarrow", "pydantic", "pypdf", "pyyaml",
                         "rich", "tokenizers"))
+# The index stage's library (output.index: lancedb): in the CPU image only when the spec has an index stage.
+INDEX_PACKAGES = _pinned(("lancedb",))
 # GPU stage: the TEI client and the parquet writer next to the router (huggingface_hub for the weights build step).
 TEI_PACKAGES = _pinned(("httpx", "huggingface_hub", "numpy", "orjson", "pyarrow", "pydantic", "pyyaml"))
 
@@ -304,7 +306,7 @@ def render_app(plan: Plan) -> str:
         "secret_names": list(plan.compute.secrets),
         "hub_secret_names": [plan.hub.secret] if plan.hub and plan.hub.secret else [],
         "python_version": PYTHON_VERSION,
-        "cpu_packages": list(CPU_PACKAGES),
+        "cpu_packages": list(CPU_PACKAGES) + (list(INDEX_PACKAGES) if plan.index else []),
         "tei_packages": list(TEI_PACKAGES),
         "tei_registry": registry,
         "tei_tag": tag,
@@ -337,6 +339,9 @@ def render_app(plan: Plan) -> str:
         "retries": plan.compute.retries,
         "retry_initial_delay_s": RETRY_INITIAL_DELAY_S,
         "retry_backoff": RETRY_BACKOFF,
+        "index_cpu": plan.index.cpu if plan.index else float(catalog.containers()["index"]["cpu"]),
+        "index_memory_mib": (plan.index.memory_mib if plan.index
+                             else int(catalog.containers()["index"]["memory_mib"])),
         "orchestrate_cpu": compute.orchestrator.cpu,
         "orchestrate_memory_mib": compute.orchestrator.memory_mib,
         "orchestrate_timeout_s": ORCHESTRATE_TIMEOUT_S,

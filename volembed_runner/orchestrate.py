@@ -22,10 +22,11 @@ from volembed_runner.lease import Holder, Keeper, LeaseStore, held
 from volembed_runner.plan import Plan
 from volembed_runner.sources import SourceTask
 from volembed_runner.stages import download as download_stage
+from volembed_runner.stages import index as index_stage
 from volembed_runner.stages.finish import Manifest
 from volembed_runner.units import Fleet, ShardSize, fleet_of, plan_units
 
-STAGES = ("download", "chunk", "embed")
+STAGES = ("download", "chunk", "embed", "index")
 Stats = dict[str, Any]  # what a finished shard's done-marker records
 K = TypeVar("K")
 T = TypeVar("T")
@@ -43,6 +44,8 @@ class Mapper(Protocol):
     def chunk(self, shards: Iterator[tuple[str, int | None]]) -> Iterable[tuple[str, Stats | BaseException]]: ...
 
     def embed(self, units: Iterator[str]) -> Iterable[tuple[str, Stats | BaseException]]: ...
+
+    def index(self, keys: Iterator[str]) -> Iterable[tuple[str, Stats | BaseException]]: ...
 
 
 def drive(results: AsyncGenerator[T, None]) -> Iterator[T]:
@@ -79,11 +82,13 @@ class Feed(Iterator[K]):
 
 @dataclass(frozen=True)
 class StageStarted:
-    """A stage begins: `todo` of its `total` shards (or download tasks) will run, the rest were done before."""
+    """A stage begins: `todo` of its `total` shards (or download tasks) will run, the rest were done before.
+    `at` (every event has it) is when it happened, in seconds since the epoch."""
 
     stage: str
     total: int
     todo: int
+    at: float = field(default_factory=time.time)
 
 
 @dataclass(frozen=True)
@@ -94,9 +99,19 @@ class ShardFinished:
     shard: str
     error: str | None
     stats: Stats | None
+    at: float = field(default_factory=time.time)
 
 
-Event = StageStarted | ShardFinished
+@dataclass(frozen=True)
+class StageFinished:
+    """A stage's map ended: every shard it fed has finished (`failed` of them with an error)."""
+
+    stage: str
+    failed: int
+    at: float = field(default_factory=time.time)
+
+
+Event = StageStarted | ShardFinished | StageFinished
 
 
 @dataclass
@@ -128,7 +143,7 @@ def orchestrate(
     clock: Callable[[], float] = time.time,
     on_event: Callable[[Event], None] | None = None,
 ) -> Outcome:
-    """Run download → chunk → embed → finish over `root`, skipping finished work; stop feeding at `deadline`.
+    """Run download → chunk → embed (→ index) → finish over `root`, skipping finished work; stop feeding at `deadline`.
 
     The pass holds the run's lease (`lease.py`) from before it touches the manifest to its end, so a second run of
     the same spec is refused (RunHeld) without writing anything. `work_seconds` is how long one submitted input may
@@ -183,6 +198,7 @@ def _passes(
         index = download_stage.finalize(root, plan.data, tasks)
     else:
         manifest.skip_stage("download")
+        emit(StageStarted("download", len(index), 0))  # done before: said, so a rerun's output names every stage
         outcome.stages_run.append("download")
     renamed = download_stage.renamed_ids(root, plan.data)
     if renamed:
@@ -212,6 +228,15 @@ def _passes(
                        emit, out_of_time):
         return outcome
     store.remove_dead_temporaries(embed_folder, "shard-")
+    if plan.index is None or until == "embed" or not outcome.ok:
+        manifest.close(outcome_ok=outcome.ok)
+        return outcome
+
+    # Index (output.index): one input, the whole run's vectors into one table, once every unit is embedded.
+    done = store.is_done_folder(index_stage.table_path(root, plan))
+    if not _run_shards("index", [] if done else [index_stage.KEY], 1, mapper.index, manifest, keeper, outcome, emit,
+                       out_of_time):
+        return outcome
     manifest.close(outcome_ok=outcome.ok)
     return outcome
 
@@ -261,6 +286,7 @@ def _run_shards(
         manifest.shard_finished(stage, shard, error, stats, unretryable=final)
         emit(ShardFinished(stage, shard, error, stats))
     keeper.lease.busy = False
+    emit(StageFinished(stage, len(failed)))
     if feed.stopped and feed.fed < len(todo):
         outcome.handover = True
         manifest.finish_stage(stage)

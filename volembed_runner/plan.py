@@ -30,6 +30,13 @@ PACKAGE_SCHEME = "package:"
 MODAL_ROOT = "/vol"  # where the Volume is mounted in every Modal container (never /data: TEI's image uses it)
 MODAL_MODELS_DIR = "/models"  # where the images hold the model's files
 LOCAL_DOWNLOAD_WORKERS = 4
+# The index stage's library, in its fingerprint: the version constraints.txt pins (the `index` extra and the rendered
+# CPU image install it; tests/test_index.py holds the three alike).
+LANCEDB_VERSION = "0.40.0"
+# Under this many rows a LanceDB table gets no ANN index: "for datasets around 100K rows or fewer ... a vector index
+# is usually unnecessary overhead" (https://docs.lancedb.com/oss/v0-41-0/indexing/vector-index); search scans it.
+ANN_MIN_ROWS = 100_000
+ANN_INDEX = "IVF_HNSW_SQ"  # no sub-vector count to fit the width (any `dimensions` works); cosine, as search scores
 DEFAULT_SPECIAL_TOKENS = 2  # [CLS]/[SEP] or <s>/</s>: assumed for a model the catalog does not know
 
 
@@ -139,6 +146,21 @@ class EmbedSettings:
     truncate: bool  # the engine may cut an over-long chunk (counted); off, such a chunk fails its shard
     input_overhead: int  # tokens the engine adds to every chunk: special tokens + the prefix's
     server: str  # what embeds: "local", "tei:<version>" (Modal's own TEI), or the endpoint's public URL
+    query_prefix: str = ""  # what `search` puts before a query (not part of the fingerprint: no vector changes)
+    fingerprint: str = ""
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """The optional index stage (`output.index`): the run's vectors as one LanceDB table, built in one container."""
+
+    kind: str  # "lancedb"
+    embed_fingerprint: str
+    ann_min_rows: int  # the table gets an ANN index from this many rows on
+    ann_index: str
+    lancedb: str  # the library version that writes it
+    cpu: float  # the Modal container that builds it (catalog `containers.yaml`)
+    memory_mib: int
     fingerprint: str = ""
 
 
@@ -213,6 +235,7 @@ class Plan:
     machine: MachineFacts
     warnings: tuple[str, ...] = field(default_factory=tuple)
     hub: HubSettings | None = None
+    index: IndexSettings | None = None
 
     def local_root(self) -> Path:
         """The folder standing in for the Volume on the local backend."""
@@ -243,7 +266,7 @@ class Plan:
             compute[kind] = Container(**compute[kind])
         return cls(
             **{k: v for k, v in d.items() if k not in ("data", "model", "chunk", "embed", "compute", "machine",
-                                                       "warnings", "hub")},
+                                                       "warnings", "hub", "index")},
             data=DataSettings(**tuples(d["data"], "files", "keep_columns")),
             model=ModelSettings(**tuples(d["model"], "known_issues")),
             chunk=ChunkSettings(**tuples(d["chunk"], "keep_columns")),
@@ -252,6 +275,7 @@ class Plan:
             machine=MachineFacts(**d["machine"]),
             warnings=tuple(d.get("warnings", ())),
             hub=HubSettings(**d["hub"]) if d.get("hub") else None,
+            index=IndexSettings(**d["index"]) if d.get("index") else None,
         )
 
 
@@ -490,6 +514,7 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
         input_overhead=model.special_tokens + prefix_tokens(spec.prefix, model.ref),
         server=server,
         fingerprint=fingerprint(embed_key),
+        query_prefix=spec.query_prefix,
     )
     warnings = []
     if model.known and engine == "tei" and not is_commit(revision):
@@ -511,7 +536,20 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
         machine=MachineFacts(cores=usable_cores(), native_bf16=native_bf16()),
         warnings=tuple(warnings),
         hub=HubSettings(**spec.output.hub.model_dump()) if spec.output.hub else None,
+        index=resolve_index(spec, embed.fingerprint),
     )
+
+
+def resolve_index(spec: Spec, embed_fingerprint: str) -> IndexSettings | None:
+    """The index stage's settings, or None without `output.index`; its fingerprint follows the vectors it holds."""
+    if spec.output.index is None:
+        return None
+    key = {"embeddings": embed_fingerprint, "kind": spec.output.index, "lancedb": LANCEDB_VERSION,
+           "ann_min_rows": ANN_MIN_ROWS, "ann_index": ANN_INDEX, "include_text": spec.output.include_text}
+    size = catalog.containers()["index"]
+    return IndexSettings(kind=spec.output.index, embed_fingerprint=embed_fingerprint, ann_min_rows=ANN_MIN_ROWS,
+                         ann_index=ANN_INDEX, lancedb=LANCEDB_VERSION, cpu=float(size["cpu"]),
+                         memory_mib=int(size["memory_mib"]), fingerprint=fingerprint(key))
 
 
 def model_ref(model: str, spec_path: Path) -> str:

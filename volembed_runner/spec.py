@@ -179,6 +179,8 @@ class Embedding(_Section):
     revision: str | None = Field(None, description="Model commit to pin for reproducible runs")
     prefix: str | None = Field(None, description='Text put before every chunk, e.g. "search_document: " for nomic; '
                                "default: the catalog's prefix for known models, else none")
+    query_prefix: str | None = Field(None, description='Text `volembed-run search` puts before a query, e.g. '
+                                     '"search_query: " for nomic; default: the catalog\'s for known models, else none')
     normalize: bool = Field(True, description="L2-normalize the vectors")
     dimensions: Count | None = Field(None, description="Matryoshka: keep the first N dimensions, then normalize")
     precision: Literal["auto", "fp32", "bf16"] = Field(
@@ -266,6 +268,9 @@ class Output(_Section):
     """What the embedding files carry besides the vectors, and where the run is published."""
 
     include_text: bool = Field(False, description="Copy chunk text into the embedding files")
+    index: Literal["lancedb"] | None = Field(
+        None, description="Index stage after embed: the run's vectors as a LanceDB table (with an ANN index once it "
+        "holds 100,000 rows), which `volembed-run search` uses; needs the `index` extra")
     hub: Hub | None = Field(None, description="Push the chunk and embedding files to the Hub as a finish step")
 
 
@@ -294,11 +299,36 @@ class Spec(BaseModel):
         """The prefix actually applied: the spec's, else the catalog default for a known model, else none."""
         return applied_prefix(self.embedding)
 
+    @property
+    def query_prefix(self) -> str:
+        """The prefix `search` puts before a query: the spec's, else the catalog's for a known model, else none."""
+        if self.embedding.query_prefix is not None:
+            return self.embedding.query_prefix
+        known = catalog.find_model(self.embedding.model)
+        return known.query_prefix if known else ""
+
     @model_validator(mode="after")
     def _fits_model(self) -> Spec:
         error = model_fit_error(self.chunking, self.embedding)
         if error is not None:
             raise error
+        return self
+
+    @model_validator(mode="after")
+    def _truncatable(self) -> Spec:
+        known = catalog.find_model(self.embedding.model)
+        wanted = self.embedding.dimensions
+        if known is None or wanted is None:
+            return self
+        if known.matryoshka_min_dim is None:
+            raise _cross("embedding.dimensions", "{model} was not trained for Matryoshka truncation (its model card, "
+                         "{card}, names no smaller sizes), so its first {wanted} dimensions are not an embedding; "
+                         "leave dimensions null for its {dim}", model=known.id, card=known.card or "none",
+                         wanted=wanted, dim=known.dim)
+        if not known.matryoshka_min_dim <= wanted <= known.dim:
+            raise _cross("embedding.dimensions", "{model} was trained for {low} to {dim} dimensions ({source}), "
+                         "got {wanted}", model=known.id, low=known.matryoshka_min_dim, dim=known.dim,
+                         source=known.matryoshka_source or known.card, wanted=wanted)
         return self
 
 

@@ -7,6 +7,7 @@ share one layout:
     <root>/runs/<name>/chunks/<chunk_fp>/shard-00000.parquet         (+ .done marker)
     <root>/runs/<name>/embeddings/<embed_fp>/shard-00000.parquet     (+ .done marker; one file per embed unit:
     <root>/runs/<name>/embeddings/<embed_fp>/shard-00000.000000000-000004096.parquet    a shard, or rows of it)
+    <root>/runs/<name>/index/<index_fp>/chunks.lance/                (+ chunks.lance.done; output.index: lancedb)
     <root>/runs/<name>/manifest.json, stats.json
     <root>/runs/<name>/current.json                                  (the fingerprints of the run's current outputs)
     <root>/runs/<name>/lease/00000003.json                           (the run's lease, local volumes)
@@ -73,6 +74,11 @@ def embeddings_dir(root: Path, name: str, embed_fp: str) -> Path:
     return run_dir(root, name) / "embeddings" / embed_fp
 
 
+def index_dir(root: Path, name: str, index_fp: str) -> Path:
+    """The run's LanceDB database for one index fingerprint (`stages/index.py` writes one table in it)."""
+    return run_dir(root, name) / "index" / index_fp
+
+
 def lease_dir(root: Path, name: str) -> Path:
     """The run's lease records on a local volume (one writer per run)."""
     return run_dir(root, name) / "lease"
@@ -116,6 +122,11 @@ def is_done(path: Path) -> bool:
 def read_marker(path: Path) -> dict[str, Any]:
     """The stats recorded in a file's done-marker."""
     return orjson.loads(marker_path(path).read_bytes())
+
+
+def is_done_folder(path: Path) -> bool:
+    """True only when the folder exists and its done-marker (beside it) was written after it."""
+    return path.is_dir() and marker_path(path).is_file()
 
 
 def done_shards(folder: Path) -> list[str]:

@@ -22,6 +22,7 @@ from volembed_runner.sources import SourceTask
 from volembed_runner.stages import chunk as chunk_stage
 from volembed_runner.stages import download as download_stage
 from volembed_runner.stages import embed as embed_stage
+from volembed_runner.stages import index as index_stage
 
 T = TypeVar("T")
 
@@ -107,6 +108,10 @@ class LocalMapper(Mapper):
                 for task in done:
                     running.update(asyncio.ensure_future(one(s)) for s in islice(shards, 1))
                     yield task.result()
+
+    def index(self, keys: Iterator[str]) -> Iterator[tuple[str, Stats | BaseException]]:
+        """Write the run's LanceDB table in a thread of this process (one input; LanceDB uses every core)."""
+        return _map(1, index_stage.build_index, keys, lambda k: k, self.root, self.plan)
 
     def _embedder(self) -> AbstractAsyncContextManager[AsyncEmbedder]:
         """The plan's engine: the spec's TEI server through the client, else the in-process engine."""

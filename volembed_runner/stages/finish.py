@@ -125,10 +125,14 @@ def _pass_counts(stage: str, stats: dict[str, Any]) -> dict[str, int]:
         return {"rows": int(stats.get("documents", 0)), "tokens": int(stats.get("doc_tokens", 0))}
     if stage == "embed":
         return {"rows": int(stats.get("rows", 0)), "tokens": int(stats.get("tokens", 0))}
+    if stage == "index":
+        return {"rows": int(stats.get("rows", 0)), "tokens": 0}
     return {"rows": 0, "tokens": 0}
 
 
 def _stage_fingerprint(plan: Plan, stage: str) -> str:
+    if stage == "index" and plan.index is not None:
+        return plan.index.fingerprint
     return {"download": plan.data.fingerprint, "chunk": plan.chunk.fingerprint}.get(stage, plan.embed.fingerprint)
 
 

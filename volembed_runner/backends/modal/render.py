@@ -3,7 +3,8 @@
 The template is a real Python module whose only placeholders sit in its configuration block. Each is filled with a
 Python literal of plain data (`repr()` of JSON-normalized values), so no spec value can become code, and the same
 Plan always renders the same bytes. Sizing that depends on the GPU (TEI image tag, router flags, CPU cores) is
-derived here, from the catalog and reference/tei.md §4.2.
+derived here, from the catalog and TEI's queueing and batching (router/src/main.rs, core/src/queue.rs of
+https://github.com/huggingface/text-embeddings-inference/tree/v1.9.3).
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def _pinned(names: tuple[str, ...]) -> tuple[str, ...]:
 # CPU stages (download, chunk, orchestrate): readers, the tokenizer, the Hub client; never torch.
 CPU_PACKAGES = _pinned(("httpx", "huggingface_hub", "numpy", "orjson", "pyarrow", "pydantic", "pypdf", "pyyaml",
                         "rich", "tokenizers"))
+# The index stage's library (output.index: lancedb): in the CPU image only when the spec has an index stage.
+INDEX_PACKAGES = _pinned(("lancedb",))
 # GPU stage: the TEI client and the parquet writer next to the router (huggingface_hub for the weights build step).
 TEI_PACKAGES = _pinned(("httpx", "huggingface_hub", "numpy", "orjson", "pyarrow", "pydantic", "pyyaml"))
 
@@ -82,7 +85,8 @@ LEASE_DICT = "volembed-runner-leases"  # the workspace's modal.Dict of run lease
 RETRY_INITIAL_DELAY_S, RETRY_BACKOFF = 5.0, 2.0  # the stages' modal.Retries
 RETRY_MAX_DELAY_S = 60.0  # Modal clamps a retry's delay to at most this (modal 1.6.4 retries.py)
 
-# TEI router sizing (tei.md §2.6, §4.2).
+# TEI router sizing: one permit per input text (--max-concurrent-requests), batches filled up to --max-batch-tokens
+# from its queue (router/src/http/server.rs, core/src/queue.rs of TEI v1.9.3).
 MIN_CLIENT_BATCH, MAX_CLIENT_BATCH = 32, 512
 QUEUE_BATCHES = 4  # tokens in flight per container ≥ this × --max-batch-tokens keeps the GPU fed
 REQUESTS_PER_SHARD = 2  # full requests each concurrent shard may keep in flight
@@ -302,7 +306,7 @@ def render_app(plan: Plan) -> str:
         "secret_names": list(plan.compute.secrets),
         "hub_secret_names": [plan.hub.secret] if plan.hub and plan.hub.secret else [],
         "python_version": PYTHON_VERSION,
-        "cpu_packages": list(CPU_PACKAGES),
+        "cpu_packages": list(CPU_PACKAGES) + (list(INDEX_PACKAGES) if plan.index else []),
         "tei_packages": list(TEI_PACKAGES),
         "tei_registry": registry,
         "tei_tag": tag,
@@ -335,6 +339,9 @@ def render_app(plan: Plan) -> str:
         "retries": plan.compute.retries,
         "retry_initial_delay_s": RETRY_INITIAL_DELAY_S,
         "retry_backoff": RETRY_BACKOFF,
+        "index_cpu": plan.index.cpu if plan.index else float(catalog.containers()["index"]["cpu"]),
+        "index_memory_mib": (plan.index.memory_mib if plan.index
+                             else int(catalog.containers()["index"]["memory_mib"])),
         "orchestrate_cpu": compute.orchestrator.cpu,
         "orchestrate_memory_mib": compute.orchestrator.memory_mib,
         "orchestrate_timeout_s": ORCHESTRATE_TIMEOUT_S,

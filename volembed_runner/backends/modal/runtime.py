@@ -39,7 +39,8 @@ T = TypeVar("T")
 # TEI 1.9.x CUDA images are built on CUDA 12.9.1; an older driver needs the image's forward-compat libraries.
 TEI_IMAGE_CUDA = (12, 9)
 CUDA_COMPAT_DIR = "/usr/local/cuda/compat"
-# TEI logs this when CUDA init fails, then serves from the CPU (reference/tei.md §0.5): a silent 100x slowdown.
+# TEI logs this when CUDA init fails, then serves from the CPU ("Could not find a compatible CUDA device on host …
+# Using CPU instead", backends/candle/src/lib.rs of TEI v1.9.3): a silent 100x slowdown.
 CPU_FALLBACK_MARKER = "Using CPU instead"
 LOG_TAIL_LINES = 20
 # The router logs every request at info, and every line is forwarded to Modal's logs; warnings and errors (the CPU
@@ -163,10 +164,11 @@ class ModalMapper:
     """
 
     def __init__(self, *, download: Mappable, chunk: Mappable, embed: Mappable, windows: Windows,
-                 volume: Syncable | None = None) -> None:
+                 volume: Syncable | None = None, index: Mappable | None = None) -> None:
         self._download = download
         self._chunk = chunk
         self._embed = embed
+        self._index = index
         self._windows = windows
         self._volume = volume
 
@@ -185,6 +187,12 @@ class ModalMapper:
     def embed(self, units: Iterator[str]) -> Iterator[tuple[str, Any]]:
         """Map `Embedder.embed(unit)` over embed units."""
         return self._map(self._embed, units, lambda unit: unit, lambda key, unit: (unit,), self._windows.embed)
+
+    def index(self, keys: Iterator[str]) -> Iterator[tuple[str, Any]]:
+        """Call `index(key)` for the run's one table (a CPU container; no index function, no index stage)."""
+        if self._index is None:
+            raise ValueError("this app has no index function; render it again from the spec")
+        return self._map(self._index, keys, lambda key: key, lambda key, item: (key,), 1)
 
     def _map(self, fn: Mappable, feed: Iterator[T], key_of: Callable[[T], str],
              args_of: Callable[[str, T], tuple[Any, ...]], window: int) -> Iterator[tuple[T, Any]]:

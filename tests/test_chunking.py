@@ -286,11 +286,15 @@ def test_chunks_start_and_end_on_word_boundaries_and_overlap_to_within_a_word(
         assert b == len(text) or text[b] == " ", f"chunk ends inside a word: {text[max(0, b - 10) : b + 10]!r}"
     longest = max(n_tokens(family, w) for w in WORDS) + 1  # a word, with its space in some tokenizers
     offsets = family.encode(text, add_special_tokens=False).offsets
+    # A token is shared when its characters, less the space a Metaspace or byte-level token carries, lie in both.
+    bare = [(x0 + len(text[x0:x1]) - len(text[x0:x1].lstrip()), x1) for x0, x1 in offsets]
     for k, ((_, b0), (a1, _)) in enumerate(pairwise(got)):
-        shared = sum(1 for x0, x1 in offsets if x0 >= a1 and x1 <= b0)
-        assert shared >= overlap - 1, "overlap not honoured"  # within the one token a byte-level space can be
-        if k + 2 < len(got):  # the last chunk starts as early as it can: more overlap
+        shared = sum(1 for x0, x1 in bare if x0 >= a1 and x1 <= b0)
+        if k + 2 < len(got):  # the nearest word start, searched backwards first
+            assert shared >= overlap - 1, "overlap not honoured"
             assert shared <= overlap + longest, "the start moved more than a word"
+        else:  # the last chunk starts as early as it fits, which can be a word later than the overlap asks
+            assert shared >= overlap - longest, "overlap not honoured to within a word"
 
 
 @pytest.mark.parametrize("size", [8, 32])

@@ -82,11 +82,16 @@ def test_a_colbert_model_needs_the_late_interaction_kind(tmp_path: Path) -> None
     assert "needs a ColBERT model" in issue(spec)
 
 
-@pytest.mark.parametrize("extra", ["  dimensions: 64\n", "  normalize: false\n", "  endpoint: http://tei:80\n"])
+@pytest.mark.parametrize("extra", ["  dimensions: 64\n", "  normalize: false\n", "  endpoint: http://tei:80\n",
+                                   "  query_prefix: 'query: '\n"])
 def test_dense_only_settings_are_refused_for_late_interaction(tmp_path: Path, extra: str) -> None:
     spec = write(tmp_path, extra=extra)
     field = extra.split(":")[0].strip()
     assert f"embedding.{field}" in issue(spec) and "does not apply to late_interaction" in issue(spec)
+
+
+def test_the_dense_lancedb_index_is_refused_for_late_interaction(tmp_path: Path) -> None:
+    assert "output.index" in issue(write(tmp_path, extra="output: {index: lancedb}\n"))  # it has its token index
 
 
 def test_chunks_must_fit_the_colbert_document_length_with_its_markers(tmp_path: Path) -> None:
@@ -180,6 +185,13 @@ def test_a_query_equal_to_a_chunks_text_ranks_that_chunk_first(finished, monkeyp
     for row, hits in zip(picked, results, strict=True):
         assert (hits[0].doc_id, hits[0].chunk_index) == (row["doc_id"], row["chunk_index"])
         assert hits[0].columns["title"] == row["title"] and hits[0].score >= hits[-1].score
+    result = runner.invoke(app, ["search", str(spec), picked[0]["snippet"], "-k", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    found = json.loads(result.output)
+    assert found["method"] == "voyager" and found["measure"] == "MaxSim"
+    assert (found["hits"][0]["doc_id"], found["hits"][0]["chunk_index"]) == (picked[0]["doc_id"],
+                                                                              picked[0]["chunk_index"])
+    assert found["hits"][0]["shard"] == picked[0]["shard"]
 
 
 @pytest.mark.slow
@@ -236,13 +248,14 @@ def test_the_modal_app_runs_pylate_on_its_gpu_image_and_builds_the_index_there(t
     module = import_offline(render.render_app(plan), tmp_path / "colbert_app.py")
     assert module.ENGINE == "pylate" and module.MODEL_ID == "colbert-ir/colbertv2.0"
     with no_network():
-        embed, index = module.Embedder().embed.info(), module.late_index.info()
+        embed, index = module.Embedder().embed.info(), module.index.info()
     assert embed.gpus == [("A100-40GB", 1)] and embed.method_names == ["embed"]
     assert index.gpus == [] and {p: v.name for p, v in index.volumes.items()} == {"/vol": "colbert-pdfs"}
     with fake_modal_server() as rec:
         module.app.deploy()
     fns = rec.functions()
-    assert {"Embedder.*", "late_index", "orchestrate"} <= set(fns)
+    assert {"Embedder.*", "index", "orchestrate"} <= set(fns)
+    assert fns["index"].image_id == fns["Embedder.*"].image_id  # the token index is built where PyLate is
     lines = rec.dockerfile(fns["Embedder.*"].image_id)
     assert lines[0].startswith("FROM ") and "text-embeddings-inference" not in lines[0]
     installs = [line for line in lines if "uv pip install" in line]

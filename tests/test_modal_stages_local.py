@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,14 +131,19 @@ class LocalMapper:
         for unit in units:
             yield self._run(self.embedder.embed, unit, unit)
 
+    def index(self, keys: Iterator[str]) -> Iterator[tuple[str, Any]]:
+        for key in keys:
+            yield self._run(self.module.index, key, key)
+
 
 @pytest.fixture
-def app_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[ModuleType, Path, Plan, TEIServer]]:
+def app_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+               request: pytest.FixtureRequest) -> Iterator[tuple[ModuleType, Path, Plan, TEIServer]]:
     with (tmp_path / "docs.jsonl").open("w") as fh:
         for i in range(30):
             fh.write(json.dumps({"title": f"t{i}", "text": f"Document {i}. " + "Words of Zürich café. " * i}) + "\n")
     spec = tmp_path / "spec.yaml"
-    spec.write_text(SPEC)
+    spec.write_text(getattr(request, "param", SPEC))  # a test may render another spec (indirect parametrize)
     plan = make_plan(load_spec(spec), spec)
     module = launch.import_app(_write(tmp_path / "app.py", render.render_app(plan)))
 
@@ -169,10 +175,13 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def test_the_orchestrator_runs_every_stage_of_the_generated_app(app_module) -> None:
+def test_the_orchestrator_runs_every_stage_of_the_generated_app(app_module, capsys: pytest.CaptureFixture) -> None:
     module, root, plan, server = app_module
     summary = _call(module.orchestrate, "", 1)
     assert summary["ok"] and summary["stages"] == ["download", "chunk", "embed"] and summary["next_call"] is None
+    log = capsys.readouterr().out  # the orchestrator's log, as Modal streams it: each stage's end, priced
+    for stage in ("download", "chunk", "embed"):
+        assert re.search(rf"^{stage}: done in \S+, \d+ shard\(s\) run.*≤ \$\d", log, re.M), log
 
     folder = store.embeddings_dir(root, plan.name, plan.embed.fingerprint)
     chunk_folder = store.chunks_dir(root, plan.name, plan.chunk.fingerprint)
@@ -203,3 +212,25 @@ def test_a_failing_shard_comes_back_keyed_and_is_listed(app_module, monkeypatch:
     summary = _call(module.orchestrate, "", 2)
     (failed,) = summary["failed"]["embed"]  # the one unit holding that chunk
     assert not summary["ok"] and parse_key(failed)[0] == first and (parse_key(failed)[1] or 0) <= 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("app_module", [SPEC + "output: {index: lancedb}\n"], indirect=True)
+def test_the_orchestrator_ends_with_the_index_function_writing_the_lancedb_table(app_module) -> None:
+    from volembed_runner.stages import index as index_stage
+
+    module, root, plan, _ = app_module
+    summary = _call(module.orchestrate, "", 1)
+    assert summary["ok"] and summary["stages"] == ["download", "chunk", "embed", "index"]
+    table_dir = index_stage.table_path(root, plan)
+    assert store.is_done_folder(table_dir)  # on the Volume, beside the run's other folders
+    folder = store.embeddings_dir(root, plan.name, plan.embed.fingerprint)
+    vectors = pq.read_table([store.shard_path(folder, u) for u in store.done_shards(folder)])
+    table = index_stage.open_table(table_dir.parent).to_arrow()
+    assert table.num_rows == vectors.num_rows and sorted(table["title"].to_pylist()) == sorted(
+        vectors["title"].to_pylist())
+    current = json.loads(store.current_path(root, plan.name).read_text())
+    assert current["folders"]["index"] == f"runs/{plan.name}/index/{plan.index.fingerprint}"
+    assert _call(module.orchestrate, "", 2)["stages"][-1] == "index"  # a rerun finds the table done
+    manifest = json.loads(store.manifest_path(root, plan.name).read_text())
+    assert manifest["stages"]["index"]["skipped"] == 1

@@ -60,12 +60,31 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks instead
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
 
 
+def _print_version(value: bool) -> None:
+    """`--version`: the installed package's version, then exit."""
+    if value:
+        from importlib.metadata import version
+
+        sys.stdout.write(f"volembed-run {version('volembed-runner')}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                               help="Print the version and exit.")] = False,
+) -> None:
+    pass
+
+
 def _fail(exc: VolembedError, debug: bool) -> None:
     """Print an error as one line per problem (no traceback unless --debug) and exit with its status."""
     if debug:
         raise exc
+    from volembed_runner.redact import scrub
+
     console = err_console()
-    for line in str(exc).splitlines() or [type(exc).__name__]:
+    for line in scrub(str(exc)).splitlines() or [type(exc).__name__]:
         console.print(f"error: {line}", markup=False)
     raise typer.Exit(exc.exit_code)
 
@@ -90,7 +109,7 @@ def _load(spec: Path, sets: list[str] | None, backend: str | None = None) -> Pla
 
 @app.command("run")
 def run_cmd(
-    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and estimate; start nothing.")] = False,
     until: Annotated[
         str | None, typer.Option(metavar="STAGE", help="Stop after this stage: download, chunk or embed.")
@@ -112,6 +131,9 @@ def run_cmd(
         if backend is not None and backend not in ("local", "modal"):
             raise SpecError([_option_issue("--backend", f"must be local or modal, got {backend!r}")])
         plan = _load(spec, sets, backend)
+        if detach and plan.backend != "modal":
+            raise SpecError([_option_issue("--detach", "only for backend: modal; this spec runs locally, in this "
+                                                       "process (Ctrl-C stops it, finished shards stay done)")])
         if dry_run:
             _dry_run(plan, prices, as_json)
         elif plan.backend == "modal":
@@ -140,22 +162,29 @@ def _dry_run(plan: Plan, prices: Path | None, as_json: bool) -> None:
     render(est, out)
 
 
+def _on_terminal() -> bool:
+    """True when standard input is a terminal, so a question can be answered there."""
+    return sys.stdin.isatty()
+
+
 def _run_modal(plan: Plan, *, until: str | None, yes: bool, detach: bool, prices: Path | None,
                as_json: bool) -> None:
+    from volembed_runner.backends.modal.launch import require_credentials
     from volembed_runner.backends.modal.render import validate
-    from volembed_runner.estimate import Estimate, estimate
+    from volembed_runner.estimate import estimate
     from volembed_runner.run import check_spend, run_modal
-    from volembed_runner.ui.estimate import render
+    from volembed_runner.ui.estimate import summary_line
 
     validate(plan)  # a spec that cannot run well on Modal is refused before its estimate is shown
+    require_credentials()  # before the question: a "y" must not be answered by "no Modal credentials"
     err = err_console()
-
-    def confirm(est: Estimate) -> bool:
-        render(est, err)
-        shown = "unknown" if est.cost_usd is None else f"${est.cost_usd:,.2f}"
-        return ask(err, f"Start {plan.name} on Modal (estimated {shown})? [y/N] ")
-
-    check_spend(plan, estimate(plan, prices=prices), yes=yes, confirm=confirm if sys.stdin.isatty() else None)
+    est = estimate(plan, prices=prices)
+    err.print(f"estimate: {plan.name} on Modal: {summary_line(est)} (details: --dry-run)", markup=False)
+    for reason in est.unknown:
+        err.print(f"unknown: {reason}", markup=False)
+    ask_first = _on_terminal() and not yes
+    check_spend(plan, est, yes=yes,
+                confirm=(lambda _: ask(err, f"Start {plan.name} on Modal? [y/N] ")) if ask_first else None)
     launched = run_modal(plan, until=until, detach=detach,
                          on_upload=lambda n, where: err.print(f"uploading {n} file(s) to Modal volume {where}",
                                                               markup=False))
@@ -175,6 +204,8 @@ def _run_local(plan: Plan, *, until: str | None, as_json: bool) -> None:
 
     with RunProgress(err_console(), quiet=as_json) as progress:
         summary = run_local(plan, until=until, on_event=progress)
+    if not as_json:  # where, whatever the current folder (`volembed_home`): status and files find it from anywhere
+        err_console().print(f"{plan.name}: outputs under {plan.local_root()}", markup=False)
     if as_json:
         out_console().print_json(json.dumps(summary.to_dict()))
     else:
@@ -223,7 +254,7 @@ def schema_cmd() -> None:
 
 @app.command("plan")
 def plan_cmd(
-    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")],
     sets: SetOpt = None,
     debug: DebugOpt = False,
 ) -> None:
@@ -232,12 +263,15 @@ def plan_cmd(
 
     with _one_line_errors(debug):
         plan = _load(spec, sets)
-    sys.stdout.write(json.dumps({**plan.to_dict(), "outputs": planned_outputs(plan)}, indent=2) + "\n")
+    from volembed_runner.redact import public_record
+
+    shown = public_record({**plan.to_dict(), "outputs": planned_outputs(plan)})
+    sys.stdout.write(json.dumps(shown, indent=2) + "\n")
 
 
 @app.command("render")
 def render_cmd(
-    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the app here (default: stdout).")] = None,
     sets: SetOpt = None,
     debug: DebugOpt = False,
@@ -256,24 +290,41 @@ def render_cmd(
 
 @app.command("status")
 def status_cmd(
-    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")],
+    backend: Annotated[str | None, typer.Option(metavar="local|modal", help="Override the spec's backend.")] = None,
     sets: SetOpt = None,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Progress and failures of SPEC's run, read from its manifest (on the Modal Volume, or the local folder)."""
+    """Progress and failures of SPEC's run, read from its manifest (on the Modal Volume, or the local folder); a run
+    whose writer stopped without finishing shows as interrupted."""
     from volembed_runner.backends.modal import launch
     from volembed_runner.errors import BackendError
+    from volembed_runner.lease import FileLeaseStore, current
     from volembed_runner.run import manifest_of
+    from volembed_runner.status import live_status
 
     with _one_line_errors(debug):
-        plan = _load(spec, sets)
+        if backend is not None and backend not in ("local", "modal"):
+            raise SpecError([_option_issue("--backend", f"must be local or modal, got {backend!r}")])
+        plan = _load(spec, sets, backend)
         if plan.backend == "modal":
+            from volembed_runner.backends.modal.volume_files import lease_store
+
             manifest = launch.status(plan)
+            try:
+                record, known = current(lease_store(plan)), True
+            except Exception:  # the lease Dict unreadable: show the manifest as written, not a guess
+                record, known = None, False
+            manifest = live_status(manifest, record, lease_known=known)
         else:
+            from volembed_runner.store import lease_dir
+
             manifest = manifest_of(plan)
             if manifest is None:
                 raise BackendError(f"{plan.name} has not run here yet (no manifest under {plan.local_root()})")
+            root = plan.local_root()
+            manifest = live_status(manifest, current(FileLeaseStore(lease_dir(root, plan.name))), root=root)
     if as_json:
         sys.stdout.write(json.dumps(manifest, indent=2) + "\n")
         return
@@ -282,7 +333,7 @@ def status_cmd(
 
 @app.command("stop")
 def stop_cmd(
-    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")],
     sets: SetOpt = None,
     debug: DebugOpt = False,
 ) -> None:
@@ -290,14 +341,17 @@ def stop_cmd(
     from volembed_runner.backends.modal import launch
 
     with _one_line_errors(debug):
-        plan = _load(spec, sets, backend="modal")
+        plan = _load(spec, sets)
+        if plan.backend != "modal":
+            raise SpecError([SpecIssue(plan.spec_path, "backend", "local: stop ends Modal runs; a local run stops "
+                                       "with Ctrl-C in its terminal (finished shards stay done)")])
         app_id = launch.stop(plan)
     out_console().print(f"stopped {plan.name} (app {app_id})", markup=False)
 
 
 @app.command("calibrate")
 def calibrate_cmd(
-    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")],
     chunks: Annotated[
         int, typer.Option("--chunks", metavar="N", help="Chunks of the job to embed for the measurement.")
     ] = 256,
@@ -318,7 +372,7 @@ def calibrate_cmd(
     print_calibration(entry, out_console())
 
 
-# ── After the run: files, gc, fetch, report, push ─────────────────────────────────────────────────────────────────
+# ── After the run: files, gc, fetch, search, report, push ─────────────────────────────────────────────────────────────
 OUTPUT_STAGES = ("data", "chunks", "embeddings")
 
 
@@ -337,7 +391,7 @@ def _volume(plan: Plan) -> tuple[VolumeFiles, str]:
 
 @app.command("files")
 def files_cmd(
-    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")],
     stage: Annotated[str | None, typer.Option(metavar="STAGE", help="Print only this stage's glob: data, chunks "
                                               "or embeddings.")] = None,
     sets: SetOpt = None,
@@ -368,7 +422,7 @@ def files_cmd(
 
 @app.command("gc")
 def gc_cmd(
-    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete the stale folders (default: only list them).")]
     = False,
     sets: SetOpt = None,
@@ -402,7 +456,7 @@ def gc_cmd(
 
 @app.command("fetch")
 def fetch_cmd(
-    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")],
     shard: Annotated[str | None, typer.Option(metavar="K", help="This chunk shard (3 or 00003; default: the "
                                               "first).")] = None,
     every: Annotated[bool, typer.Option("--all", help="Every shard, into one file.")] = False,
@@ -430,9 +484,37 @@ def fetch_cmd(
     print_fetched(fetched, out_console())
 
 
+@app.command("search")
+def search_cmd(
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    query: Annotated[str, typer.Argument(help="The text to search for.")],
+    k: Annotated[int, typer.Option("-k", "--top", metavar="N", help="How many chunks to return.")] = 10,
+    sets: SetOpt = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """The run's chunks nearest QUERY (cosine; MaxSim over the token index for a late-interaction run), embedded
+    with the run's model and its query-side prefix."""
+    from volembed_runner.search import MAX_K, search
+    from volembed_runner.ui.results import print_search
+
+    with _one_line_errors(debug):
+        if not query.strip():
+            raise SpecError([_option_issue("QUERY", "is empty; give the text to search for")])
+        if not 1 <= k <= MAX_K:
+            raise SpecError([_option_issue("-k", f"must be between 1 and {MAX_K:,}, got {k}")])
+        plan = _load(spec, sets)
+        files, _ = _volume(plan)
+        result = search(plan, files, query, k=k)
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_dict(), indent=2, ensure_ascii=False) + "\n")
+        return
+    print_search(result, out_console())
+
+
 @app.command("report")
 def report_cmd(
-    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")],
     output: Annotated[Path | None, typer.Option("--output", "-o", metavar="PATH",
                                                 help="Write the page here (default: ./<name>-report.html).")] = None,
     sets: SetOpt = None,
@@ -455,7 +537,7 @@ def report_cmd(
 
 @app.command("push")
 def push_cmd(
-    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")],
     repo: Annotated[str | None, typer.Option(metavar="OWNER/NAME", help="The Hub dataset repository (default: "
                                              "output.hub.repo).")] = None,
     private: Annotated[bool | None, typer.Option("--private/--public", help="Create the repository private "

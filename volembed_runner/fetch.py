@@ -68,7 +68,7 @@ def default_path(plan: Plan, shards: list[str] | None, fmt: str) -> Path:
     return Path(f"{plan.name}{suffix}.{fmt}")
 
 
-class _Reader:
+class VolumeReader:
     """Hands out local paths of volume files: the file itself on a local volume, else a downloaded copy."""
 
     def __init__(self, files: VolumeFiles, scratch: Path, total: int, on_progress: Progress) -> None:
@@ -150,7 +150,7 @@ def fetch(plan: Plan, files: VolumeFiles, *, shard: str | None, every: bool, out
     joined_text = False
     with (tempfile.TemporaryDirectory(prefix="volembed-fetch-") as scratch,
           store.atomic_path(target, mode=store.USER_FILE_MODE) as tmp):
-        reader = _Reader(files, Path(scratch), sum(e.size for s in wanted for e in by_shard[s]), on_progress)
+        reader = VolumeReader(files, Path(scratch), sum(e.size for s in wanted for e in by_shard[s]), on_progress)
         if pq.read_schema(reader.path(by_shard[wanted[0]][0])).get_field_index("text") < 0:
             reader.total += sum(chunk_files[s].size for s in wanted if s in chunk_files)
         writer: pq.ParquetWriter | None = None

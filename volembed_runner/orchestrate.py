@@ -17,15 +17,17 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from volembed_runner import sources, store
-from volembed_runner.errors import describe
+from volembed_runner.errors import describe, is_transient
 from volembed_runner.lease import Holder, Keeper, LeaseStore, held
 from volembed_runner.plan import Plan
 from volembed_runner.sources import SourceTask
 from volembed_runner.stages import download as download_stage
+from volembed_runner.stages import index as index_stage
+from volembed_runner.stages import late as late_stage
 from volembed_runner.stages.finish import Manifest
 from volembed_runner.units import Fleet, ShardSize, fleet_of, plan_units
 
-STAGES = ("download", "chunk", "embed")
+STAGES = ("download", "chunk", "embed", "index")
 Stats = dict[str, Any]  # what a finished shard's done-marker records
 K = TypeVar("K")
 T = TypeVar("T")
@@ -44,15 +46,7 @@ class Mapper(Protocol):
 
     def embed(self, units: Iterator[str]) -> Iterable[tuple[str, Stats | BaseException]]: ...
 
-    def late_index(self, keys: Iterator[str]) -> Iterable[tuple[str, Stats | BaseException]]:
-        """Build a late-interaction run's token index from its embedding files (`stages/late.py`), here."""
-        from volembed_runner.stages import late
-
-        for key in keys:
-            try:
-                yield key, late.build_index(self.root, self.plan)  # type: ignore[attr-defined]
-            except Exception as exc:  # recorded as the stage's failure
-                yield key, exc
+    def index(self, keys: Iterator[str]) -> Iterable[tuple[str, Stats | BaseException]]: ...
 
 
 def drive(results: AsyncGenerator[T, None]) -> Iterator[T]:
@@ -89,11 +83,13 @@ class Feed(Iterator[K]):
 
 @dataclass(frozen=True)
 class StageStarted:
-    """A stage begins: `todo` of its `total` shards (or download tasks) will run, the rest were done before."""
+    """A stage begins: `todo` of its `total` shards (or download tasks) will run, the rest were done before.
+    `at` (every event has it) is when it happened, in seconds since the epoch."""
 
     stage: str
     total: int
     todo: int
+    at: float = field(default_factory=time.time)
 
 
 @dataclass(frozen=True)
@@ -104,9 +100,19 @@ class ShardFinished:
     shard: str
     error: str | None
     stats: Stats | None
+    at: float = field(default_factory=time.time)
 
 
-Event = StageStarted | ShardFinished
+@dataclass(frozen=True)
+class StageFinished:
+    """A stage's map ended: every shard it fed has finished (`failed` of them with an error)."""
+
+    stage: str
+    failed: int
+    at: float = field(default_factory=time.time)
+
+
+Event = StageStarted | ShardFinished | StageFinished
 
 
 @dataclass
@@ -138,7 +144,7 @@ def orchestrate(
     clock: Callable[[], float] = time.time,
     on_event: Callable[[Event], None] | None = None,
 ) -> Outcome:
-    """Run download → chunk → embed → finish over `root`, skipping finished work; stop feeding at `deadline`.
+    """Run download → chunk → embed (→ index) → finish over `root`, skipping finished work; stop feeding at `deadline`.
 
     The pass holds the run's lease (`lease.py`) from before it touches the manifest to its end, so a second run of
     the same spec is refused (RunHeld) without writing anything. `work_seconds` is how long one submitted input may
@@ -192,6 +198,8 @@ def _passes(
             return outcome
         index = download_stage.finalize(root, plan.data, tasks)
     else:
+        manifest.skip_stage("download")
+        emit(StageStarted("download", len(index), 0))  # done before: said, so a rerun's output names every stage
         outcome.stages_run.append("download")
     renamed = download_stage.renamed_ids(root, plan.data)
     if renamed:
@@ -203,6 +211,7 @@ def _passes(
     # Chunk: one input shard → one chunk shard.
     chunk_folder = store.chunks_dir(root, plan.name, plan.chunk.fingerprint)
     already = set(store.done_shards(chunk_folder))
+    store.repair_index(chunk_folder, sorted(already))
     todo = [(s, cap) for s, cap in index if s not in already]
     if not _run_shards("chunk", todo, len(index), mapper.chunk, manifest, keeper, outcome, emit, out_of_time):
         return outcome
@@ -214,14 +223,22 @@ def _passes(
     # Embed: the chunk shards' rows not yet embedded, in units sized to the fleet (one embedding file per unit).
     embed_folder = store.embeddings_dir(root, plan.name, plan.embed.fingerprint)
     already = store.done_shards(embed_folder)
+    store.repair_index(embed_folder, already)
     todo_embed = [unit.key for unit in plan_units(chunk_sizes(plan, chunk_folder), fleet, already)]
     if not _run_shards("embed", todo_embed, len(todo_embed) + len(already), mapper.embed, manifest, keeper, outcome,
                        emit, out_of_time):
         return outcome
     store.remove_dead_temporaries(embed_folder, "shard-")
-    if plan.late is not None and outcome.ok and until != "embed":  # late interaction: the token index
-        _run_shards("index", [plan.late.fingerprint], 1, mapper.late_index, manifest, keeper, outcome, emit,
-                    lambda: False)
+    if (plan.index is None and plan.late is None) or until == "embed" or not outcome.ok:
+        manifest.close(outcome_ok=outcome.ok)
+        return outcome
+
+    # Index (output.index, or late interaction's token index): one input over the whole run's vectors, once every
+    # unit is embedded.
+    key, done = _index_input(root, plan)
+    if not _run_shards("index", [] if done else [key], 1, mapper.index, manifest, keeper, outcome, emit,
+                       out_of_time):
+        return outcome
     manifest.close(outcome_ok=outcome.ok)
     return outcome
 
@@ -234,6 +251,14 @@ def chunk_sizes(plan: Plan, chunk_folder: Path) -> list[ShardSize]:
         rows = int(stats.get("chunks", 0))
         out.append(ShardSize(shard, rows, float(stats.get("tokens", 0)) + rows * plan.model.special_tokens))
     return out
+
+
+def _index_input(root: Path, plan: Plan) -> tuple[str, bool]:
+    """The index stage's one input and whether it is done: a late-interaction run's token index (`stages/late.py`),
+    else the LanceDB table (`stages/index.py`)."""
+    if plan.late is not None:
+        return plan.late.fingerprint, late_stage.index_done(root, plan)
+    return index_stage.KEY, store.is_done_folder(index_stage.table_path(root, plan))
 
 
 def _run_shards(
@@ -266,9 +291,12 @@ def _run_shards(
         if error:
             failed.append(shard)
         stats = None if error or not isinstance(result, dict) else result
-        manifest.shard_finished(stage, shard, error, stats)
+        final = (getattr(result, "exit_code", 1) if isinstance(result, BaseException) and not is_transient(result)
+                 else None)
+        manifest.shard_finished(stage, shard, error, stats, unretryable=final)
         emit(ShardFinished(stage, shard, error, stats))
     keeper.lease.busy = False
+    emit(StageFinished(stage, len(failed)))
     if feed.stopped and feed.fed < len(todo):
         outcome.handover = True
         manifest.finish_stage(stage)

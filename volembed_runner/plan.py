@@ -33,13 +33,20 @@ from volembed_runner.late import (
     LateSettings,
 )
 from volembed_runner.machine import native_bf16, resolve_precision, usable_cores
-from volembed_runner.redact import public_url
+from volembed_runner.redact import public_record, public_url
 from volembed_runner.spec import Spec, prefix_tokens
 
 PACKAGE_SCHEME = "package:"
 MODAL_ROOT = "/vol"  # where the Volume is mounted in every Modal container (never /data: TEI's image uses it)
 MODAL_MODELS_DIR = "/models"  # where the images hold the model's files
 LOCAL_DOWNLOAD_WORKERS = 4
+# The index stage's library, in its fingerprint: the version constraints.txt pins (the `index` extra and the rendered
+# CPU image install it; tests/test_index.py holds the three alike).
+LANCEDB_VERSION = "0.40.0"
+# Under this many rows a LanceDB table gets no ANN index: "for datasets around 100K rows or fewer ... a vector index
+# is usually unnecessary overhead" (https://docs.lancedb.com/oss/v0-41-0/indexing/vector-index); search scans it.
+ANN_MIN_ROWS = 100_000
+ANN_INDEX = "IVF_HNSW_SQ"  # no sub-vector count to fit the width (any `dimensions` works); cosine, as search scores
 DEFAULT_SPECIAL_TOKENS = 2  # [CLS]/[SEP] or <s>/</s>: assumed for a model the catalog does not know
 
 
@@ -48,9 +55,30 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
 
-def volembed_home() -> Path:
-    """Where local outputs live: $VOLEMBED_HOME, default ./.volembed."""
-    return Path(os.environ.get("VOLEMBED_HOME", ".volembed")).expanduser().resolve()
+HOME_DIR = ".volembed"
+
+
+def volembed_home(spec_path: Path | str | None = None) -> Path:
+    """Where local outputs live, the same whatever the current folder: $VOLEMBED_HOME; else `.volembed` at the
+    root of the git repository holding the spec; else the per-user data folder ($XDG_DATA_HOME/volembed, by
+    default ~/.local/share/volembed, as the XDG Base Directory specification places application data)."""
+    env = os.environ.get("VOLEMBED_HOME")
+    if env:
+        return Path(env).expanduser().resolve()
+    if spec_path is not None:
+        repo = repository_root(Path(spec_path).expanduser().resolve().parent)
+        if repo is not None:
+            return repo / HOME_DIR
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home).expanduser().resolve() / "volembed"
+
+
+def repository_root(folder: Path) -> Path | None:
+    """The nearest folder at or above `folder` holding `.git` (a repository or a worktree), else None."""
+    for candidate in (folder, *folder.parents):
+        if (candidate / ".git").exists():
+            return candidate
+    return None
 
 
 @dataclass(frozen=True)
@@ -128,6 +156,21 @@ class EmbedSettings:
     truncate: bool  # the engine may cut an over-long chunk (counted); off, such a chunk fails its shard
     input_overhead: int  # tokens the engine adds to every chunk: special tokens + the prefix's
     server: str  # what embeds: "local", "tei:<version>" (Modal's own TEI), or the endpoint's public URL
+    query_prefix: str = ""  # what `search` puts before a query (not part of the fingerprint: no vector changes)
+    fingerprint: str = ""
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """The optional index stage (`output.index`): the run's vectors as one LanceDB table, built in one container."""
+
+    kind: str  # "lancedb"
+    embed_fingerprint: str
+    ann_min_rows: int  # the table gets an ANN index from this many rows on
+    ann_index: str
+    lancedb: str  # the library version that writes it
+    cpu: float  # the Modal container that builds it (catalog `containers.yaml`)
+    memory_mib: int
     fingerprint: str = ""
 
 
@@ -202,11 +245,12 @@ class Plan:
     machine: MachineFacts
     warnings: tuple[str, ...] = field(default_factory=tuple)
     hub: HubSettings | None = None
+    index: IndexSettings | None = None
     late: LateSettings | None = None  # set for `embedding.kind: late_interaction`
 
     def local_root(self) -> Path:
         """The folder standing in for the Volume on the local backend."""
-        return volembed_home() / "volumes" / self.volume
+        return volembed_home(self.spec_path) / "volumes" / self.volume
 
     @property
     def local_workers(self) -> int:
@@ -233,7 +277,7 @@ class Plan:
             compute[kind] = Container(**compute[kind])
         return cls(
             **{k: v for k, v in d.items() if k not in ("data", "model", "chunk", "embed", "compute", "machine",
-                                                       "warnings", "hub", "late")},
+                                                       "warnings", "hub", "index", "late")},
             data=DataSettings(**tuples(d["data"], "files", "keep_columns")),
             model=ModelSettings(**tuples(d["model"], "known_issues")),
             chunk=ChunkSettings(**tuples(d["chunk"], "keep_columns")),
@@ -242,6 +286,7 @@ class Plan:
             machine=MachineFacts(**d["machine"]),
             warnings=tuple(d.get("warnings", ())),
             hub=HubSettings(**d["hub"]) if d.get("hub") else None,
+            index=IndexSettings(**d["index"]) if d.get("index") else None,
             late=LateSettings(**tuples(d["late"], "markers")) if d.get("late") else None,
         )
 
@@ -488,6 +533,7 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
         input_overhead=model.special_tokens + prefix_tokens(spec.prefix, model.ref),
         server=server,
         fingerprint=fingerprint(embed_key),
+        query_prefix=spec.query_prefix,
     )
     late_settings = resolve_late(spec, embed.fingerprint) if late else None
     warnings = []
@@ -499,7 +545,7 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
         backend=backend,
         volume=spec.volume,
         spec_path=str(spec_path),
-        spec=resolved,
+        spec=public_record(resolved, spec._variables),  # what the manifest and the dataset card show
         spec_hash=fingerprint(resolved),
         git=git_info(spec_path.resolve()),
         data=data,
@@ -510,6 +556,7 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
         machine=MachineFacts(cores=usable_cores(), native_bf16=native_bf16()),
         warnings=tuple(warnings),
         hub=HubSettings(**spec.output.hub.model_dump()) if spec.output.hub else None,
+        index=resolve_index(spec, embed.fingerprint),
         late=late_settings,
     )
 
@@ -530,6 +577,18 @@ def resolve_late(spec: Spec, embed_fingerprint: str) -> LateSettings:
         k_token=K_TOKEN,
         fingerprint=fingerprint({"embeddings": embed_fingerprint, **settings}),
     )
+
+
+def resolve_index(spec: Spec, embed_fingerprint: str) -> IndexSettings | None:
+    """The index stage's settings, or None without `output.index`; its fingerprint follows the vectors it holds."""
+    if spec.output.index is None:
+        return None
+    key = {"embeddings": embed_fingerprint, "kind": spec.output.index, "lancedb": LANCEDB_VERSION,
+           "ann_min_rows": ANN_MIN_ROWS, "ann_index": ANN_INDEX, "include_text": spec.output.include_text}
+    size = catalog.containers()["index"]
+    return IndexSettings(kind=spec.output.index, embed_fingerprint=embed_fingerprint, ann_min_rows=ANN_MIN_ROWS,
+                         ann_index=ANN_INDEX, lancedb=LANCEDB_VERSION, cpu=float(size["cpu"]),
+                         memory_mib=int(size["memory_mib"]), fingerprint=fingerprint(key))
 
 
 def model_ref(model: str, spec_path: Path) -> str:

@@ -109,12 +109,16 @@ def current_record(plan: Plan, root: Path, *, status: str) -> dict[str, Any]:
         "chunks": _rel(root, store.chunks_dir(root, plan.name, plan.chunk.fingerprint)),
         "embeddings": _rel(root, store.embeddings_dir(root, plan.name, plan.embed.fingerprint)),
     }
+    fingerprints = {"data": plan.data.fingerprint, "chunks": plan.chunk.fingerprint,
+                    "embeddings": plan.embed.fingerprint}
+    if plan.index is not None:  # output.index: the LanceDB database folder (`stages/index.py`)
+        folders["index"] = _rel(root, store.index_dir(root, plan.name, plan.index.fingerprint))
+        fingerprints["index"] = plan.index.fingerprint
     return {
         "version": CURRENT_VERSION,
         "name": plan.name,
         "spec_hash": plan.spec_hash,
-        "fingerprints": {"data": plan.data.fingerprint, "chunks": plan.chunk.fingerprint,
-                         "embeddings": plan.embed.fingerprint},
+        "fingerprints": fingerprints,
         "folders": folders,
         "status": status,
         "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -161,7 +165,8 @@ def outputs_from(plan: Plan, record: dict[str, Any] | None, root: str) -> Output
     """The run's outputs as current.json `record` names them, or the plan's when there is none yet."""
     own = current_record(plan, Path("/"), status="planned")
     if record is None:
-        return Outputs(plan.name, root, own["fingerprints"], own["folders"], recorded=False)
+        return Outputs(plan.name, root, {s: own["fingerprints"][s] for s in STAGES},
+                       {s: own["folders"][s] for s in STAGES}, recorded=False, index=own["folders"].get("index"))
     fps = {stage: str(record["fingerprints"][stage]) for stage in STAGES}
     folders = {stage: str(record["folders"][stage]) for stage in STAGES}
     differs = tuple(stage for stage in STAGES if fps[stage] != own["fingerprints"][stage])
@@ -172,10 +177,14 @@ def outputs_from(plan: Plan, record: dict[str, Any] | None, root: str) -> Output
 
 
 def planned_outputs(plan: Plan) -> dict[str, str]:
-    """The folders the spec writes (data, chunks, embeddings), on the local volume or in the Modal Volume."""
+    """The folders the spec writes (data, chunks, embeddings, and index with `output.index`), on the local volume or
+    in the Modal Volume."""
     root = MODAL_ROOT if plan.backend == "modal" else str(plan.local_root())
     outputs = outputs_from(plan, None, root)
-    return {stage: outputs.folder(stage) for stage in outputs.folders}
+    folders = {stage: outputs.folder(stage) for stage in outputs.folders}
+    if outputs.index is not None:
+        folders["index"] = f"{root.rstrip('/')}/{outputs.index}"
+    return folders
 
 
 def _parse(raw: bytes | None, where: str) -> dict[str, Any] | None:
@@ -238,7 +247,7 @@ class Stale:
     """A folder no current output needs: its path under the volume root, what it held, and its size."""
 
     path: str
-    kind: str  # chunks | embeddings | data | uploads
+    kind: str  # chunks | embeddings | index | data | uploads
     fingerprint: str
     bytes: int
     files: int
@@ -308,8 +317,12 @@ def stale_folders(plan: Plan, files: VolumeFiles, *, now: float | None = None) -
     spec = current_record(plan, Path("/"), status="planned")["fingerprints"]
     result = GcPlan()
     run = f"runs/{plan.name}"
-    for kind in ("chunks", "embeddings"):
-        keep = {outputs.fingerprints[kind], spec[kind]}
+    for kind in ("chunks", "embeddings", "index"):
+        if kind == "index":  # the index stage's databases: the current one and the spec's are kept
+            keep = {PurePosixPath(outputs.index).name} if outputs.index else set()
+            keep |= {spec["index"]} if "index" in spec else set()
+        else:
+            keep = {outputs.fingerprints[kind], spec[kind]}
         result.kept += [f"{run}/{kind}/{fp}" for fp in sorted(keep)]
         result.stale += _stale(kind, f"{run}/{kind}", _by_folder(files.list(f"{run}/{kind}"), f"{run}/{kind}"), keep)
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from volembed_runner import store
-from volembed_runner.errors import BackendError, StageError
+from volembed_runner.errors import BackendError, Declined, SourceError, StageError
 from volembed_runner.orchestrate import Event, ShardFinished
 from volembed_runner.plan import Plan
 
@@ -29,14 +29,17 @@ class RunSummary:
     documents: int
     empty_documents: int
     chunks: int
-    tokens: int
+    tokens: int  # the documents' tokens, as the dry run counts them
+    chunk_tokens: int  # the chunks' tokens (overlap counted twice): what the embed stage runs, less special tokens
     vectors: int
+    truncated: int  # chunks the engine cut to the model's limit (embedding.truncate: true)
     embedded_this_run: int
     tokens_per_second: float | None
     failed: dict[str, dict[str, str]]
     outputs: dict[str, str]
     manifest: str
     error: str | None = None  # why the run failed outside any shard (e.g. vectors of mixed widths)
+    unretryable: dict[str, dict[str, int]] | None = None  # failed shards another attempt cannot fix: exit status
 
     def to_dict(self) -> dict[str, Any]:
         """The `--json` form."""
@@ -53,7 +56,7 @@ def check_spend(plan: Plan, est: Estimate, *, yes: bool, confirm: Callable[[Esti
         raise BackendError(f"estimated cost {shown} exceeds compute.max_cost ${limit:,.2f}; "
                            "lower the job or pass --yes to run anyway")
     if confirm is not None and not confirm(est):
-        raise BackendError("not started (answered no)")
+        raise Declined(f"{plan.name} not started (answered no)")
 
 
 def run_modal(plan: Plan, *, until: str | None, detach: bool,
@@ -101,22 +104,31 @@ def run_local(plan: Plan, *, until: str | None, on_event: Callable[[Event], None
         documents=counts["documents"],
         empty_documents=counts["empty_documents"],
         chunks=counts["chunks"],
-        tokens=counts["tokens"],
+        tokens=counts.get("doc_tokens", 0),
+        chunk_tokens=counts["tokens"],
         vectors=counts["vectors"],
+        truncated=counts.get("truncated", 0),
         embedded_this_run=counter.tokens,
         tokens_per_second=round(rate, 1) if rate else None,
         failed=failed,
         outputs=manifest["outputs"],
         manifest=str(manifest_file),
         error=manifest.get("error") if manifest.get("status") == "failed" else None,
+        unretryable={stage: entry["unretryable"] for stage, entry in manifest.get("stages", {}).items()
+                     if entry.get("unretryable")},
     )
 
 
-def failures(summary: RunSummary) -> StageError | None:
+def failures(summary: RunSummary) -> StageError | SourceError | None:
     """The error a run with failed shards (or a failed close) ends in (exit status 1), or None."""
     if not summary.failed:
         return StageError(f"{summary.name} failed: {summary.error}") if summary.error else None
     count = sum(len(v) for v in summary.failed.values())
+    final = [status for stage in (summary.unretryable or {}).values() for status in stage.values()]
+    if len(final) == count and SourceError.exit_code in final:  # unreadable input: a rerun fails the same way
+        first = next(cause for stage in summary.failed.values() for cause in stage.values())
+        return SourceError(f"{count} shard(s) failed on input a rerun cannot fix (listed in {summary.manifest}); "
+                           f"fix it, then rerun. First: {first}")
     return StageError(f"{count} shard(s) failed (listed in {summary.manifest}); rerun the same command to retry them")
 
 

@@ -10,7 +10,7 @@ import re
 from functools import cache
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, model_validator
 from pydantic_core import PydanticCustomError
 
 from volembed_runner import catalog
@@ -55,8 +55,18 @@ def _overlap(value: Any) -> Any:
     return value
 
 
-Count = Annotated[int, BeforeValidator(_no_bool), Field(ge=1)]
-NonNegative = Annotated[int, BeforeValidator(_no_bool), Field(ge=0)]
+# Constraints sit before the validators, so pydantic writes them into the JSON Schema as `minimum` (after a
+# BeforeValidator it writes its own `ge`, which no editor reads).
+Count = Annotated[int, Field(ge=1), BeforeValidator(_no_bool)]
+NonNegative = Annotated[int, Field(ge=0), BeforeValidator(_no_bool)]
+# A row limit: a count, or a fraction in (0, 1]; an overlap: tokens, or a fraction of the chunk size in [0, 0.5).
+Limit = Annotated[Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0, le=1)], BeforeValidator(_limit)]
+Overlap = Annotated[Annotated[int, Field(ge=0)] | Annotated[float, Field(ge=0, lt=0.5)], BeforeValidator(_overlap)]
+
+
+def _one_or_many(value: Any) -> Any:
+    """One path or glob, or a list of them, as a list."""
+    return [value] if isinstance(value, str) else value
 
 
 def _safe_name(value: str) -> str:
@@ -81,7 +91,7 @@ class Dataset(_Section):
     config: str | None = Field(None, description="Hub dataset config (subset), e.g. 20231101.en")
     split: str = Field("train", description="Hub dataset split")
     revision: str | None = Field(None, description="Hub dataset revision (branch, tag or commit) to pin")
-    files: list[str] | None = Field(
+    files: Annotated[list[str], BeforeValidator(_one_or_many, json_schema_input_type=str | list[str])] | None = Field(
         None,
         description="Local path/glob(s): parquet, jsonl(.gz), json, csv, or a folder of .txt/.md/.pdf; relative to "
         "the spec file; `package:<module>/<path>` names a file inside an installed Python package",
@@ -90,7 +100,7 @@ class Dataset(_Section):
     text_template: str | None = Field(None, description='Embed several columns, e.g. "{title}\\n\\n{text}"')
     id_column: str | None = Field(None, description="Column holding a document id; default a stable row id")
     keep_columns: list[str] = Field(default_factory=list, description="Columns copied to every chunk and vector")
-    limit: Annotated[int | float, BeforeValidator(_limit)] | None = Field(
+    limit: Limit | None = Field(
         None, description="First N rows (int >= 1) or a fraction of rows (float in (0, 1]), in shard order"
     )
     num_rows: Count | None = Field(None, description="Size hint for the dry run: number of rows")
@@ -100,13 +110,6 @@ class Dataset(_Section):
     duplicate_ids: Literal["error", "suffix"] = Field(
         "error", description="Ids that occur more than once: fail naming them (error), or rename later copies "
         "<id>#2, <id>#3 (suffix)")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _files_as_list(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("files"), str):
-            return {**data, "files": [data["files"]]}
-        return data
 
     @model_validator(mode="after")
     def _check(self) -> Dataset:
@@ -152,7 +155,7 @@ class Chunking(_Section):
     """How documents are cut into token windows."""
 
     size: Count = Field(512, description="Max tokens per chunk, in the embedding model's tokenizer")
-    overlap: Annotated[int | float, BeforeValidator(_overlap)] = Field(
+    overlap: Overlap = Field(
         50, description="Tokens shared by neighbouring chunks: int >= 0, or a fraction of size in [0, 0.5)"
     )
     workers: Count = Field(100, description="Parallel chunk containers on Modal; processes locally (capped by cores)")
@@ -179,12 +182,15 @@ class Embedding(_Section):
     revision: str | None = Field(None, description="Model commit to pin for reproducible runs")
     prefix: str | None = Field(None, description='Text put before every chunk, e.g. "search_document: " for nomic; '
                                "default: the catalog's prefix for known models, else none")
+    query_prefix: str | None = Field(None, description='Text `volembed-run search` puts before a query, e.g. '
+                                     '"search_query: " for nomic; default: the catalog\'s for known models, else none')
     normalize: bool = Field(True, description="L2-normalize the vectors")
     dimensions: Count | None = Field(None, description="Matryoshka: keep the first N dimensions, then normalize")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Local engine only (TEI runs float16): auto = bf16 where the CPU has native bf16"
     )
-    endpoint: Annotated[str, AfterValidator(lambda v: _http_url(v))] | None = Field(
+    endpoint: Annotated[str, Field(json_schema_extra={"pattern": URL_PATTERN}),
+                        AfterValidator(lambda v: _http_url(v))] | None = Field(
         None, description="Embed through your own TEI server at this URL instead of the backend's engine"
     )
     truncate: bool = Field(
@@ -192,10 +198,26 @@ class Embedding(_Section):
         "chunks are cut to fit, so this only matters for models the catalog does not know")
 
 
+URL_PATTERN = r"^https?://[^\s/]+"
+
+
 def _http_url(value: str) -> str:
-    if not re.match(r"^https?://[^\s/]+", value):
+    if not re.match(URL_PATTERN, value):
         raise PydanticCustomError("url", "must be an http:// or https:// URL, got '{value}'", {"value": value})
     return value.rstrip("/")
+
+
+def _any_case(name: str) -> str:
+    """`name` as a regex that matches it in any letter case (JSON Schema patterns take no flags)."""
+    return "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else f"\\{c}" if c in r".^$*+?()[]{}|\/" else c
+                   for c in name)
+
+
+@cache
+def gpu_pattern() -> str:
+    """The GPU names and aliases `catalog.find_gpu` accepts (any case, outer spaces), as a JSON Schema pattern."""
+    names = [n for gpu in catalog.gpus().values() for n in (gpu.name, *gpu.aliases)]
+    return r"^\s*(" + "|".join(_any_case(n) for n in names) + r")\s*$"
 
 
 def _gpu_name(value: str) -> str:
@@ -209,7 +231,8 @@ def _gpu_name(value: str) -> str:
 class Compute(_Section):
     """Where the GPU stage runs and how far it fans out (Modal backend)."""
 
-    gpu: Annotated[str, AfterValidator(lambda v: _gpu_name(v))] = Field(
+    gpu: Annotated[str, Field(json_schema_extra=lambda schema: schema.update(pattern=gpu_pattern())),
+                   AfterValidator(lambda v: _gpu_name(v))] = Field(
         "A10", description="One GPU per container; old names (A10G) map to Modal's current (A10)"
     )
     concurrency_limit: Count = Field(10, description="Max GPU containers (Modal max_containers)")
@@ -248,6 +271,9 @@ class Output(_Section):
     """What the embedding files carry besides the vectors, and where the run is published."""
 
     include_text: bool = Field(False, description="Copy chunk text into the embedding files")
+    index: Literal["lancedb"] | None = Field(
+        None, description="Index stage after embed: the run's vectors as a LanceDB table (with an ANN index once it "
+        "holds 100,000 rows), which `volembed-run search` uses; needs the `index` extra")
     hub: Hub | None = Field(None, description="Push the chunk and embedding files to the Hub as a finish step")
 
 
@@ -255,6 +281,7 @@ class Spec(BaseModel):
     """One embedding job: dataset → chunks → vectors."""
 
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, title="volembed-runner pipeline spec")
+    _variables: dict[str, str] = PrivateAttr(default_factory=dict)  # `${VAR}` values used: never recorded
 
     version: Literal[1] = Field(SPEC_VERSION, description="Spec format version")
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$"), AfterValidator(_safe_name)] = Field(
@@ -273,10 +300,15 @@ class Spec(BaseModel):
     @property
     def prefix(self) -> str:
         """The prefix actually applied: the spec's, else the catalog default for a known model, else none."""
-        if self.embedding.prefix is not None:
-            return self.embedding.prefix
+        return applied_prefix(self.embedding)
+
+    @property
+    def query_prefix(self) -> str:
+        """The prefix `search` puts before a query: the spec's, else the catalog's for a known model, else none."""
+        if self.embedding.query_prefix is not None:
+            return self.embedding.query_prefix
         known = catalog.find_model(self.embedding.model)
-        return known.default_prefix if known else ""
+        return known.query_prefix if known else ""
 
     @model_validator(mode="after")
     def _kind_fits(self) -> Spec:
@@ -293,13 +325,16 @@ class Spec(BaseModel):
             return self
         for field, value, default in (("dimensions", emb.dimensions, None), ("normalize", emb.normalize, True),
                                       ("endpoint", emb.endpoint, None), ("prefix", emb.prefix, None),
-                                      ("truncate", emb.truncate, False)):
+                                      ("truncate", emb.truncate, False), ("query_prefix", emb.query_prefix, None)):
             if value != default:
                 raise _cross(f"embedding.{field}", "does not apply to late_interaction: PyLate adds the model's "
                              "markers, normalizes every token vector, cuts at the document length, and no TEI serves "
                              "ColBERT; remove it")
         if self.compute.max_batch_tokens is not None:
             raise _cross("compute.max_batch_tokens", "is a TEI setting; late_interaction runs PyLate, not TEI")
+        if self.output.index is not None:
+            raise _cross("output.index", "does not apply to late_interaction, which builds its own token index "
+                         "(Voyager) after embed; remove it")
         if known is not None and known.build is not None and self.backend == "modal":
             raise _cross("embedding.model", "{model} is built on this machine for the offline demo; on Modal use a "
                          "Hub ColBERT model such as colbert-ir/colbertv2.0", model=known.id)
@@ -307,24 +342,74 @@ class Spec(BaseModel):
 
     @model_validator(mode="after")
     def _fits_model(self) -> Spec:
-        known = catalog.find_model(self.embedding.model)
-        if known is None:
-            return self
-        n_prefix = prefix_tokens(self.prefix, self.embedding.model)
-        budget = known.max_input_tokens - known.special_tokens - n_prefix
-        if self.chunking.size > budget:
-            raise _cross(
-                "chunking.size",
-                "{size} tokens do not fit {model} ({limit} max input tokens, minus {special} special tokens and "
-                "{prefix} prefix tokens = {budget})",
-                size=self.chunking.size,
-                model=known.id,
-                limit=known.max_input_tokens,
-                special=known.special_tokens,
-                prefix=n_prefix,
-                budget=budget,
-            )
+        error = model_fit_error(self.chunking, self.embedding)
+        if error is not None:
+            raise error
         return self
+
+    @model_validator(mode="after")
+    def _truncatable(self) -> Spec:
+        known = catalog.find_model(self.embedding.model)
+        wanted = self.embedding.dimensions
+        if known is None or wanted is None:
+            return self
+        if known.matryoshka_min_dim is None:
+            raise _cross("embedding.dimensions", "{model} was not trained for Matryoshka truncation (its model card, "
+                         "{card}, names no smaller sizes), so its first {wanted} dimensions are not an embedding; "
+                         "leave dimensions null for its {dim}", model=known.id, card=known.card or "none",
+                         wanted=wanted, dim=known.dim)
+        if not known.matryoshka_min_dim <= wanted <= known.dim:
+            raise _cross("embedding.dimensions", "{model} was trained for {low} to {dim} dimensions ({source}), "
+                         "got {wanted}", model=known.id, low=known.matryoshka_min_dim, dim=known.dim,
+                         source=known.matryoshka_source or known.card, wanted=wanted)
+        return self
+
+
+class ModelFit(BaseModel):
+    """The chunk-size-vs-model rule on its own: pydantic skips Spec's check when any other field is invalid, and
+    `validate` reports every error at once, this one included."""
+
+    model_config = ConfigDict(extra="ignore", coerce_numbers_to_str=True)
+
+    chunking: Chunking = Field(default_factory=Chunking)
+    embedding: Embedding
+
+    @model_validator(mode="after")
+    def _fits_model(self) -> ModelFit:
+        error = model_fit_error(self.chunking, self.embedding)
+        if error is not None:
+            raise error
+        return self
+
+
+def applied_prefix(embedding: Embedding) -> str:
+    """The prefix applied to every chunk: the spec's, else the catalog default for a known model, else none."""
+    if embedding.prefix is not None:
+        return embedding.prefix
+    known = catalog.find_model(embedding.model)
+    return known.default_prefix if known else ""
+
+
+def model_fit_error(chunking: Chunking, embedding: Embedding) -> PydanticCustomError | None:
+    """Why `chunking.size` (with the prefix and special tokens) does not fit a known model's input, or None."""
+    known = catalog.find_model(embedding.model)
+    if known is None:
+        return None
+    n_prefix = prefix_tokens(applied_prefix(embedding), embedding.model)
+    budget = known.max_input_tokens - known.special_tokens - n_prefix
+    if chunking.size <= budget:
+        return None
+    return _cross(
+        "chunking.size",
+        "{size} tokens do not fit {model} ({limit} max input tokens, minus {special} special tokens and "
+        "{prefix} prefix tokens = {budget})",
+        size=chunking.size,
+        model=known.id,
+        limit=known.max_input_tokens,
+        special=known.special_tokens,
+        prefix=n_prefix,
+        budget=budget,
+    )
 
 
 @cache

@@ -7,6 +7,7 @@ share one layout:
     <root>/runs/<name>/chunks/<chunk_fp>/shard-00000.parquet         (+ .done marker)
     <root>/runs/<name>/embeddings/<embed_fp>/shard-00000.parquet     (+ .done marker; one file per embed unit:
     <root>/runs/<name>/embeddings/<embed_fp>/shard-00000.000000000-000004096.parquet    a shard, or rows of it)
+    <root>/runs/<name>/index/<index_fp>/chunks.lance/                (+ chunks.lance.done; output.index: lancedb)
     <root>/runs/<name>/index/<index_fp>/                             (late interaction: PyLate's token index; a
                                                                        folder renamed into place, then index.done)
     <root>/runs/<name>/manifest.json, stats.json
@@ -18,15 +19,22 @@ marker is never taken as finished, and a rerun rewrites it.
 
 A late-interaction embedding file has the dense file's columns, but `embedding` holds a chunk's token vectors as
 list<fixed_size_list<float16>[dim]> and `n_vectors` their count (`multivector_columns`, `read_multivectors`).
+
+Each chunk and embeddings folder also keeps an index of its done-markers, `.index/<host>-<pid>.jsonl`: every
+writer appends one line per marker it writes or clears (its own file, so writers on many machines never share one),
+and `status` reads those few files instead of every marker of a huge run. The orchestrator, which lists the markers
+anyway, repairs the index at each stage's start (a writer killed between marker and line leaves it one line short).
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +43,8 @@ from typing import Any
 import numpy as np
 import orjson
 import pyarrow as pa
+
+from volembed_runner.errors import OutputError, is_write_failure
 
 DONE_SUFFIX = ".done"
 # A source shard holds at most `dataset.shard_rows` documents and about this much text, so memory stays bounded.
@@ -72,13 +82,9 @@ def embeddings_dir(root: Path, name: str, embed_fp: str) -> Path:
 
 
 def index_dir(root: Path, name: str, index_fp: str) -> Path:
-    """A late-interaction run's token index for one index fingerprint (done when `index_done_path` exists)."""
+    """A run's index for one index fingerprint: the LanceDB database (`stages/index.py`), or a late-interaction
+    run's token index (`stages/late.py`, done when `is_done_folder`)."""
     return run_dir(root, name) / "index" / index_fp
-
-
-def index_done_path(folder: Path) -> Path:
-    """The index folder's done-marker (beside it): written after the folder is renamed into place."""
-    return folder.with_name(folder.name + DONE_SUFFIX)
 
 
 def multivector_columns(vectors: list[np.ndarray], dim: int) -> tuple[pa.ListArray, pa.Int32Array]:
@@ -147,6 +153,11 @@ def read_marker(path: Path) -> dict[str, Any]:
     return orjson.loads(marker_path(path).read_bytes())
 
 
+def is_done_folder(path: Path) -> bool:
+    """True only when the folder exists and its done-marker (beside it) was written after it."""
+    return path.is_dir() and marker_path(path).is_file()
+
+
 def done_shards(folder: Path) -> list[str]:
     """Shard ids in `folder` whose file and marker both exist, sorted."""
     if not folder.is_dir():
@@ -172,15 +183,24 @@ def writer_tag() -> str:
 def atomic_path(path: Path, *, mode: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path` (named for its writer); on success rename it into place, on failure
     delete it. `mode` sets the file's permissions (mkstemp's are owner-only): for files handed to a user."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{writer_tag()}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{writer_tag()}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        if is_write_failure(exc):
+            raise OutputError.of(path, exc) from exc
+        raise
     tmp = Path(tmp_name)
     try:
         yield tmp
         if mode is not None:
             os.chmod(tmp, mode)
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk: the finished file keeps its old bytes, the torn temporary goes
+        if is_write_failure(exc):
+            raise OutputError.of(path, exc) from exc
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -201,14 +221,76 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_bytes_atomic(path, orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
 
 
+INDEX_DIR = ".index"
+
+
 def mark_done(path: Path, stats: dict[str, Any]) -> None:
-    """Record that `path` is finished, with its stats; written last, after the file is in place."""
+    """Record that `path` is finished, with its stats; written last, after the file is in place (then indexed)."""
     write_json_atomic(marker_path(path), stats)
+    _index_append(path.parent, [{"name": path.name, "stats": stats}])
 
 
 def clear_done(path: Path) -> None:
     """Forget that `path` was finished (before rewriting it): marker first, so no reader trusts a torn file."""
-    marker_path(path).unlink(missing_ok=True)
+    marker = marker_path(path)
+    if marker.exists():
+        _index_append(path.parent, [{"name": path.name, "cleared": True}])
+    marker.unlink(missing_ok=True)
+
+
+def _indexed(folder: Path) -> bool:
+    """Whether a folder keeps an index: a run's chunk and embedding folders (`status` counts them; the shared data
+    folders are counted by their task markers)."""
+    return folder.parent.name in ("chunks", "embeddings") and folder.parent.parent.parent.name == "runs"
+
+
+def _index_append(folder: Path, events: list[dict[str, Any]]) -> None:
+    """Append done/cleared events to this writer's index file of `folder` (one write, so a line is never torn)."""
+    if not _indexed(folder):
+        return
+    index = folder / INDEX_DIR
+    index.mkdir(exist_ok=True)
+    now = time.time_ns()
+    # each line starts a new line too, so one after a killed writer's torn line is still whole
+    lines = b"".join(b"\n" + orjson.dumps({**event, "at": now}) + b"\n" for event in events)
+    try:
+        with open(index / f"{writer_tag()}.jsonl", "ab") as fh:
+            fh.write(lines)
+    except OSError as exc:
+        if is_write_failure(exc):
+            raise OutputError.of(index, exc) from exc
+        raise
+
+
+def indexed_done(folder: Path) -> dict[str, dict[str, Any]] | None:
+    """The finished files of a stage folder with their marker stats, from its index (None: the folder has no
+    index, e.g. it was written before indexes existed). A torn last line (a killed writer) is skipped."""
+    index = folder / INDEX_DIR
+    if not index.is_dir():
+        return None
+    latest: dict[str, tuple[int, dict[str, Any] | None]] = {}
+    for part in index.glob("*.jsonl"):
+        for line in part.read_bytes().splitlines():
+            try:
+                event = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            at = int(event.get("at", 0))
+            name = str(event.get("name"))
+            if name not in latest or at >= latest[name][0]:
+                latest[name] = (at, None if event.get("cleared") else dict(event.get("stats") or {}))
+    return {name: stats for name, (_, stats) in sorted(latest.items()) if stats is not None}
+
+
+def repair_index(folder: Path, done: list[str]) -> None:
+    """Make the index of `folder` agree with its markers (`done`: the shard ids `done_shards` found)."""
+    indexed = indexed_done(folder) or {}
+    names = {shard_name(s) for s in done}
+    events: list[dict[str, Any]] = [{"name": n, "stats": orjson.loads(marker_path(folder / n).read_bytes())}
+                                    for n in sorted(names - set(indexed))]
+    events += [{"name": n, "cleared": True} for n in sorted(set(indexed) - names) if n.startswith("shard-")]
+    if events:
+        _index_append(folder, events)
 
 
 def _writer_gone(tag: str) -> bool:
@@ -222,10 +304,10 @@ def _writer_gone(tag: str) -> bool:
         return True
     except PermissionError:
         return False
-    return _is_zombie(int(pid))
+    return is_zombie(int(pid))
 
 
-def _is_zombie(pid: int) -> bool:
+def is_zombie(pid: int) -> bool:
     """True when `pid` has exited but is not yet reaped (Linux `/proc/<pid>/stat` state `Z`): a killed run's
     workers linger so until their new parent collects them, and they will never write again."""
     try:
@@ -260,6 +342,14 @@ def write_shard(path: Path, write: Callable[[Path], dict[str, Any]]) -> dict[str
         stats = write(tmp)
     mark_done(path, stats)
     return stats
+
+
+def keep_out_of_git(home: Path) -> None:
+    """A `.gitignore` of `*` in the outputs' home, so `.volembed` at a repository's root never shows as changes."""
+    ignore = home / ".gitignore"
+    if not ignore.exists():
+        with contextlib.suppress(OSError):
+            ignore.write_text("# volembed-runner outputs (see `volembed-run files SPEC`)\n*\n")
 
 
 def read_json(path: Path) -> Any:

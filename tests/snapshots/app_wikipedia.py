@@ -2,6 +2,8 @@
 # rather than editing this file. Run it with `volembed-run SPEC` (which uploads local dataset files first), or with
 # `modal run --detach app.py` on a machine where volembed-runner is installed: the stage code in the images is
 # shipped from that installation, so what runs on Modal is the code its tests run.
+# Options of `modal run app.py`: --until [all|download|chunk|embed] stops after that stage (default all);
+# --no-wait returns once the job is submitted (with --detach it then runs on without this terminal).
 """Embed one dataset on Modal: download → chunk (CPU containers) → embed (TEI on GPU containers) → manifest."""
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import modal
 
@@ -29,9 +32,9 @@ CPU_PACKAGES = [
     'numpy==2.4.6',
     'orjson==3.13.0',
     'pyarrow==26.0.1',
-    'pydantic==2.14.3',
-    'pypdf==7.1.0',
-    'pyyaml==6.0.3',
+    'pydantic==2.14.4',
+    'pypdf==7.1.1',
+    'pyyaml==6.0.4',
     'rich==15.0.0',
     'tokenizers==0.23.3',
 ]
@@ -41,8 +44,8 @@ TEI_PACKAGES = [
     'numpy==2.4.6',
     'orjson==3.13.0',
     'pyarrow==26.0.1',
-    'pydantic==2.14.3',
-    'pyyaml==6.0.3',
+    'pydantic==2.14.4',
+    'pyyaml==6.0.4',
 ]
 
 # The GPU stage's engine: "tei" (a TEI router per container) or "pylate" (late interaction: ColBERT via PyLate).
@@ -57,8 +60,8 @@ LATE_PACKAGES = [
     'numpy==2.4.6',
     'orjson==3.13.0',
     'pyarrow==26.0.1',
-    'pydantic==2.14.3',
-    'pyyaml==6.0.3',
+    'pydantic==2.14.4',
+    'pyyaml==6.0.4',
     'tokenizers==0.23.3',
 ]  # the PyLate image: torch for the GPU's CUDA and PyLate's libraries, pinned
 PYLATE_PACKAGE = 'pylate==1.6.0'  # installed with --no-deps, as tested
@@ -122,6 +125,8 @@ TIMEOUT_S = 3600  # one input (a source file, a shard, an embed unit), one attem
 RETRIES = 3
 RETRY_INITIAL_DELAY_S = 5.0
 RETRY_BACKOFF = 2.0
+INDEX_CPU = 4.0  # output.index: the container that writes the LanceDB table
+INDEX_MEMORY_MIB = 16384
 ORCHESTRATE_CPU = 1.0
 ORCHESTRATE_MEMORY_MIB = 2048
 ORCHESTRATE_TIMEOUT_S = 86400
@@ -156,8 +161,8 @@ PLAN = {
             'id_column': 'id',
             'keep_columns': ['url', 'title'],
             'limit': None,
-            'num_rows': 6458670,
-            'num_bytes': 19560538957,
+            'num_rows': None,
+            'num_bytes': None,
             'shard_rows': 50000,
             'duplicate_ids': 'error',
         },
@@ -167,6 +172,7 @@ PLAN = {
             'model': 'BAAI/bge-base-en-v1.5',
             'revision': None,
             'prefix': None,
+            'query_prefix': None,
             'normalize': True,
             'dimensions': None,
             'precision': 'auto',
@@ -183,9 +189,9 @@ PLAN = {
             'timeout': 3600,
             'retries': 3,
         },
-        'output': {'include_text': False, 'hub': None},
+        'output': {'include_text': False, 'index': None, 'hub': None},
     },
-    'spec_hash': 'd1c3512202bc5f56',
+    'spec_hash': 'd088f9258be23e6f',
     'git': {'commit': None, 'dirty': None},
     'data': {
         'kind': 'hf',
@@ -201,8 +207,8 @@ PLAN = {
         'limit': None,
         'shard_rows': 50000,
         'duplicate_ids': 'error',
-        'num_rows': 6458670,
-        'num_bytes': 19560538957,
+        'num_rows': None,
+        'num_bytes': None,
         'fingerprint': '4796611000024023',
     },
     'model': {
@@ -242,6 +248,7 @@ PLAN = {
         'truncate': False,
         'input_overhead': 2,
         'server': 'tei:1.9.3',
+        'query_prefix': 'Represent this sentence for searching relevant passages: ',
         'fingerprint': 'dac76d28565a760f',
     },
     'compute': {
@@ -264,6 +271,7 @@ PLAN = {
     'machine': {'cores': 2, 'native_bf16': False},
     'warnings': [],
     'hub': None,
+    'index': None,
     'late': None,
 }
 
@@ -343,6 +351,8 @@ tei_image = tei_image.add_local_python_source("volembed_runner", ignore=package_
 # The stage code: importable wherever volembed-runner is installed and in both images, but not in build steps. Each
 # image imports what its functions use, in a block of its own, so an import that fails is reported on its image.
 with cpu_image.imports():
+    from rich.console import Console
+
     from volembed_runner.backends.modal.runtime import (
         DictLeaseStore,
         ModalMapper,
@@ -351,13 +361,16 @@ with cpu_image.imports():
         shard_errors,
         sync_volume,
     )
+    from volembed_runner.estimate.cost import spend_per_second
+    from volembed_runner.estimate.prices import load_prices
     from volembed_runner.lease import Holder
-    from volembed_runner.orchestrate import Event, ShardFinished, StageStarted
     from volembed_runner.orchestrate import orchestrate as run_pipeline
     from volembed_runner.plan import Plan
     from volembed_runner.sources import SourceTask
     from volembed_runner.stages.chunk import run_shard
     from volembed_runner.stages.download import download_task
+    from volembed_runner.stages.index import build_index
+    from volembed_runner.ui.progress import RunProgress
     from volembed_runner.units import fleet_of
 with tei_image.imports():
     from volembed_runner.backends.modal.runtime import TEIRouter, shard_errors, sync_volume
@@ -432,7 +445,6 @@ if ENGINE == "tei":
             if router is not None:
                 router.stop()
 
-    late_index = None
 else:
     # Late interaction: PyLate's ColBERT loaded once per container on its GPU; units run one after another on it.
     @app.cls(image=tei_image, gpu=GPU, volumes=VOLUMES, secrets=secrets, cpu=EMBED_CPU, memory=EMBED_MEMORY_MIB,
@@ -457,19 +469,35 @@ else:
                 sync_volume(volume)
             return reply.to_dict()
 
-    # The token index: built after embed from the Volume's embedding files, one file at a time, on CPU.
+
+# ── Stage 4: index (optional) ────────────────────────────────────────────────────────────────────────────────────
+# With `output.index: lancedb`, the orchestrator calls this once every embed unit is done: one CPU container reads the
+# run's embedding files from the Volume and writes them as one LanceDB table beside them (with an ANN index once it
+# is large enough), so `volembed-run search` has an index to use. The CPU image pins lancedb only for such a spec.
+# A late-interaction run's index is PyLate's token index (Voyager), built on CPU in the PyLate image.
+if ENGINE == "tei":
+    @app.function(image=cpu_image, volumes=VOLUMES, secrets=secrets, cpu=INDEX_CPU, memory=INDEX_MEMORY_MIB,
+                  timeout=TIMEOUT_S, retries=retry_policy, max_containers=1)
+    def index(key: str) -> dict:
+        """Write the run's LanceDB table; returns its key with the table's statistics."""
+        with shard_errors(key) as reply:
+            sync_volume(volume, reload=True)  # the embed containers committed the vectors
+            reply.result = build_index(Path(ROOT), Plan.from_dict(PLAN), key)
+            sync_volume(volume)
+        return reply.to_dict()
+else:
     @app.function(image=tei_image, volumes=VOLUMES, secrets=secrets, cpu=EMBED_CPU, memory=EMBED_MEMORY_MIB,
                   timeout=TIMEOUT_S, retries=retry_policy, max_containers=1)
-    def late_index(key: str) -> dict:
-        """Build the run's late-interaction index on the Volume; returns its key with the index's statistics."""
+    def index(key: str) -> dict:
+        """Build the run's token index on the Volume; returns its key with the index's statistics."""
         with shard_errors(key) as reply:
-            sync_volume(volume, reload=True)
+            sync_volume(volume, reload=True)  # the embed containers committed the vectors
             reply.result = late.build_index(Path(ROOT), Plan.from_dict(PLAN))
             sync_volume(volume)
         return reply.to_dict()
 
 
-# ── Stage 4: publish (optional) ──────────────────────────────────────────────────────────────────────────────────
+# ── Stage 5: publish (optional) ──────────────────────────────────────────────────────────────────────────────────
 # `volembed-run push SPEC` calls this; with `output.hub` in the spec, the orchestrator pushes as its finish step. The
 # upload runs here, in a CPU container reading the Volume, so no file passes through the laptop; the token is HF_TOKEN
 # from a Modal Secret (output.hub.secret, or one of compute.secrets). A rerun resumes an interrupted upload.
@@ -483,19 +511,20 @@ def push(repo: str, private: bool = False, license: str = "") -> dict:
     volume.reload()  # see what the stage containers committed
     hub = HubSettings(repo=repo, private=private, license=license or None)
     return push_run(Path(ROOT), Plan.from_dict(PLAN), hub).to_dict()
-# ── end of Stage 4: publish ──────────────────────────────────────────────────────────────────────────────────────
+# ── end of Stage 5: publish ──────────────────────────────────────────────────────────────────────────────────────
 
 
 # ── Orchestrator ─────────────────────────────────────────────────────────────────────────────────────────────────
 # The control flow runs inside Modal, so a detached run survives a closed laptop. It skips finished work, records
 # failures in the manifest, and before its 24 h limit stops feeding, drains what it fed and hands over to a fresh
 # call (resume makes that safe; the lease makes the successor wait for any input a dead predecessor left running).
-def log_event(event: Event) -> None:
-    """One log line per stage and per failed shard; progress lives in the manifest (`volembed-run status`)."""
-    if isinstance(event, StageStarted):
-        print(f"[{event.stage}] {event.todo} of {event.total} to run", flush=True)
-    elif isinstance(event, ShardFinished) and event.error:
-        print(f"[{event.stage}] {event.shard} failed: {event.error}", flush=True)
+def progress_log(plan: Plan) -> RunProgress:
+    """Progress in the orchestrator's log (streamed to `modal run` and `volembed-run SPEC`): a line per stage and per
+    failed shard, and at least every 10 s the running stage's shards, tokens/s, ETA and cost so far at the catalog's
+    list prices, every container the stage may use counted busy (the full record is the manifest: `status`)."""
+    prices = load_prices()
+    return RunProgress(Console(file=sys.stdout, width=200, soft_wrap=True),
+                       spend=lambda stage, todo: spend_per_second(plan, prices, stage, todo))
 
 
 @app.function(image=cpu_image, volumes=VOLUMES, secrets=secrets + hub_secrets, cpu=ORCHESTRATE_CPU,
@@ -503,17 +532,19 @@ def log_event(event: Event) -> None:
               timeout=ORCHESTRATE_TIMEOUT_S,
               retries=modal.Retries(max_retries=2, initial_delay=30.0))  # a lost container resumes from the Volume
 def orchestrate(until: str = "", passes: int = 1) -> dict:
-    """Run download → chunk → embed → finish over the Volume; returns a summary (`next_call` after a hand-over)."""
+    """Run download → chunk → embed (→ index) → finish over the Volume; returns a summary (`next_call` after a
+    hand-over)."""
     deadline = time.time() + HANDOVER_AFTER_S
     plan = Plan.from_dict(PLAN)
     windows = Windows(download=DOWNLOAD_MAX_CONTAINERS, chunk=CHUNK_MAX_CONTAINERS,
                       embed=EMBED_MAX_CONTAINERS * EMBED_MAX_INPUTS)
-    mapper = ModalMapper(download=download, chunk=chunk, embed=Embedder().embed, windows=windows, volume=volume,
-                         late_index=late_index)
-    outcome = run_pipeline(plan, Path(ROOT), mapper, lease_store=DictLeaseStore(leases, LEASE_RUN),
-                           holder=Holder.here("modal"), work_seconds=INPUT_WORK_S, wait=INPUT_WORK_S,
-                           until=until or None, deadline=deadline, fleet=fleet_of(plan, EMBED_TOKENS_PER_SECOND),
-                           on_event=log_event)
+    mapper = ModalMapper(download=download, chunk=chunk, embed=Embedder().embed, index=index, windows=windows,
+                         volume=volume)
+    with progress_log(plan) as log:
+        outcome = run_pipeline(plan, Path(ROOT), mapper, lease_store=DictLeaseStore(leases, LEASE_RUN),
+                               holder=Holder.here("modal"), work_seconds=INPUT_WORK_S, wait=INPUT_WORK_S,
+                               until=until or None, deadline=deadline, fleet=fleet_of(plan, EMBED_TOKENS_PER_SECOND),
+                               on_event=log)
     sync_volume(volume)
     summary = {"ok": outcome.ok, "failed": outcome.failed, "stages": outcome.stages_run, "passes": passes,
                "handover": outcome.handover, "next_call": None}
@@ -524,14 +555,16 @@ def orchestrate(until: str = "", passes: int = 1) -> dict:
 
 # ── Entry points ─────────────────────────────────────────────────────────────────────────────────────────────────
 @app.local_entrypoint()
-def main(until: str = "", wait: bool = True) -> None:
+def main(until: Literal["all", "download", "chunk", "embed"] = "all", wait: bool = True) -> None:
     """Run the job and wait for it (through its hand-overs); `--until chunk` stops after a stage.
 
-    `modal run --detach app.py` keeps the job running when this terminal goes away; add `--no-wait` to return as
-    soon as the orchestrator is submitted (without `--detach` the app would stop with this process). The
+    Modal builds `modal run app.py --help` from this signature alone (no help text per option), so the options are
+    spelled out here and at the top of the file: `--until STAGE` stops after that stage (`all`, the default, runs
+    every stage); `--no-wait` returns as soon as the orchestrator is submitted. `modal run --detach app.py` keeps
+    the job running when this terminal goes away (without `--detach` the app stops with this process). The
     orchestrator is spawned, not called: Modal then retries it server-side, whether or not this process lives.
     """
-    call = orchestrate.spawn(until)
+    call = orchestrate.spawn("" if until == "all" else until)
     if not wait:
         print(f"submitted {APP_NAME}: function call {call.object_id}")
         return
@@ -542,4 +575,4 @@ def main(until: str = "", wait: bool = True) -> None:
 
 
 # Every stage by name, so tools and tests need not enumerate the app.
-STAGES = {"download": download, "chunk": chunk, "embed": Embedder, "orchestrate": orchestrate}
+STAGES = {"download": download, "chunk": chunk, "embed": Embedder, "index": index, "orchestrate": orchestrate}

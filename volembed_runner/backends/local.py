@@ -22,6 +22,7 @@ from volembed_runner.sources import SourceTask
 from volembed_runner.stages import chunk as chunk_stage
 from volembed_runner.stages import download as download_stage
 from volembed_runner.stages import embed as embed_stage
+from volembed_runner.stages import index as index_stage
 
 T = TypeVar("T")
 
@@ -108,6 +109,15 @@ class LocalMapper(Mapper):
                     running.update(asyncio.ensure_future(one(s)) for s in islice(shards, 1))
                     yield task.result()
 
+    def index(self, keys: Iterator[str]) -> Iterator[tuple[str, Stats | BaseException]]:
+        """Write the run's index in a thread of this process (one input): its LanceDB table (LanceDB uses every
+        core), or a late-interaction run's token index."""
+        if self.plan.late is not None:
+            from volembed_runner.stages import late
+
+            return _map(1, lambda key: late.build_index(self.root, self.plan), keys, lambda k: k)
+        return _map(1, index_stage.build_index, keys, lambda k: k, self.root, self.plan)
+
     def _embedder(self) -> AbstractAsyncContextManager[AsyncEmbedder]:
         """The plan's engine: the spec's TEI server through the client, else the in-process engine."""
         e, model = self.plan.embed, self.plan.model
@@ -138,6 +148,9 @@ def run(plan: Plan, *, until: str | None = None, on_event: Callable[[Event], Non
     are this process's children, so nothing it starts outlives it)."""
     root = plan.local_root()
     root.mkdir(parents=True, exist_ok=True)
+    home = root.parent.parent
+    if (home.parent / ".git").exists():  # the default home at a repository's root
+        store.keep_out_of_git(home)
     lease_store = FileLeaseStore(store.lease_dir(root, plan.name))
     return orchestrate(plan, root, LocalMapper(plan, root), lease_store=lease_store, holder=Holder.here("local"),
                        until=until, on_event=on_event)

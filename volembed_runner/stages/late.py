@@ -32,11 +32,12 @@ from volembed_runner import store
 from volembed_runner.errors import StageError
 from volembed_runner.plan import Plan, model_slug, volembed_home
 from volembed_runner.stages.embed import _read_chunks, paths, write_unit_file
+from volembed_runner.units import parse_key
 
 if TYPE_CHECKING:
     from volembed_runner.embedders.colbert import ColbertEmbedder
 
-ROWS_FILE = "rows.parquet"  # index position → the chunk's ids, columns and a snippet
+ROWS_FILE = "rows.parquet"  # index position → the chunk's ids, columns, a snippet and its chunk shard
 SNIPPET_CHARS = 240
 
 
@@ -83,14 +84,14 @@ def index_folder(root: Path, plan: Plan) -> Path:
 def index_done(root: Path, plan: Plan) -> bool:
     """True when the plan's index was built and marked done."""
     folder = index_folder(root, plan)
-    return folder.is_dir() and store.index_done_path(folder).is_file()
+    return store.is_done_folder(folder)
 
 
 def build_index(root: Path, plan: Plan) -> dict[str, Any]:
     """Build PyLate's Voyager index over every done embedding file of the plan (skipped when already done)."""
     late, folder = _late(plan), index_folder(root, plan)
     if index_done(root, plan):
-        return store.read_json(store.index_done_path(folder))
+        return store.read_json(store.marker_path(folder))
     from pylate import indexes
 
     embed_folder = store.embeddings_dir(root, plan.name, plan.embed.fingerprint)
@@ -122,7 +123,7 @@ def build_index(root: Path, plan: Plan) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
     stats = {"chunks": at, "token_vectors": tokens, "units": len(units), "index": late.index,
              "seconds": round(time.monotonic() - started, 3)}
-    store.write_json_atomic(store.index_done_path(folder), stats)
+    store.write_json_atomic(store.marker_path(folder), stats)
     return stats
 
 
@@ -132,7 +133,8 @@ def _rows(root: Path, plan: Plan, unit: str, table: pa.Table) -> pa.Table:
     snippets = pa.array([t[:SNIPPET_CHARS] for t in text.to_pylist()], type=pa.string())
     kept = [c for c in ("doc_id", "chunk_index", "char_start", "char_end", *plan.embed.keep_columns)
             if c in table.column_names]
-    return table.select(kept).append_column("snippet", snippets)
+    shards = pa.array([parse_key(unit)[0]] * table.num_rows, type=pa.string())
+    return table.select(kept).append_column("snippet", snippets).append_column("shard", shards)
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,7 @@ class Hit:
     char_end: int
     columns: dict[str, Any]
     snippet: str
+    shard: str  # the chunk shard holding it
 
     def to_dict(self) -> dict[str, Any]:
         """The `--json` form."""
@@ -177,7 +180,8 @@ def search(root: Path, plan: Plan, queries: list[str], k: int = 10,
 def _hit(rank: int, score: float, row: dict[str, Any], kept: tuple[str, ...]) -> Hit:
     return Hit(rank=rank, score=round(score, 4), doc_id=str(row["doc_id"]), chunk_index=int(row["chunk_index"]),
                char_start=int(row["char_start"]), char_end=int(row["char_end"]),
-               columns={c: row.get(c) for c in kept}, snippet=row["snippet"])
+               columns={c: row.get(c) for c in kept}, snippet=row["snippet"],
+               shard=str(row.get("shard", "")))
 
 
 def _late(plan: Plan) -> Any:

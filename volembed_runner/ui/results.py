@@ -1,4 +1,4 @@
-"""What the after-run verbs print: `files`, `gc`, `fetch` (with download progress), `report` and `push`."""
+"""What the after-run verbs print: `files`, `gc`, `fetch` (with download progress), `search`, `report` and `push`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from volembed_runner.plan import Plan
     from volembed_runner.publish import Pushed
     from volembed_runner.results import GcPlan, Outputs
+    from volembed_runner.search import SearchResult
 
 STAGE_NAMES = {"data": "source shards", "chunks": "chunks", "embeddings": "vectors"}
 
@@ -33,7 +34,8 @@ def print_next_steps(plan: Plan, console: Console) -> None:
     spec = shlex.quote(plan.spec_path)
     console.print(f"report:   volembed-run report {spec}   (HTML: histograms, failures, timings, estimate)",
                   markup=False)
-    console.print(f"vectors:  volembed-run files {spec} · fetch · push --repo OWNER/NAME", markup=False)
+    console.print(f"vectors:  volembed-run files {spec} · fetch · search {spec} \"query\" · push --repo OWNER/NAME",
+                  markup=False)
 
 
 def print_files(outputs: Outputs, counts: dict[str, tuple[int, int]], stage: str | None, backend: str,
@@ -120,3 +122,41 @@ def print_pushed(pushed: Pushed, console: Console) -> None:
     console.print(f"pushed {pushed.files:,} file(s), {fmt_bytes(pushed.bytes)} to {pushed.url} "
                   f"(license {pushed.license}" + (f", commit {pushed.commit[:12]}" if pushed.commit else "") + ")",
                   markup=False)
+
+
+SNIPPET_CHARS = 160
+
+
+def snippet(text: str | None, width: int = SNIPPET_CHARS) -> str:
+    """The chunk's text on one line, cut at a word near `width` characters."""
+    if not text:
+        return "(no text)"
+    flat = " ".join(text.split())
+    if len(flat) <= width:
+        return flat
+    cut = flat.rfind(" ", 0, width)
+    return flat[: cut if cut > width // 2 else width] + " …"
+
+
+def print_search(result: SearchResult, console: Console) -> None:
+    """The hits, best first: score, doc id and chunk, the kept columns, a snippet; then how they were found."""
+    if not result.hits:
+        console.print("no vectors to search", markup=False)
+    table = Table(box=None, show_header=True)
+    table.add_column("score", justify="right")
+    table.add_column("doc_id", overflow="fold")
+    for name in result.hits[0].columns if result.hits else ():
+        table.add_column(name, overflow="fold")
+    table.add_column("text", overflow="fold", ratio=1)
+    for hit in result.hits:
+        table.add_row(f"{hit.score:.4f}", f"{hit.doc_id}#{hit.chunk_index}",
+                      *("" if v is None else str(v) for v in hit.columns.values()), snippet(hit.text))
+    console.print(table)
+    prefix = f"query prefix {result.query_prefix!r}" if result.query_prefix else "no query prefix"
+    console.print(f"{len(result.hits)} of {result.scanned:,} vectors, {result.method} ({result.measure}); query "
+                  f"embedded by {result.engine} with {result.model}, {prefix}", markup=False)
+    for note in result.notes:
+        console.print(f"note: {note}", markup=False)
+    if result.read_from:
+        console.print(f"note: {fmt_bytes(result.bytes_read)} read from {result.read_from} through the SDK; no Modal "
+                      "container was started", markup=False)

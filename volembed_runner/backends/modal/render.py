@@ -3,7 +3,8 @@
 The template is a real Python module whose only placeholders sit in its configuration block. Each is filled with a
 Python literal of plain data (`repr()` of JSON-normalized values), so no spec value can become code, and the same
 Plan always renders the same bytes. Sizing that depends on the GPU (TEI image tag, router flags, CPU cores) is
-derived here, from the catalog and reference/tei.md §4.2.
+derived here, from the catalog and TEI's queueing and batching (router/src/main.rs, core/src/queue.rs of
+https://github.com/huggingface/text-embeddings-inference/tree/v1.9.3).
 """
 
 from __future__ import annotations
@@ -22,42 +23,55 @@ from typing import Any
 from volembed_runner import catalog
 from volembed_runner.errors import BackendError, SpecError, SpecIssue
 from volembed_runner.estimate.rates import Rate, tei_rate
-from volembed_runner.late import PYLATE_VERSION, VOYAGER_VERSION
 from volembed_runner.models import MODEL_FILE_PATTERNS
 from volembed_runner.plan import MODAL_ROOT, Plan
+from volembed_runner.redact import public_record
 from volembed_runner.units import check_fleet, fleet_of
 
 TEMPLATE = "app.py.tmpl"
 PYTHON_VERSION = "3.12"
 
-# What the generated images install, pinned (matching the versions this package is developed against).
-PINS = {
-    "httpx": "0.28.1",
-    "huggingface_hub": "2.4.0",
-    "numpy": "2.4.6",
-    "orjson": "3.13.0",
-    "pyarrow": "26.0.1",
-    "pydantic": "2.14.3",
-    "pypdf": "7.1.0",
-    "pyyaml": "6.0.3",
-    "rich": "15.0.0",
-    "tokenizers": "0.23.3",
-}
+CONSTRAINTS = "constraints.txt"  # shipped in the package: the versions CI installs, and the images pin
+
+
+def read_pins() -> dict[str, str]:
+    """Package name (normalized: lowercase, `-`) → exact version, from the package's constraints file: the one list
+    of versions, which CI and the README's test command install with, so the images run tested libraries."""
+    pins: dict[str, str] = {}
+    text = resources.files("volembed_runner").joinpath(CONSTRAINTS).read_text(encoding="utf-8")
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            if not sep:
+                raise BackendError(f"{CONSTRAINTS}: {line!r} is not an exact pin NAME==VERSION")
+            pins[_normalized(name)] = version.strip()
+    return pins
+
+
+def _normalized(name: str) -> str:
+    """A distribution name as PEP 503 compares it."""
+    return re.sub(r"[-_.]+", "-", name.strip()).lower()
+
+
+def _pinned(names: tuple[str, ...]) -> tuple[str, ...]:
+    pins = read_pins()
+    return tuple(f"{name}=={pins[_normalized(name)]}" for name in names)
+
+
 # CPU stages (download, chunk, orchestrate): readers, the tokenizer, the Hub client; never torch.
-CPU_PACKAGES = tuple(f"{name}=={version}" for name, version in PINS.items())
+CPU_PACKAGES = _pinned(("httpx", "huggingface_hub", "numpy", "orjson", "pyarrow", "pydantic", "pypdf", "pyyaml",
+                        "rich", "tokenizers"))
+# The index stage's library (output.index: lancedb): in the CPU image only when the spec has an index stage.
+INDEX_PACKAGES = _pinned(("lancedb",))
 # GPU stage: the TEI client and the parquet writer next to the router (huggingface_hub for the weights build step).
-TEI_PACKAGES = tuple(f"{name}=={PINS[name]}" for name in
-                     ("httpx", "huggingface_hub", "numpy", "orjson", "pyarrow", "pydantic", "pyyaml"))
+TEI_PACKAGES = _pinned(("httpx", "huggingface_hub", "numpy", "orjson", "pyarrow", "pydantic", "pyyaml"))
 
 # Late interaction: the GPU image is PyTorch for the GPU's CUDA (PyPI's Linux torch wheel) with PyLate, as tested
 # here; PyLate itself goes in with --no-deps (its own pins cannot resolve beside torch 2.13: pyproject `[late]`).
-LATE_PACKAGES = (
-    "torch==2.13.0", "sentence-transformers==5.3.0", "transformers==5.24.0", "datasets==5.2.0",
-    f"voyager=={VOYAGER_VERSION}",
-    *(f"{name}=={PINS[name]}" for name in
-      ("huggingface_hub", "numpy", "orjson", "pyarrow", "pydantic", "pyyaml", "tokenizers")),
-)
-PYLATE_PACKAGE = f"pylate=={PYLATE_VERSION}"
+LATE_PACKAGES = _pinned(("torch", "sentence-transformers", "transformers", "datasets", "voyager", "huggingface_hub",
+                         "numpy", "orjson", "pyarrow", "pydantic", "pyyaml", "tokenizers"))
+PYLATE_PACKAGE, = _pinned(("pylate",))
 # A ColBERT checkpoint's files: a PyLate folder (modules.json, 1_Dense/) or a Stanford one (artifact.metadata and
 # the projection inside the weights, which may be only pytorch_model.bin).
 LATE_MODEL_FILES = [*MODEL_FILE_PATTERNS, "1_Dense/*", "artifact.metadata", "pytorch_model.bin"]
@@ -80,7 +94,8 @@ LEASE_DICT = "volembed-runner-leases"  # the workspace's modal.Dict of run lease
 RETRY_INITIAL_DELAY_S, RETRY_BACKOFF = 5.0, 2.0  # the stages' modal.Retries
 RETRY_MAX_DELAY_S = 60.0  # Modal clamps a retry's delay to at most this (modal 1.6.4 retries.py)
 
-# TEI router sizing (tei.md §2.6, §4.2).
+# TEI router sizing: one permit per input text (--max-concurrent-requests), batches filled up to --max-batch-tokens
+# from its queue (router/src/http/server.rs, core/src/queue.rs of TEI v1.9.3).
 MIN_CLIENT_BATCH, MAX_CLIENT_BATCH = 32, 512
 QUEUE_BATCHES = 4  # tokens in flight per container ≥ this × --max-batch-tokens keeps the GPU fed
 REQUESTS_PER_SHARD = 2  # full requests each concurrent shard may keep in flight
@@ -219,7 +234,7 @@ def remote_plan(plan: Plan) -> dict[str, Any]:
     Fingerprints are kept: they were computed from the local files, which the uploads copy byte for byte. (The
     model's files need no rewriting: the plan already names the images' copy, `plan.model.files_dir`.)
     """
-    data = json.loads(json.dumps(plan.to_dict()))
+    data = public_record(json.loads(json.dumps(plan.to_dict())))  # no credential is written into the app
     layout = upload_layout(plan)
     if layout:
         data["data"]["files"] = [f"{MODAL_ROOT}/{remote}" for _, remote in layout]
@@ -300,7 +315,7 @@ def render_app(plan: Plan) -> str:
         "secret_names": list(plan.compute.secrets),
         "hub_secret_names": [plan.hub.secret] if plan.hub and plan.hub.secret else [],
         "python_version": PYTHON_VERSION,
-        "cpu_packages": list(CPU_PACKAGES),
+        "cpu_packages": list(CPU_PACKAGES) + (list(INDEX_PACKAGES) if plan.index else []),
         "tei_packages": list(TEI_PACKAGES),
         "engine": "pylate" if plan.late is not None else "tei",
         "late_packages": list(LATE_PACKAGES),
@@ -337,6 +352,9 @@ def render_app(plan: Plan) -> str:
         "retries": plan.compute.retries,
         "retry_initial_delay_s": RETRY_INITIAL_DELAY_S,
         "retry_backoff": RETRY_BACKOFF,
+        "index_cpu": plan.index.cpu if plan.index else float(catalog.containers()["index"]["cpu"]),
+        "index_memory_mib": (plan.index.memory_mib if plan.index
+                             else int(catalog.containers()["index"]["memory_mib"])),
         "orchestrate_cpu": compute.orchestrator.cpu,
         "orchestrate_memory_mib": compute.orchestrator.memory_mib,
         "orchestrate_timeout_s": ORCHESTRATE_TIMEOUT_S,

@@ -39,7 +39,8 @@ T = TypeVar("T")
 # TEI 1.9.x CUDA images are built on CUDA 12.9.1; an older driver needs the image's forward-compat libraries.
 TEI_IMAGE_CUDA = (12, 9)
 CUDA_COMPAT_DIR = "/usr/local/cuda/compat"
-# TEI logs this when CUDA init fails, then serves from the CPU (reference/tei.md §0.5): a silent 100x slowdown.
+# TEI logs this when CUDA init fails, then serves from the CPU ("Could not find a compatible CUDA device on host …
+# Using CPU instead", backends/candle/src/lib.rs of TEI v1.9.3): a silent 100x slowdown.
 CPU_FALLBACK_MARKER = "Using CPU instead"
 LOG_TAIL_LINES = 20
 # The router logs every request at info, and every line is forwarded to Modal's logs; warnings and errors (the CPU
@@ -163,11 +164,11 @@ class ModalMapper:
     """
 
     def __init__(self, *, download: Mappable, chunk: Mappable, embed: Mappable, windows: Windows,
-                 volume: Syncable | None = None, late_index: Mappable | None = None) -> None:
+                 volume: Syncable | None = None, index: Mappable | None = None) -> None:
         self._download = download
         self._chunk = chunk
         self._embed = embed
-        self._late_index = late_index
+        self._index = index
         self._windows = windows
         self._volume = volume
 
@@ -187,11 +188,12 @@ class ModalMapper:
         """Map `Embedder.embed(unit)` over embed units."""
         return self._map(self._embed, units, lambda unit: unit, lambda key, unit: (unit,), self._windows.embed)
 
-    def late_index(self, keys: Iterator[str]) -> Iterator[tuple[str, Any]]:
-        """Map `late_index(key)` (the app's late-interaction index function) over the one index key."""
-        if self._late_index is None:
-            raise RuntimeError("this app has no late-interaction index function (embedding.kind is dense)")
-        return self._map(self._late_index, keys, lambda key: key, lambda key, _: (key,), 1)
+    def index(self, keys: Iterator[str]) -> Iterator[tuple[str, Any]]:
+        """Call the app's `index(key)` for the run's one index: its LanceDB table, or a late-interaction run's token
+        index."""
+        if self._index is None:
+            raise ValueError("this app has no index function; render it again from the spec")
+        return self._map(self._index, keys, lambda key: key, lambda key, item: (key,), 1)
 
     def _map(self, fn: Mappable, feed: Iterator[T], key_of: Callable[[T], str],
              args_of: Callable[[str, T], tuple[Any, ...]], window: int) -> Iterator[tuple[T, Any]]:

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import click
 import typer
@@ -302,20 +302,54 @@ def calibrate_cmd(
         int, typer.Option("--chunks", metavar="N", help="Chunks of the job to embed for the measurement.")
     ] = 256,
     backend: Annotated[str | None, typer.Option(metavar="local|modal", help="Override the spec's backend.")] = None,
+    compare: Annotated[
+        list[str] | None, typer.Option("--compare", metavar="GPU", help="Modal: probe this GPU type too (repeatable).")
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Modal: do not ask before the probe; override max_cost.")]
+    = False,
+    prices: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="A YAML/JSON price table overriding the catalog's.")
+    ] = None,
     sets: SetOpt = None,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Embed a small sample of the job's chunks and store the measured tokens/s for later --dry-run estimates."""
+    """Embed a small sample of the job's chunks and store the measured tokens/s for later --dry-run estimates (on
+    Modal: a GPU probe of the job's own TEI image, priced and confirmed before it starts)."""
     from volembed_runner.estimate.calibrate import calibrate
 
     with _one_line_errors(debug):
         plan = _load(spec, sets, backend)
-        entry = calibrate(plan, sample_chunks=chunks)
+        if plan.backend != "modal":
+            entries = [calibrate(plan, sample_chunks=chunks)]
+        else:
+            entries = _probe(spec, sets, plan, chunks=chunks, compare=compare or [], yes=yes, prices=prices)
     if as_json:
-        sys.stdout.write(json.dumps(entry) + "\n")
+        sys.stdout.write(json.dumps(entries[0] if len(entries) == 1 else entries) + "\n")
         return
-    print_calibration(entry, out_console())
+    for entry in entries:
+        print_calibration(entry, out_console())
+
+
+def _probe(spec: Path, sets: list[str] | None, plan: Plan, *, chunks: int, compare: list[str], yes: bool,
+           prices: Path | None) -> list[dict[str, Any]]:
+    """The GPU probe on the spec's GPU and each `--compare` GPU, priced and confirmed as a run is."""
+    from volembed_runner.backends.modal import launch
+    from volembed_runner.estimate.calibrate import ProbeSpend, probe_gpus, sample_of
+    from volembed_runner.estimate.prices import load_prices
+    from volembed_runner.run import check_spend
+    from volembed_runner.ui.console import print_probe_cost
+
+    launch.require_credentials()  # before the sample is cut and priced
+    plans = [plan, *(_load(spec, [*(sets or []), f"compute.gpu={gpu}"], "modal") for gpu in compare)]
+    err = err_console()
+
+    def approve(spend: ProbeSpend) -> None:
+        print_probe_cost(spend, err)
+        check_spend(plan, spend, yes=yes, confirm=(lambda s: ask(err, "Start the GPU probe? [y/N] "))
+                    if sys.stdin.isatty() else None)
+
+    return probe_gpus(plans, sample_of(plan, chunks), launch.probe, prices=load_prices(prices), approve=approve)
 
 
 # ── After the run: files, gc, fetch, report, push ─────────────────────────────────────────────────────────────────

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from volembed_runner import store
 from volembed_runner.errors import BackendError, StageError
@@ -15,7 +15,6 @@ from volembed_runner.plan import Plan
 
 if TYPE_CHECKING:
     from volembed_runner.backends.modal.launch import Launched
-    from volembed_runner.estimate import Estimate
 
 
 @dataclass(frozen=True)
@@ -43,7 +42,17 @@ class RunSummary:
         return dict(self.__dict__)
 
 
-def check_spend(plan: Plan, est: Estimate, *, yes: bool, confirm: Callable[[Estimate], bool] | None) -> None:
+class Spend(Protocol):
+    """What `check_spend` weighs: a run's estimate, or the GPU probe's price."""
+
+    @property
+    def cost_usd(self) -> float | None: ...
+
+
+S = TypeVar("S", bound=Spend)
+
+
+def check_spend(plan: Plan, est: S, *, yes: bool, confirm: Callable[[S], bool] | None) -> None:
     """Refuse a run over `compute.max_cost` (or of unknown cost) unless `yes`; else ask `confirm` when given."""
     if yes:
         return

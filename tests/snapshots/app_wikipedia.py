@@ -321,7 +321,7 @@ with cpu_image.imports():
     from volembed_runner.stages.download import download_task
     from volembed_runner.units import fleet_of
 with tei_image.imports():
-    from volembed_runner.backends.modal.runtime import TEIRouter, shard_errors, sync_volume
+    from volembed_runner.backends.modal.runtime import TEIRouter, probe_sample, shard_errors, sync_volume
     from volembed_runner.plan import Plan
     from volembed_runner.stages.embed import embed_shard_async, tei_client
 
@@ -367,7 +367,9 @@ class Embedder:
     @modal.enter()
     def start(self) -> None:
         """Start text-embeddings-router and wait until it accepts connections; fail fast if it exits."""
+        started = time.monotonic()
         self.router = TEIRouter.start(ROUTER_ARGS, port=TEI_PORT, timeout=ROUTER_READY_TIMEOUT_S)
+        self.router_start_s = time.monotonic() - started  # model load and TEI's warm-up, apart from the probe's rate
         self.plan = Plan.from_dict(PLAN)
         self.client = None
 
@@ -382,6 +384,15 @@ class Embedder:
             reply.result = await embed_shard_async(Path(ROOT), self.plan, unit, self.client)
             sync_volume(volume)
         return reply.to_dict()
+
+    # The GPU probe (`volembed-run calibrate SPEC`): one input, a small sample of the job's chunks passed by value,
+    # embedded once to warm up and once timed; the first `keep` vectors come back for the quality check.
+    @modal.method()
+    async def probe(self, texts: list[str], n_tokens: list[int], keep: int) -> dict:
+        """Time this GPU on a sample of the job's chunks; returns the timings and a few vectors."""
+        async with tei_client(self.plan, TEI_URL, **TEI_CLIENT) as client:
+            result = await probe_sample(client, texts, n_tokens, keep)
+        return {**result, "router_start_seconds": self.router_start_s}
 
     @modal.exit()
     def stop(self) -> None:

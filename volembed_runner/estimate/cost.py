@@ -60,6 +60,41 @@ class Priced:
     units: int = 0
 
 
+@dataclass(frozen=True)
+class ProbeCost:
+    """The GPU probe on one GPU type: its expected container-seconds and cost, and the most it can cost."""
+
+    gpu: str
+    seconds: float
+    cost_usd: float | None
+    max_cost_usd: float | None
+    note: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return dict(self.__dict__)
+
+
+def probe_cost(plan: Plan, processed: float, rate: Rate, prices: Prices) -> ProbeCost:
+    """The GPU probe's cost model: one container of the plan's GPU, billed from its start until the ephemeral app
+    stops right after the call: start + model load + the sample twice (warm-up, then timed) at `rate`, at the
+    container's per-second price (GPU + cores + memory). At most: every attempt (compute.retries + 1) running to
+    its startup and execution timeouts."""
+    consts = catalog.throughput()["modal"]
+    c = plan.compute
+    start = float(consts["gpu_container_start_seconds"] + consts["tei_model_load_seconds"])
+    work = 2 * processed / rate.tokens_per_second
+    seconds = start + work
+    worst = (c.retries + 1) * float(c.embed_startup_timeout_s + c.timeout)
+    per_second = prices.container(1.0, c.embed.cpu, c.embed.memory_gib, c.gpu)
+    note = (f"1 × {c.gpu} ({describe_resources(c.embed.cpu, c.embed.memory_gib)}): start {start:g} s + 2 × "
+            f"{processed:,.0f} tokens at {rate.tokens_per_second:,.0f} tokens/s ({rate.kind}) ≈ {seconds:,.0f} s; "
+            f"at most {c.retries + 1} attempt(s) × (startup {c.embed_startup_timeout_s:,} s + timeout "
+            f"{c.timeout:,} s)")
+    return ProbeCost(c.gpu, seconds, None if per_second is None else seconds * per_second,
+                     None if per_second is None else worst * per_second, note)
+
+
 def total(values: list[float | None]) -> float | None:
     """The sum, or None (unknown) when any part is unknown."""
     return None if any(v is None for v in values) else float(sum(v for v in values if v is not None))

@@ -74,8 +74,9 @@ def tei_rate(model: str, gpu: str, calibrations: dict[str, dict[str, Any]] | Non
     entry = calibrations.get(calibration_key("modal", model, gpu, "tei"))
     if entry:
         tps = float(entry["tokens_per_second"])
+        how = f"GPU probe of {entry['image']}, " if entry.get("image") else ""
         return Rate(tps, tps, tps, "calibrated", f"calibrated on Modal {entry.get('date')}: {tps:,.0f} tokens/s "
-                                                 f"over {entry.get('chunks', '?')} chunks ({calibration_path()})")
+                                                 f"over {entry.get('chunks', '?')} chunks ({how}{calibration_path()})")
     rows = catalog.throughput()["tei"]
     scaling = catalog.throughput()["scaling"]
     speed = catalog.throughput()["gpu_speed"]["factors"]

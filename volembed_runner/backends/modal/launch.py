@@ -194,6 +194,26 @@ def run(plan: Plan, *, until: str | None, detach: bool,
     return Launched(plan.name, module.app.app_id, call.object_id, detached=False, summary=summary)
 
 
+def probe(plan: Plan, texts: list[str], n_tokens: list[int], keep: int) -> dict[str, Any]:
+    """The GPU probe: the job's own app, run ephemerally, calls its Embedder once on the plan's GPU with a sample of
+    the job's chunks (`Embedder.probe`), so the image, router flags and client are the run's. The app stops as soon
+    as the call returns, which ends the container (no scale-down idle). Returns the container's timings, a few
+    vectors, the call's wall time seen from here and the TEI image."""
+    render.validate(plan)
+    require_credentials()
+    import modal
+
+    check_volume(plan)
+    path = render.write_app(plan, build_dir(plan) / f"probe-{plan.compute.gpu}.py")
+    module = import_app(path)
+    with _modal_errors(f"run the GPU probe on {plan.compute.gpu}"), modal.enable_output(), module.app.run():
+        started = time.monotonic()
+        result = module.Embedder().probe.remote(texts, n_tokens, keep)
+        wall = time.monotonic() - started
+    registry, tag = render.tei_image(plan)
+    return {**result, "call_seconds": wall, "image": f"{registry}:{tag}"}
+
+
 def _follow(summary: dict[str, Any]) -> dict[str, Any]:
     import modal
 

@@ -1,0 +1,154 @@
+"""`volembed-run calibrate SPEC` on Modal: the GPU probe, run through the real SDK against the fake control plane.
+
+The probe is the job's own rendered app, run ephemerally; its `Embedder.probe` input is run by the fake with the
+rendered module's own method body (`.local()`, entered as a container would be), talking to the TEI stand-in instead
+of the router. What this checks: the probe is priced and confirmed before anything is created, its measured rate is
+stored under the key the dry run reads, and the next dry run uses it, marked calibrated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+from modal._utils.async_utils import synchronizer
+from typer.testing import CliRunner
+
+from tests.fake_modal import Recorder, fake_modal_server
+from volembed_runner.backends.modal import launch
+from volembed_runner.cli import app
+from volembed_runner.estimate import estimate
+from volembed_runner.estimate.rates import calibration_path
+from volembed_runner.loading import load_spec
+from volembed_runner.plan import make_plan
+
+from .tei_server import TEIServer
+
+runner = CliRunner()
+
+SPEC = """\
+version: 1
+name: probe-job
+backend: modal
+volume: vol-probe
+dataset:
+  files: [docs.jsonl]
+chunking: {size: 32, overlap: 4}
+embedding: {model: sentence-transformers/all-MiniLM-L6-v2}
+compute: {gpu: L4, concurrency_limit: 2, allow_concurrent_inputs: 2, retries: 1, timeout: 600}
+"""
+MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class FakeRouter:
+    """Stands in for text-embeddings-router: the TEI stand-in already listens."""
+
+    @classmethod
+    def start(cls, args: list[str], *, port: int, timeout: float) -> FakeRouter:
+        return cls()
+
+    def stop(self) -> None:
+        pass
+
+
+class Probed:
+    """The fake's container for `Embedder.probe`: each app launch.probe imports is entered as a GPU container."""
+
+    def __init__(self, server: TEIServer) -> None:
+        self.server = server
+        self.modules: list[ModuleType] = []
+
+    def imported(self, module: ModuleType) -> ModuleType:
+        module.TEIRouter = FakeRouter  # type: ignore[attr-defined]
+        module.TEI_URL = self.server.url  # type: ignore[attr-defined]
+        self.modules.append(module)
+        return module
+
+    def probe(self, texts: list[str], n_tokens: list[int], keep: int) -> Any:
+        embedder = self.modules[-1].Embedder()
+        synchronizer._translate_in(embedder)._enter()  # .local() skips @modal.enter for async methods
+        return asyncio.run(embedder.probe.local(texts, n_tokens, keep))
+
+
+@pytest.fixture
+def spec(tmp_path: Path) -> Path:
+    with (tmp_path / "docs.jsonl").open("w") as fh:
+        for i in range(40):
+            fh.write(json.dumps({"text": f"Document {i}. " + "Words of Zürich café and more. " * (i % 7 + 1)}) + "\n")
+    path = tmp_path / "spec.yaml"
+    path.write_text(SPEC)
+    return path
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Recorder, TEIServer]]:
+    with TEIServer(max_client_batch_size=8, delay=0.02) as server, fake_modal_server() as rec:
+        probed = Probed(server)
+        real = launch.import_app
+        monkeypatch.setattr(launch, "import_app", lambda path: probed.imported(real(path)))
+        rec.workers["Embedder.probe"] = probed.probe
+        yield rec, server
+        deadline = time.time() + 30
+        while any(a.finished is None for a in rec.attempts) and time.time() < deadline:
+            time.sleep(0.05)
+
+
+def _gpus_probed(rec: Recorder) -> list[str]:
+    """The GPU of the Embedder of each app whose probe input ran, in order."""
+    gpus = []
+    for req in rec.requests("FunctionCreate"):
+        fn = req.function if req.HasField("function") else req.function_data.ranked_functions[0].function
+        if fn.function_name == "Embedder.*":
+            gpus.append(fn.resources.gpu_config.gpu_type)
+    return gpus
+
+
+@pytest.mark.slow
+def test_the_probe_is_priced_before_it_runs_and_its_rate_calibrates_the_next_dry_run(
+    spec: Path, fake: tuple[Recorder, TEIServer]
+) -> None:
+    rec, server = fake
+    plan = make_plan(load_spec(spec), spec)
+    before = estimate(plan)
+    assert before.throughput["kind"] != "calibrated"
+
+    result = runner.invoke(app, ["calibrate", str(spec), "--chunks", "24", "--compare", "A10", "--yes"])
+    assert result.exit_code == 0, result.output
+    costs = [line for line in result.output.splitlines() if line.startswith("GPU probe on")]
+    assert [line.split(":")[0] for line in costs] == ["GPU probe on L4", "GPU probe on A10"]
+    assert all("≈ $" in line and "at most $" in line and "2 × " in line for line in costs)
+    assert result.output.index("GPU probe on A10") < result.output.index("calibrated ")  # priced before it ran
+    assert len(rec.attempts_of("Embedder.probe")) == 2 and _gpus_probed(rec) == ["L4", "A10"]
+    assert len(server.embedded) >= 2 * 2 * 24  # per GPU: the sample once to warm up, once timed
+
+    stored = json.loads(calibration_path().read_text())["entries"]
+    l4, a10 = stored[f"modal|{MODEL}|L4|tei"], stored[f"modal|{MODEL}|A10|tei"]
+    assert l4["image"].endswith(":89-1.9.3") and a10["image"].endswith(":86-1.9.3")
+    assert l4["chunks"] == 24 and l4["probe"] and l4["warmup_seconds"] > 0 and l4["cold_start_seconds"] >= 0
+    # The stand-in sleeps 20 ms per request: the measured rate is the stand-in's, far below the catalog's.
+    assert l4["tokens_per_second"] < before.throughput["tokens_per_second"] / 10
+
+    after = estimate(plan)
+    assert after.throughput["kind"] == "calibrated"
+    assert after.throughput["tokens_per_second"] == pytest.approx(l4["tokens_per_second"])
+    assert "24 chunks" in after.throughput["source"] and l4["image"] in after.throughput["source"]
+    assert after.cost_usd > before.cost_usd  # a slower GPU than the catalog said: more GPU-hours
+    a10_row = next(r for r in after.alternatives if r["gpu"] == "A10")
+    assert a10_row["rate_kind"] == "calibrated"
+
+
+def test_a_probe_over_max_cost_is_refused_before_anything_is_created(
+    spec: Path, fake: tuple[Recorder, TEIServer]
+) -> None:
+    rec, _ = fake
+    result = runner.invoke(app, ["calibrate", str(spec), "--chunks", "8", "--set", "compute.max_cost=0.000001"])
+    assert result.exit_code == 4
+    assert "exceeds compute.max_cost" in result.output and "Traceback" not in result.output
+    assert not rec.requests("AppCreate") and not rec.attempts_of("Embedder.probe")
+    assert not calibration_path().exists()

@@ -117,6 +117,8 @@ def test_the_probe_is_priced_before_it_runs_and_its_rate_calibrates_the_next_dry
     plan = make_plan(load_spec(spec), spec)
     before = estimate(plan)
     assert before.throughput["kind"] != "calibrated"
+    dry = runner.invoke(app, [str(spec), "--dry-run"])
+    assert f"not calibrated: the {before.throughput['kind']} rate" in dry.output and "uncalibrated:" not in dry.output
 
     result = runner.invoke(app, ["calibrate", str(spec), "--chunks", "24", "--compare", "A10", "--yes"])
     assert result.exit_code == 0, result.output
@@ -141,6 +143,13 @@ def test_the_probe_is_priced_before_it_runs_and_its_rate_calibrates_the_next_dry
     assert after.cost_usd > before.cost_usd  # a slower GPU than the catalog said: more GPU-hours
     a10_row = next(r for r in after.alternatives if r["gpu"] == "A10")
     assert a10_row["rate_kind"] == "calibrated"
+    assert after.uncalibrated["tokens_per_second"] == pytest.approx(before.throughput["tokens_per_second"])
+    assert after.uncalibrated["cost_usd"] == pytest.approx(before.cost_usd)
+    dry = runner.invoke(app, [str(spec), "--dry-run"])
+    total = next(line for line in dry.output.splitlines() if line.startswith("total:"))
+    assert total.endswith("(calibrated rate)") and "not calibrated" not in dry.output
+    side = next(line for line in dry.output.splitlines() if line.startswith("uncalibrated:"))
+    assert f"at the {before.throughput['kind']} rate ({before.throughput['tokens_per_second']:,.0f} tokens/s)" in side
 
 
 def test_a_probe_over_max_cost_is_refused_before_anything_is_created(

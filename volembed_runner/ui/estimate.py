@@ -93,7 +93,18 @@ def render(est: Estimate, console: Console) -> None:
         summary += fmt_range(iv.get("cost_usd"), fmt_usd, "range")
     if est.effective_gpus is not None:
         summary += f"; {est.effective_gpus} × {est.gpu} at once"
+    kind = (est.throughput or {}).get("kind")
+    if kind:
+        summary += f" ({kind} rate)"
     console.print(summary, markup=False)
+    base = est.uncalibrated
+    if base is not None:
+        console.print(f"uncalibrated: {fmt_duration(base['wall_seconds'])}, "
+                      f"{'$0' if local else fmt_usd(base['cost_usd'])} at the {base['kind']} rate "
+                      f"({base['tokens_per_second']:,.0f} tokens/s), which the calibrated one replaces", markup=False)
+    elif not local and kind is not None:
+        console.print(f"not calibrated: the {kind} rate is not measured on this job; `volembed-run calibrate SPEC` "
+                      "probes the GPU (priced before it starts)", markup=False)
     for reason in est.unknown:
         console.print(f"unknown: {reason}", markup=False)
 

@@ -156,7 +156,7 @@ def _run_modal(plan: Plan, *, until: str | None, yes: bool, detach: bool, prices
         return ask(err, f"Start {plan.name} on Modal (estimated {shown})? [y/N] ")
 
     check_spend(plan, estimate(plan, prices=prices), yes=yes, confirm=confirm if sys.stdin.isatty() else None)
-    launched = run_modal(plan, until=until, detach=detach,
+    launched = run_modal(plan, until=until, detach=detach, prices=prices,
                          on_upload=lambda n, where: err.print(f"uploading {n} file(s) to Modal volume {where}",
                                                               markup=False))
     if launched.detached:

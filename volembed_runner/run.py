@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from volembed_runner import store
@@ -66,11 +67,12 @@ def check_spend(plan: Plan, est: S, *, yes: bool, confirm: Callable[[S], bool] |
 
 
 def run_modal(plan: Plan, *, until: str | None, detach: bool,
-              on_upload: Callable[[int, str], None] | None = None) -> Launched:
-    """Run `plan` on Modal (after `check_spend`); raises StageError when shards failed."""
+              on_upload: Callable[[int, str], None] | None = None, prices: Path | None = None) -> Launched:
+    """Run `plan` on Modal (after `check_spend`); raises StageError when shards failed, BudgetExhausted when it
+    stopped at `compute.max_cost` (counted at `prices`)."""
     from volembed_runner.backends.modal import launch
 
-    return launch.run(plan, until=until, detach=detach, on_upload=on_upload)
+    return launch.run(plan, until=until, detach=detach, on_upload=on_upload, prices=prices)
 
 
 class _EmbedTokens:

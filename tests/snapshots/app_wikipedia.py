@@ -105,6 +105,9 @@ INPUT_WORK_S = 14435
 # rest of its timeout records the manifest and spawns the next orchestrator.
 HANDOVER_AFTER_S = 70165
 MAX_PASSES = 60
+# compute.max_cost as the orchestrator holds it (volembed_runner/budget.py): each stage's containers at these prices,
+# per second; it stops feeding before an input that would pass it. None: no budget.
+BUDGET = None
 
 # The resolved job: settings, fingerprints and provenance (spec, its hash, the git commit) this container can't see.
 PLAN = {
@@ -312,6 +315,7 @@ with cpu_image.imports():
         shard_errors,
         sync_volume,
     )
+    from volembed_runner.budget import Budget
     from volembed_runner.lease import Holder
     from volembed_runner.orchestrate import Event, ShardFinished, StageStarted
     from volembed_runner.orchestrate import orchestrate as run_pipeline
@@ -445,10 +449,15 @@ def orchestrate(until: str = "", passes: int = 1) -> dict:
     outcome = run_pipeline(plan, Path(ROOT), mapper, lease_store=DictLeaseStore(leases, LEASE_RUN),
                            holder=Holder.here("modal"), work_seconds=INPUT_WORK_S, wait=INPUT_WORK_S,
                            until=until or None, deadline=deadline, fleet=fleet_of(plan, EMBED_TOKENS_PER_SECOND),
-                           on_event=log_event)
+                           on_event=log_event, budget=Budget.from_dict(BUDGET) if BUDGET else None)
     sync_volume(volume)
+    if outcome.over_budget:
+        cost = outcome.budget or {}
+        print(f"[budget] stopped feeding at ${cost.get('spent_usd', 0):,.2f} of compute.max_cost "
+              f"${cost.get('max_cost_usd', 0):,.2f}; {cost.get('remaining_embed_units')} embed unit(s) left",
+              flush=True)
     summary = {"ok": outcome.ok, "failed": outcome.failed, "stages": outcome.stages_run, "passes": passes,
-               "handover": outcome.handover, "next_call": None}
+               "handover": outcome.handover, "next_call": None, "budget": outcome.budget}
     if outcome.handover and passes < MAX_PASSES:
         summary["next_call"] = orchestrate.spawn(until, passes + 1).object_id
     return summary

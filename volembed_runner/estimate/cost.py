@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from volembed_runner import catalog
+from volembed_runner.budget import Budget, StagePrice
 from volembed_runner.estimate.prices import Prices
 from volembed_runner.estimate.rates import Rate, tei_rate
 from volembed_runner.estimate.sizes import Counts
@@ -93,6 +94,31 @@ def probe_cost(plan: Plan, processed: float, rate: Rate, prices: Prices) -> Prob
             f"{c.timeout:,} s)")
     return ProbeCost(c.gpu, seconds, None if per_second is None else seconds * per_second,
                      None if per_second is None else worst * per_second, note)
+
+
+def budget_of(plan: Plan, prices: Prices, tokens_per_second: float) -> Budget | None:
+    """`compute.max_cost` as the orchestrator holds it: each stage's containers at their per-second prices, with the
+    starts `modal_job` counts (a GPU container: start, model load and scale-down idle), or None without a budget.
+    A stage whose price is unknown is not counted (the source says so)."""
+    if plan.compute.max_cost is None:
+        return None
+    consts = catalog.throughput()["modal"]
+    c = plan.compute
+    cpu_start = float(consts["cpu_container_start_seconds"])
+    gpu_start = float(consts["gpu_container_start_seconds"] + consts["tei_model_load_seconds"] + c.embed_scaledown_s)
+    shapes = {
+        "download": (c.download.cpu, c.download.memory_gib, None, cpu_start, c.download_max_containers, 1),
+        "chunk": (c.chunk.cpu, c.chunk.memory_gib, None, cpu_start, c.chunk_workers, 1),
+        "embed": (c.embed.cpu, c.embed.memory_gib, c.gpu, gpu_start, c.concurrency_limit, c.allow_concurrent_inputs),
+    }
+    stages: dict[str, StagePrice] = {}
+    for name, (cores, gib, gpu, start, containers, inputs) in shapes.items():
+        per_second = prices.container(1.0, cores, gib, gpu)
+        if per_second is not None:
+            stages[name] = StagePrice(per_second, start, containers, inputs)
+    missing = [name for name in shapes if name not in stages]
+    source = prices.source + (f"; not counted (price unknown): {', '.join(missing)}" if missing else "")
+    return Budget(float(c.max_cost), stages, tokens_per_second, source + "; the orchestrator and storage not counted")
 
 
 def total(values: list[float | None]) -> float | None:

@@ -69,6 +69,13 @@ def print_status(manifest: dict[str, Any], console: Console) -> None:
     if totals:
         console.print("totals: " + ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}"
                                              for k, v in totals.items()), markup=False)
+    cost = manifest.get("cost")
+    if cost:
+        stopped = ("; stopped at the budget: raise compute.max_cost and rerun to continue"
+                   if cost.get("stopped_at_budget") else "")
+        console.print(f"cost: ${cost['spent_usd']:,.2f} so far of compute.max_cost ${cost['max_cost_usd']:,.2f} "
+                      f"(container-seconds × prices), projected total ${cost['projected_total_usd']:,.2f}{stopped}",
+                      markup=False)
     for name, entry in stages.items():
         failed = entry.get("failed") or {}
         for shard, cause in list(failed.items())[:FAILURES_SHOWN]:

@@ -3,7 +3,9 @@
 The probe is the job's own rendered app, run ephemerally; its `Embedder.probe` input is run by the fake with the
 rendered module's own method body (`.local()`, entered as a container would be), talking to the TEI stand-in instead
 of the router. What this checks: the probe is priced and confirmed before anything is created, its measured rate is
-stored under the key the dry run reads, and the next dry run uses it, marked calibrated.
+stored under the key the dry run reads, and the next dry run uses it, marked calibrated; its vectors are compared
+with the reference library's (here the stand-in's reference vectors, which it answers unless told to drift), and a
+run whose probe disagreed refuses to start without --yes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import pytest
 from modal._utils.async_utils import synchronizer
 from typer.testing import CliRunner
@@ -23,12 +26,13 @@ from typer.testing import CliRunner
 from tests.fake_modal import Recorder, fake_modal_server
 from volembed_runner.backends.modal import launch
 from volembed_runner.cli import app
+from volembed_runner.estimate import calibrate as calibrate_module
 from volembed_runner.estimate import estimate
 from volembed_runner.estimate.rates import calibration_path
 from volembed_runner.loading import load_spec
 from volembed_runner.plan import make_plan
 
-from .tei_server import TEIServer
+from .tei_server import TEIServer, expected_vector
 
 runner = CliRunner()
 
@@ -93,6 +97,8 @@ def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Recorder, TEIServer]
         real = launch.import_app
         monkeypatch.setattr(launch, "import_app", lambda path: probed.imported(real(path)))
         rec.workers["Embedder.probe"] = probed.probe
+        monkeypatch.setattr(calibrate_module, "reference_vectors", lambda plan, texts, n_tokens: (
+            np.stack([expected_vector(t, server.dim) for t in texts]), "the reference"))
         yield rec, server
         deadline = time.time() + 30
         while any(a.finished is None for a in rec.attempts) and time.time() < deadline:
@@ -119,6 +125,7 @@ def test_the_probe_is_priced_before_it_runs_and_its_rate_calibrates_the_next_dry
     assert before.throughput["kind"] != "calibrated"
     dry = runner.invoke(app, [str(spec), "--dry-run"])
     assert f"not calibrated: the {before.throughput['kind']} rate" in dry.output and "uncalibrated:" not in dry.output
+    assert f"quality: not checked: TEI's vectors for {MODEL} on L4 were not compared" in dry.output
 
     result = runner.invoke(app, ["calibrate", str(spec), "--chunks", "24", "--compare", "A10", "--yes"])
     assert result.exit_code == 0, result.output
@@ -133,6 +140,7 @@ def test_the_probe_is_priced_before_it_runs_and_its_rate_calibrates_the_next_dry
     l4, a10 = stored[f"modal|{MODEL}|L4|tei"], stored[f"modal|{MODEL}|A10|tei"]
     assert l4["image"].endswith(":89-1.9.3") and a10["image"].endswith(":86-1.9.3")
     assert l4["chunks"] == 24 and l4["probe"] and l4["warmup_seconds"] > 0 and l4["cold_start_seconds"] >= 0
+    assert l4["quality"]["checked"] and l4["quality"]["min_cosine"] > 0.9999 and l4["quality"]["chunks"] == 16
     # The stand-in sleeps 20 ms per request: the measured rate is the stand-in's, far below the catalog's.
     assert l4["tokens_per_second"] < before.throughput["tokens_per_second"] / 10
 
@@ -161,3 +169,33 @@ def test_a_probe_over_max_cost_is_refused_before_anything_is_created(
     assert "exceeds compute.max_cost" in result.output and "Traceback" not in result.output
     assert not rec.requests("AppCreate") and not rec.attempts_of("Embedder.probe")
     assert not calibration_path().exists()
+
+
+def test_a_probe_whose_vectors_disagree_blocks_the_run_without_yes(
+    spec: Path, fake: tuple[Recorder, TEIServer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, server = fake
+    server.drift = 3.0  # TEI answers vectors off the reference (as TEI #642 reports for Qwen3 embeddings)
+    assert runner.invoke(app, ["calibrate", str(spec), "--chunks", "8", "--yes"]).exit_code == 0
+    quality = json.loads(calibration_path().read_text())["entries"][f"modal|{MODEL}|L4|tei"]["quality"]
+    assert quality["checked"] and quality["min_cosine"] < 0.5
+    launched: list[str] = []
+    monkeypatch.setattr(launch, "run", lambda plan, **kw: launched.append(plan.name) or launch.Launched(
+        plan.name, "ap-1", "fc-1", detached=True))
+    refused = runner.invoke(app, [str(spec)])
+    assert refused.exit_code == 4 and not launched
+    (line,) = refused.output.strip().splitlines()
+    assert f"TEI's vectors for {MODEL} on L4 at min cosine {quality['min_cosine']:.4f}" in line and "--yes" in line
+    assert runner.invoke(app, [str(spec), "--yes"]).exit_code == 0 and launched == ["probe-job"]
+
+
+@pytest.mark.slow
+def test_the_reference_is_sentence_transformers_where_the_model_resolves_here(spec: Path) -> None:
+    plan = make_plan(load_spec(spec), spec)
+    sample = calibrate_module.sample_of(plan, 4)
+    reference, library = calibrate_module.reference_vectors(plan, sample.texts, sample.n_tokens)
+    assert library.startswith("sentence-transformers ") and reference.shape == (4, 384)
+    same = calibrate_module.quality(plan, sample.texts, sample.n_tokens, reference.tolist())
+    assert same["checked"] and same["min_cosine"] > 0.9999
+    off = calibrate_module.quality(plan, sample.texts, sample.n_tokens, (-reference).tolist())
+    assert off["min_cosine"] < -0.99

@@ -144,10 +144,11 @@ def _run_modal(plan: Plan, *, until: str | None, yes: bool, detach: bool, prices
                as_json: bool) -> None:
     from volembed_runner.backends.modal.render import validate
     from volembed_runner.estimate import Estimate, estimate
-    from volembed_runner.run import check_spend, run_modal
+    from volembed_runner.run import check_quality, check_spend, run_modal
     from volembed_runner.ui.estimate import render
 
     validate(plan)  # a spec that cannot run well on Modal is refused before its estimate is shown
+    check_quality(plan, yes=yes)
     err = err_console()
 
     def confirm(est: Estimate) -> bool:

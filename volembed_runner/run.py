@@ -66,6 +66,23 @@ def check_spend(plan: Plan, est: S, *, yes: bool, confirm: Callable[[S], bool] |
         raise BackendError("not started (answered no)")
 
 
+def check_quality(plan: Plan, *, yes: bool) -> None:
+    """Refuse (unless `yes`) a Modal run whose GPU probe found TEI's vectors off the reference library's."""
+    from volembed_runner import catalog
+    from volembed_runner.estimate.rates import calibration_key, load_calibrations, quality_line
+
+    model, gpu = plan.model.ref, plan.compute.gpu
+    entry = load_calibrations().get(calibration_key("modal", model, gpu, "tei"))
+    _, low = quality_line(model, gpu, entry)
+    if low and not yes:
+        q = (entry or {})["quality"]
+        known = catalog.find_model(model)
+        issues = f" (known issues: {', '.join(known.known_issues)})" if known and known.known_issues else ""
+        raise BackendError(f"the GPU probe found TEI's vectors for {model} on {gpu} at min cosine "
+                           f"{q['min_cosine']:.4f} (mean {q['mean_cosine']:.4f}) to {q['reference']}'s, under "
+                           f"{q['threshold']}{issues}; check the model and TEI version, or pass --yes to run anyway")
+
+
 def run_modal(plan: Plan, *, until: str | None, detach: bool,
               on_upload: Callable[[int, str], None] | None = None, prices: Path | None = None) -> Launched:
     """Run `plan` on Modal (after `check_spend`); raises StageError when shards failed, BudgetExhausted when it

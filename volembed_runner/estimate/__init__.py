@@ -26,7 +26,14 @@ from volembed_runner.estimate.cost import (
     time_cost_interval,
 )
 from volembed_runner.estimate.prices import load_prices
-from volembed_runner.estimate.rates import Rate, load_calibrations, local_rate, tei_rate
+from volembed_runner.estimate.rates import (
+    Rate,
+    calibration_key,
+    load_calibrations,
+    local_rate,
+    quality_line,
+    tei_rate,
+)
 from volembed_runner.estimate.sampling import (
     SAMPLE_CAP,
     CountingTokenizer,
@@ -77,6 +84,7 @@ class Estimate:
     seconds_taken: float = 0.0
     # With a calibrated rate: the same job at the rate the dry run would use without it (catalog table or scaled).
     uncalibrated: dict[str, Any] | None = None
+    quality: str | None = None  # Modal: how TEI's vectors compared with the reference library's in the GPU probe
 
     @property
     def gpu_hours(self) -> float | None:
@@ -120,6 +128,7 @@ def estimate(plan: Plan, *, prices: Path | None = None, sample_cap: int = SAMPLE
 
     rate: Rate | None
     priced: Priced | None = None
+    quality = None
     if plan.backend == "local":
         rate = local_rate(plan, calibrations) if plan.embed.engine == "local" else None
         if rate is None:
@@ -132,6 +141,10 @@ def estimate(plan: Plan, *, prices: Path | None = None, sample_cap: int = SAMPLE
         assumptions.append(f"local run overhead: {local['overhead_seconds']} s ({local['overhead_source']})")
     else:
         rate = tei_rate(model, plan.compute.gpu, calibrations)
+        quality, low = quality_line(model, plan.compute.gpu,
+                                    calibrations.get(calibration_key("modal", model, plan.compute.gpu, "tei")))
+        if low:
+            warnings.append(quality)
         fleet = fleet_of(plan, rate.tokens_per_second)
         if job is not None:
             priced = price(plan, job, rate.tokens_per_second, rate, price_table, dim, sizes.remote)
@@ -190,6 +203,7 @@ def estimate(plan: Plan, *, prices: Path | None = None, sample_cap: int = SAMPLE
         gpu_usd_per_hour=None if price_table.gpu.get(plan.compute.gpu) is None
         else float(price_table.gpu[plan.compute.gpu] or 0.0) * 3600,
         uncalibrated=uncalibrated,
+        quality=quality,
     )
     est.seconds_taken = time.monotonic() - started
     return est

@@ -17,10 +17,10 @@ from itertools import islice
 from typing import Any
 
 from volembed_runner import chunking, sources
-from volembed_runner.errors import BackendError, SourceError, SpecError, SpecIssue
+from volembed_runner.errors import BackendError, SourceError, SpecError, SpecIssue, VolembedError, describe
 from volembed_runner.estimate.cost import ProbeCost, probe_cost
 from volembed_runner.estimate.prices import Prices
-from volembed_runner.estimate.rates import calibration_key, store_calibration, tei_rate
+from volembed_runner.estimate.rates import QUALITY_MIN_COSINE, calibration_key, store_calibration, tei_rate
 from volembed_runner.estimate.sampling import CountingTokenizer, added_tokens, counting_tokenizer
 from volembed_runner.estimate.sizes import text_readers
 from volembed_runner.plan import Plan
@@ -76,6 +76,7 @@ def calibrate(plan: Plan, *, sample_chunks: int = 256,
                  "router_start_seconds": result.get("router_start_seconds"),
                  "cold_start_seconds": None if result.get("call_seconds") is None
                  else max(0.0, float(result["call_seconds"]) - inside)}
+        extra["quality"] = quality(plan, texts[:PROBE_VECTORS], n_tokens[:PROBE_VECTORS], result.get("vectors"))
         backend, device, engine_name = "modal", plan.compute.gpu, "tei"
     elif runner is None:
         from volembed_runner.embedders.local import LocalEmbedder
@@ -129,6 +130,43 @@ class ProbeSpend:
         """The expected total; None when a price is unknown."""
         values = [c.cost_usd for c in self.costs]
         return None if any(v is None for v in values) else float(sum(v or 0.0 for v in values))
+
+
+def reference_vectors(plan: Plan, texts: list[str], n_tokens: list[int]) -> tuple[Any, str]:
+    """The reference library's vectors for `texts`: sentence-transformers in fp32 through the local engine, where
+    it and the model resolve on this machine (ImportError, OSError or VolembedError where they do not)."""
+    import importlib.metadata
+
+    from volembed_runner.embedders.local import LocalEmbedder
+
+    e, model = plan.embed, plan.model
+    # The model as this machine finds it (a package or the Hub cache), not the image's copy a Modal plan names.
+    engine = LocalEmbedder(model=model.ref, revision=model.revision, prefix=e.prefix, normalize=e.normalize,
+                           precision="fp32", dimensions=e.dimensions, threads=plan.machine.cores, download=False)
+    return engine.embed(texts, n_tokens), f"sentence-transformers {importlib.metadata.version('sentence-transformers')}"
+
+
+def quality(plan: Plan, texts: list[str], n_tokens: list[int], vectors: list[list[float]] | None) -> dict[str, Any]:
+    """Cosine between the probe's TEI vectors and the reference library's for the same chunks (min and mean), or
+    why it was not checked."""
+    import numpy as np
+
+    if not vectors:
+        return {"checked": False, "why": "the probe returned no vectors"}
+    try:
+        reference, library = reference_vectors(plan, texts[:len(vectors)], n_tokens[:len(vectors)])
+    except (ImportError, OSError, VolembedError) as exc:
+        return {"checked": False, "why": f"the reference library cannot encode {plan.model.ref} here: "
+                                         f"{describe(exc)}"}
+    tei = np.asarray(vectors, dtype=np.float64)
+    ref = np.asarray(reference, dtype=np.float64)
+    if tei.shape != ref.shape:
+        return {"checked": True, "min_cosine": 0.0, "mean_cosine": 0.0, "chunks": len(tei), "reference": library,
+                "threshold": QUALITY_MIN_COSINE, "note": f"TEI answered {tei.shape[1]}-dim vectors, "
+                                                          f"{library} {ref.shape[1]}-dim"}
+    cos = (tei * ref).sum(axis=1) / (np.linalg.norm(tei, axis=1) * np.linalg.norm(ref, axis=1))
+    return {"checked": True, "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()), "chunks": len(tei),
+            "reference": library, "threshold": QUALITY_MIN_COSINE}
 
 
 def probe_costs(plans: Sequence[Plan], sample: Sample, prices: Prices) -> list[ProbeCost]:

@@ -105,6 +105,8 @@ def render(est: Estimate, console: Console) -> None:
     elif not local and kind is not None:
         console.print(f"not calibrated: the {kind} rate is not measured on this job; `volembed-run calibrate SPEC` "
                       "probes the GPU (priced before it starts)", markup=False)
+    if est.quality:
+        console.print(est.quality, markup=False)
     for reason in est.unknown:
         console.print(f"unknown: {reason}", markup=False)
 

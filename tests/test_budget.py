@@ -52,7 +52,7 @@ def test_a_rate_below_the_estimate_stops_feeding_before_the_unit_that_would_pass
     assert admitted == 5  # at the plan's rate the budget would have let 10 units in
     assert meter.stopped and meter.total == 10.0 and meter.rate() == 50.0
     record = meter.record(remaining_units=3, remaining_tokens=300.0)
-    assert record["stopped_at_budget"] and record["spent_usd"] == 10.0
+    assert record["stopped_at_budget"] and record["spent_usd"] == 10.0 and record["would_reach_usd"] == 12.0
     assert record["projected_total_usd"] == 16.0 and record["measured_tokens_per_second"] == 50.0
 
 

@@ -5,8 +5,8 @@ stage runs `ceil(inputs in flight / inputs per container)` containers (at most i
 per second at its price (GPU + cores + memory), plus, once per container it brings up, its start (for a GPU: start,
 model load and the scale-down idle after its last input). A `Meter` integrates that over the orchestrator's clock
 as inputs are fed and finish. Before an embed unit is fed, the cost so far plus the GPU time of every unit fed and
-not finished, and of this one, at the rate measured so far (the plan's rate until a unit has finished), must stay
-within the budget; otherwise the feed stops, what is in flight drains, and the run ends saying so. A CPU input is
+not finished (counted whole: the progress of a unit in flight is not known), and of this one, at the rate measured
+so far (the plan's rate until a unit has finished), must stay within the budget; otherwise the feed stops, what is in flight drains, and the run ends saying so. A CPU input is
 fed while the cost so far is under the budget. The cost of earlier passes of the same run is carried in.
 """
 
@@ -63,6 +63,7 @@ class Meter:
     done_tokens: float = 0.0
     gpu_seconds: float = 0.0  # embed containers' busy seconds (what the measured rate divides by)
     stopped: bool = False
+    would_reach: float | None = None  # when stopped: the cost the refused input, with those in flight, projected
     _tokens: dict[str, float] = field(default_factory=dict)
     _last: float = 0.0
 
@@ -115,7 +116,7 @@ class Meter:
             else:
                 committed = 0.0
             if self.total + start + committed > self.budget.max_cost:
-                self.stopped = True
+                self.stopped, self.would_reach = True, self.total + start + committed
                 return False
             self.spent += start
             self.peak = max(self.peak, self._containers(self.in_flight + 1))
@@ -145,6 +146,7 @@ class Meter:
             "projected_total_usd": round(self.projected_total(remaining_tokens), 6),
             "measured_tokens_per_second": round(self.rate(), 1) if self.done_tokens else None,
             "stopped_at_budget": self.stopped,
+            "would_reach_usd": None if self.would_reach is None else round(self.would_reach, 6),
             "remaining_embed_units": remaining_units,
             "prices": self.budget.source,
         }

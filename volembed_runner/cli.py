@@ -342,7 +342,11 @@ def _probe(spec: Path, sets: list[str] | None, plan: Plan, *, chunks: int, compa
     from volembed_runner.ui.console import print_probe_cost
 
     launch.require_credentials()  # before the sample is cut and priced
-    plans = [plan, *(_load(spec, [*(sets or []), f"compute.gpu={gpu}"], "modal") for gpu in compare)]
+    plans = [plan]
+    for gpu in compare:
+        other = _load(spec, [*(sets or []), f"compute.gpu={gpu}"], "modal")
+        if other.compute.gpu not in [p.compute.gpu for p in plans]:  # each GPU type once, aliases included
+            plans.append(other)
     err = err_console()
 
     def approve(spend: ProbeSpend) -> None:

@@ -161,7 +161,8 @@ def orchestrate(
         manifest = Manifest.open(root, plan)
         meter = None
         if budget is not None:
-            carried = previous.get("cost") if previous.get("status") != "succeeded" else None
+            finished = previous.get("status") == "succeeded" and "embed" in (previous.get("stages") or {})
+            carried = None if finished else previous.get("cost")  # spend of this run's unfinished passes
             meter = Meter(budget, clock, spent_before=float((carried or {}).get("spent_usd") or 0.0))
         try:
             return _passes(plan, root, mapper, manifest, keeper, until, deadline, fleet, clock,

@@ -234,10 +234,11 @@ def _check(plan: Plan, summary: dict[str, Any]) -> None:
     if cost.get("stopped_at_budget"):
         measured = cost.get("measured_tokens_per_second")
         rate = f" at the measured {measured:,.0f} tokens/s per GPU" if measured else ""
-        raise BudgetExhausted(f"{plan.name}: stopped at compute.max_cost ${cost['max_cost_usd']:,.2f} with "
-                              f"${cost['spent_usd']:,.2f} spent; {cost['remaining_embed_units']} embed unit(s) left, "
-                              f"projected total ${cost['projected_total_usd']:,.2f}{rate}; finished units are kept: "
-                              "raise compute.max_cost and rerun to continue")
+        raise BudgetExhausted(f"{plan.name}: stopped feeding at ${cost['spent_usd']:,.2f} spent: the next unit, with "
+                              f"those in flight, would have brought it to ${cost['would_reach_usd']:,.2f}{rate}, over "
+                              f"compute.max_cost ${cost['max_cost_usd']:,.2f}; {cost['remaining_embed_units']} embed "
+                              f"unit(s) left (projected total ${cost['projected_total_usd']:,.2f}); finished units are "
+                              "kept: raise compute.max_cost and rerun to continue")
     if summary.get("handover"):
         raise StageError(f"{plan.name}: stopped after {summary.get('passes')} orchestrator passes without finishing; "
                          "rerun the spec to continue")

@@ -27,6 +27,7 @@ import inspect
 import json
 import os
 import time
+import unicodedata
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -55,6 +56,12 @@ def ovos_docs() -> list[str]:
     return texts + ["\n\n".join(texts[i : i + 40]) for i in range(0, len(texts), 40)]
 
 
+def _inside_word(before: str, after: str) -> bool:
+    """Two letters or digits side by side; wide (CJK) characters are words of their own to WordPiece's pre-tokenizer."""
+    wide = unicodedata.east_asian_width(before) in "WF" or unicodedata.east_asian_width(after) in "WF"
+    return before.isalnum() and after.isalnum() and not wide
+
+
 def check(tok, docs: list[str], size: int, limit: int, prefix: str) -> dict[str, float]:
     """Chunk `docs`, re-encode every chunk as a server would, and count those over `limit`."""
     takes_prefix = "prefix" in inspect.signature(chunking.chunk_texts).parameters
@@ -72,7 +79,7 @@ def check(tok, docs: list[str], size: int, limit: int, prefix: str) -> dict[str,
     wrong = sum(n != k + special + pc for n, k in zip(lengths, cols.n_tokens, strict=True))
     starts_mid_word = sum(
         1 for d, a in zip(cols.doc_index, cols.char_start, strict=True)
-        if a > 0 and docs[d][a - 1].isalnum() and docs[d][a].isalnum()
+        if a > 0 and _inside_word(docs[d][a - 1], docs[d][a])
     )  # fmt: skip
     return {
         "documents": len(docs),

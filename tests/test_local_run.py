@@ -198,8 +198,8 @@ def test_failed_shards_are_listed_and_retried_on_the_next_run(tmp_path: Path) ->
     victim.write_bytes(b"not parquet")
 
     code, out = run_cli(str(spec), "--until", "chunk")
-    assert code == 1
-    assert "1 shard(s) failed" in out and "rerun the same command" in out
+    assert code == 3  # an unreadable shard: the same rerun alone fails again, so it is not advised
+    assert "1 shard(s) failed" in out and "fix it, then rerun" in out
     manifest = json.loads(store.manifest_path(plan.local_root(), plan.name).read_text())
     failed = manifest["stages"]["chunk"]["failed"]
     assert list(failed) == [victim.name[len("shard-"):-len(".parquet")]] and manifest["status"] == "failed"

@@ -368,7 +368,7 @@ def test_a_run_slower_than_its_estimate_stops_at_the_budget_keeps_its_units_and_
     assert sorted(a.args[0] for a in live.embed_attempts()) == done  # what was fed drained and was written
     cost = manifest["cost"]
     assert cost["stopped_at_budget"] and cost["remaining_embed_units"] == total - len(done)
-    assert 0 < cost["spent_usd"] and cost["would_reach_usd"] > cost["max_cost_usd"] == 4.0
+    assert cost["spent_usd"] > 0 and cost["would_reach_usd"] > cost["max_cost_usd"] == 4.0
     assert summary["budget"] == cost
     with pytest.raises(BudgetExhausted) as stopped:
         launch._check(live.plan, summary)

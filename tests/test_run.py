@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from volembed_runner import run as running
 from volembed_runner.backends.modal import launch
 from volembed_runner.cli import app
+from volembed_runner.errors import Declined
 
 runner = CliRunner()
 
@@ -39,6 +40,8 @@ def launched(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         return launch.Launched(plan.name, "ap-1", None, detached=False, summary={"ok": True, "stages": []})
 
     monkeypatch.setattr(launch, "run", fake_run)
+    monkeypatch.setenv("MODAL_TOKEN_ID", "ak-test")  # credentials are checked before the estimate
+    monkeypatch.setenv("MODAL_TOKEN_SECRET", "as-test")
     return calls
 
 
@@ -81,7 +84,7 @@ def test_a_terminal_is_asked_before_spending(tmp_path: Path, launched: list[str]
     console = Console(file=io.StringIO(), force_terminal=False)
     asked: list[str] = []
     monkeypatch.setattr(console, "input", lambda prompt, **kw: asked.append(prompt) or "n")
-    with pytest.raises(Exception, match="not started"):
+    with pytest.raises(Declined, match="not started"):
         running.check_spend(plan, est, yes=False, confirm=lambda e: ask(console, "Start? [y/N] "))
     assert asked == ["Start? [y/N] "]
     monkeypatch.setattr(console, "input", lambda prompt, **kw: "y")

@@ -6,8 +6,9 @@ per second at its price (GPU + cores + memory), plus, once per container it brin
 model load and the scale-down idle after its last input). A `Meter` integrates that over the orchestrator's clock
 as inputs are fed and finish. Before an embed unit is fed, the cost so far plus the GPU time of every unit fed and
 not finished (counted whole: the progress of a unit in flight is not known), and of this one, at the rate measured
-so far (the plan's rate until a unit has finished), must stay within the budget; otherwise the feed stops, what is in flight drains, and the run ends saying so. A CPU input is
-fed while the cost so far is under the budget. The cost of earlier passes of the same run is carried in.
+so far (the plan's rate until a unit has finished), must stay within the budget; otherwise the feed stops, what is
+in flight drains, and the run ends saying so. A CPU input is fed while the cost so far is under the budget. The cost
+of earlier passes of the same run is carried in.
 """
 
 from __future__ import annotations

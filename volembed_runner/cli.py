@@ -64,8 +64,10 @@ def _fail(exc: VolembedError, debug: bool) -> None:
     """Print an error as one line per problem (no traceback unless --debug) and exit with its status."""
     if debug:
         raise exc
+    from volembed_runner.redact import scrub
+
     console = err_console()
-    for line in str(exc).splitlines() or [type(exc).__name__]:
+    for line in scrub(str(exc)).splitlines() or [type(exc).__name__]:
         console.print(f"error: {line}", markup=False)
     raise typer.Exit(exc.exit_code)
 
@@ -140,23 +142,30 @@ def _dry_run(plan: Plan, prices: Path | None, as_json: bool) -> None:
     render(est, out)
 
 
+def _on_terminal() -> bool:
+    """True when standard input is a terminal, so a question can be answered there."""
+    return sys.stdin.isatty()
+
+
 def _run_modal(plan: Plan, *, until: str | None, yes: bool, detach: bool, prices: Path | None,
                as_json: bool) -> None:
+    from volembed_runner.backends.modal.launch import require_credentials
     from volembed_runner.backends.modal.render import validate
-    from volembed_runner.estimate import Estimate, estimate
+    from volembed_runner.estimate import estimate
     from volembed_runner.run import check_quality, check_spend, run_modal
-    from volembed_runner.ui.estimate import render
+    from volembed_runner.ui.estimate import summary_line
 
     validate(plan)  # a spec that cannot run well on Modal is refused before its estimate is shown
+    require_credentials()  # before the question: a "y" must not be answered by "no Modal credentials"
     check_quality(plan, yes=yes)
     err = err_console()
-
-    def confirm(est: Estimate) -> bool:
-        render(est, err)
-        shown = "unknown" if est.cost_usd is None else f"${est.cost_usd:,.2f}"
-        return ask(err, f"Start {plan.name} on Modal (estimated {shown})? [y/N] ")
-
-    check_spend(plan, estimate(plan, prices=prices), yes=yes, confirm=confirm if sys.stdin.isatty() else None)
+    est = estimate(plan, prices=prices)
+    err.print(f"estimate: {plan.name} on Modal: {summary_line(est)} (details: --dry-run)", markup=False)
+    for reason in est.unknown:
+        err.print(f"unknown: {reason}", markup=False)
+    ask_first = _on_terminal() and not yes
+    check_spend(plan, est, yes=yes,
+                confirm=(lambda _: ask(err, f"Start {plan.name} on Modal? [y/N] ")) if ask_first else None)
     launched = run_modal(plan, until=until, detach=detach, prices=prices,
                          on_upload=lambda n, where: err.print(f"uploading {n} file(s) to Modal volume {where}",
                                                               markup=False))
@@ -174,6 +183,8 @@ def _run_local(plan: Plan, *, until: str | None, as_json: bool) -> None:
     from volembed_runner.run import failures, run_local
     from volembed_runner.ui.progress import RunProgress
 
+    if not as_json:
+        err_console().print(f"{plan.name}: outputs under {plan.local_root()}", markup=False)
     with RunProgress(err_console(), quiet=as_json) as progress:
         summary = run_local(plan, until=until, on_event=progress)
     if as_json:
@@ -233,7 +244,10 @@ def plan_cmd(
 
     with _one_line_errors(debug):
         plan = _load(spec, sets)
-    sys.stdout.write(json.dumps({**plan.to_dict(), "outputs": planned_outputs(plan)}, indent=2) + "\n")
+    from volembed_runner.redact import public_record
+
+    shown = public_record({**plan.to_dict(), "outputs": planned_outputs(plan)})
+    sys.stdout.write(json.dumps(shown, indent=2) + "\n")
 
 
 @app.command("render")
@@ -258,23 +272,40 @@ def render_cmd(
 @app.command("status")
 def status_cmd(
     spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    backend: Annotated[str | None, typer.Option(metavar="local|modal", help="Override the spec's backend.")] = None,
     sets: SetOpt = None,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Progress and failures of SPEC's run, read from its manifest (on the Modal Volume, or the local folder)."""
+    """Progress and failures of SPEC's run, read from its manifest (on the Modal Volume, or the local folder); a run
+    whose writer stopped without finishing shows as interrupted."""
     from volembed_runner.backends.modal import launch
     from volembed_runner.errors import BackendError
+    from volembed_runner.lease import FileLeaseStore, current
     from volembed_runner.run import manifest_of
+    from volembed_runner.status import live_status
 
     with _one_line_errors(debug):
-        plan = _load(spec, sets)
+        if backend is not None and backend not in ("local", "modal"):
+            raise SpecError([_option_issue("--backend", f"must be local or modal, got {backend!r}")])
+        plan = _load(spec, sets, backend)
         if plan.backend == "modal":
+            from volembed_runner.backends.modal.volume_files import lease_store
+
             manifest = launch.status(plan)
+            try:
+                record, known = current(lease_store(plan)), True
+            except Exception:  # the lease Dict unreadable: show the manifest as written, not a guess
+                record, known = None, False
+            manifest = live_status(manifest, record, lease_known=known)
         else:
+            from volembed_runner.store import lease_dir
+
             manifest = manifest_of(plan)
             if manifest is None:
                 raise BackendError(f"{plan.name} has not run here yet (no manifest under {plan.local_root()})")
+            root = plan.local_root()
+            manifest = live_status(manifest, current(FileLeaseStore(lease_dir(root, plan.name))), root=root)
     if as_json:
         sys.stdout.write(json.dumps(manifest, indent=2) + "\n")
         return
@@ -352,7 +383,7 @@ def _probe(spec: Path, sets: list[str] | None, plan: Plan, *, chunks: int, compa
     def approve(spend: ProbeSpend) -> None:
         print_probe_cost(spend, err)
         check_spend(plan, spend, yes=yes, confirm=(lambda s: ask(err, "Start the GPU probe? [y/N] "))
-                    if sys.stdin.isatty() else None)
+                    if _on_terminal() else None)
 
     return probe_gpus(plans, sample_of(plan, chunks), launch.probe, prices=load_prices(prices), approve=approve)
 

@@ -9,7 +9,9 @@ VolembedError                 base; never raised itself
 │   ├── TextsFailedError      some texts of one embed call were refused; `indices` locate them
 │   └── VectorCheckError      an answer failed a vector check (count, dimension, finite, norm...); `check`
 ├── StageError                one or more shards of a stage failed; the manifest lists them             (exit 1)
+├── OutputError               an output cannot be written: disk full, quota, read-only (transient)      (exit 1)
 ├── BackendError              the backend cannot run the job (no Modal credentials, app failed)         (exit 4)
+├── Declined                  the user answered no when asked to start a paid run                       (exit 5)
 ├── RunHeld                   another writer holds the run's lease (one writer per run)                 (exit 6)
 └── BudgetExhausted           a Modal run stopped feeding work at compute.max_cost (it drained first)   (exit 7)
 
@@ -26,7 +28,9 @@ from dataclasses import dataclass
 
 def describe(exc: BaseException) -> str:
     """`Type: first line of the message`: how a failed shard's cause is recorded in the manifest and logs."""
-    lines = str(exc).strip().splitlines()
+    from volembed_runner.redact import scrub
+
+    lines = scrub(str(exc)).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
@@ -144,10 +148,38 @@ class StageError(VolembedError):
     exit_code = 1
 
 
+class OutputError(VolembedError):
+    """A file of the run cannot be written (no space left, over quota, read-only); nothing finished was replaced,
+    and a rerun once there is room finishes the work."""
+
+    exit_code = 1
+    transient = True
+
+    @classmethod
+    def of(cls, path: object, exc: OSError) -> OutputError:
+        """The one-line error for `exc` met while writing `path`."""
+        return cls(f"cannot write {path}: {exc.strerror or first_line(exc)}; nothing finished was replaced, "
+                   "rerun once there is room")
+
+
+WRITE_ERRNOS = frozenset({28, 122, 30, 27})  # ENOSPC, EDQUOT, EROFS, EFBIG (Linux errno numbers)
+
+
+def is_write_failure(exc: BaseException) -> bool:
+    """True for an OSError that says the disk will not take the bytes (pyarrow's carry the text, not the errno)."""
+    return isinstance(exc, OSError) and (exc.errno in WRITE_ERRNOS or "No space left on device" in str(exc))
+
+
 class BackendError(VolembedError):
     """The backend cannot run the job (e.g. no Modal credentials)."""
 
     exit_code = 4
+
+
+class Declined(VolembedError):
+    """The user answered no (or nothing) when asked to start a paid run; nothing was started."""
+
+    exit_code = 5
 
 
 class RunHeld(VolembedError):

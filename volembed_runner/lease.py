@@ -178,6 +178,13 @@ def _process_gone(holder: Holder) -> bool:
     return False
 
 
+def holder_gone(holder: Holder) -> bool:
+    """True when the holder ran on this machine and its process is gone, or exited and awaits reaping (a zombie
+    never writes again): how `status` tells a killed local run at once, without waiting out its heartbeat."""
+    same_machine = holder.host == socket.gethostname() and holder.backend == "local"
+    return _process_gone(holder) or (same_machine and store.is_zombie(holder.pid))
+
+
 class Lease:
     """A held lease: renew it with `heartbeat`, give it back with `release` (or use `keep` for both)."""
 

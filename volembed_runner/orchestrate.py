@@ -19,7 +19,7 @@ from typing import Any, Protocol, TypeVar
 
 from volembed_runner import sources, store
 from volembed_runner.budget import Budget, Meter
-from volembed_runner.errors import describe
+from volembed_runner.errors import describe, is_transient
 from volembed_runner.lease import Holder, Keeper, LeaseStore, held
 from volembed_runner.plan import Plan
 from volembed_runner.sources import SourceTask
@@ -207,6 +207,7 @@ def _passes(
             return outcome
         index = download_stage.finalize(root, plan.data, tasks)
     else:
+        manifest.skip_stage("download")
         outcome.stages_run.append("download")
     renamed = download_stage.renamed_ids(root, plan.data)
     if renamed:
@@ -218,6 +219,7 @@ def _passes(
     # Chunk: one input shard → one chunk shard.
     chunk_folder = store.chunks_dir(root, plan.name, plan.chunk.fingerprint)
     already = set(store.done_shards(chunk_folder))
+    store.repair_index(chunk_folder, sorted(already))
     todo = [(s, cap) for s, cap in index if s not in already]
     if not run("chunk", todo, len(index), mapper.chunk, out_of_time, lambda item: item[0]):
         return outcome
@@ -229,6 +231,7 @@ def _passes(
     # Embed: the chunk shards' rows not yet embedded, in units sized to the fleet (one embedding file per unit).
     embed_folder = store.embeddings_dir(root, plan.name, plan.embed.fingerprint)
     already = store.done_shards(embed_folder)
+    store.repair_index(embed_folder, already)
     sizes = {size.shard: size for size in chunk_sizes(plan, chunk_folder)}
     units = plan_units(list(sizes.values()), fleet, already)
     run.tokens = {u.key: sizes[u.shard].tokens * (u.end - u.start) / max(1, u.rows) for u in units}
@@ -306,10 +309,12 @@ class _Shards:
             if error:
                 failed.append(shard)
             stats = None if error or not isinstance(result, dict) else result
+            final = (getattr(result, "exit_code", 1) if isinstance(result, BaseException) and not is_transient(result)
+                     else None)
             if meter is not None:
                 meter.finished(shard)
                 self.record(0)
-            manifest.shard_finished(stage, shard, error, stats)
+            manifest.shard_finished(stage, shard, error, stats, unretryable=final)
             self.emit(ShardFinished(stage, shard, error, stats))
         keeper.lease.busy = False
         if feed.stopped and feed.fed < len(todo):

@@ -23,7 +23,7 @@ import orjson
 from volembed_runner import catalog
 from volembed_runner.errors import SpecError, SpecIssue
 from volembed_runner.machine import native_bf16, resolve_precision, usable_cores
-from volembed_runner.redact import public_url
+from volembed_runner.redact import public_record, public_url
 from volembed_runner.spec import Spec, prefix_tokens
 
 PACKAGE_SCHEME = "package:"
@@ -38,9 +38,30 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(orjson.dumps(obj, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
 
-def volembed_home() -> Path:
-    """Where local outputs live: $VOLEMBED_HOME, default ./.volembed."""
-    return Path(os.environ.get("VOLEMBED_HOME", ".volembed")).expanduser().resolve()
+HOME_DIR = ".volembed"
+
+
+def volembed_home(spec_path: Path | str | None = None) -> Path:
+    """Where local outputs live, the same whatever the current folder: $VOLEMBED_HOME; else `.volembed` at the
+    root of the git repository holding the spec; else the per-user data folder ($XDG_DATA_HOME/volembed, by
+    default ~/.local/share/volembed, as the XDG Base Directory specification places application data)."""
+    env = os.environ.get("VOLEMBED_HOME")
+    if env:
+        return Path(env).expanduser().resolve()
+    if spec_path is not None:
+        repo = repository_root(Path(spec_path).expanduser().resolve().parent)
+        if repo is not None:
+            return repo / HOME_DIR
+    data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home).expanduser().resolve() / "volembed"
+
+
+def repository_root(folder: Path) -> Path | None:
+    """The nearest folder at or above `folder` holding `.git` (a repository or a worktree), else None."""
+    for candidate in (folder, *folder.parents):
+        if (candidate / ".git").exists():
+            return candidate
+    return None
 
 
 @dataclass(frozen=True)
@@ -195,7 +216,7 @@ class Plan:
 
     def local_root(self) -> Path:
         """The folder standing in for the Volume on the local backend."""
-        return volembed_home() / "volumes" / self.volume
+        return volembed_home(self.spec_path) / "volumes" / self.volume
 
     @property
     def local_workers(self) -> int:
@@ -479,7 +500,7 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
         backend=backend,
         volume=spec.volume,
         spec_path=str(spec_path),
-        spec=resolved,
+        spec=public_record(resolved, spec._variables),  # what the manifest and the dataset card show
         spec_hash=fingerprint(resolved),
         git=git_info(spec_path.resolve()),
         data=data,

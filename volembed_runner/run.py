@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from volembed_runner import store
-from volembed_runner.errors import BackendError, StageError
+from volembed_runner.errors import BackendError, Declined, SourceError, StageError
 from volembed_runner.orchestrate import Event, ShardFinished
 from volembed_runner.plan import Plan
 
@@ -37,6 +37,7 @@ class RunSummary:
     outputs: dict[str, str]
     manifest: str
     error: str | None = None  # why the run failed outside any shard (e.g. vectors of mixed widths)
+    unretryable: dict[str, dict[str, int]] | None = None  # failed shards another attempt cannot fix: exit status
 
     def to_dict(self) -> dict[str, Any]:
         """The `--json` form."""
@@ -63,7 +64,7 @@ def check_spend(plan: Plan, est: S, *, yes: bool, confirm: Callable[[S], bool] |
         raise BackendError(f"estimated cost {shown} exceeds compute.max_cost ${limit:,.2f}; "
                            "lower the job or pass --yes to run anyway")
     if confirm is not None and not confirm(est):
-        raise BackendError("not started (answered no)")
+        raise Declined(f"{plan.name} not started (answered no)")
 
 
 def check_quality(plan: Plan, *, yes: bool) -> None:
@@ -137,14 +138,21 @@ def run_local(plan: Plan, *, until: str | None, on_event: Callable[[Event], None
         outputs=manifest["outputs"],
         manifest=str(manifest_file),
         error=manifest.get("error") if manifest.get("status") == "failed" else None,
+        unretryable={stage: entry["unretryable"] for stage, entry in manifest.get("stages", {}).items()
+                     if entry.get("unretryable")},
     )
 
 
-def failures(summary: RunSummary) -> StageError | None:
+def failures(summary: RunSummary) -> StageError | SourceError | None:
     """The error a run with failed shards (or a failed close) ends in (exit status 1), or None."""
     if not summary.failed:
         return StageError(f"{summary.name} failed: {summary.error}") if summary.error else None
     count = sum(len(v) for v in summary.failed.values())
+    final = [status for stage in (summary.unretryable or {}).values() for status in stage.values()]
+    if len(final) == count and SourceError.exit_code in final:  # unreadable input: a rerun fails the same way
+        first = next(cause for stage in summary.failed.values() for cause in stage.values())
+        return SourceError(f"{count} shard(s) failed on input a rerun cannot fix (listed in {summary.manifest}); "
+                           f"fix it, then rerun. First: {first}")
     return StageError(f"{count} shard(s) failed (listed in {summary.manifest}); rerun the same command to retry them")
 
 

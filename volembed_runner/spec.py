@@ -10,7 +10,7 @@ import re
 from functools import cache
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, model_validator
 from pydantic_core import PydanticCustomError
 
 from volembed_runner import catalog
@@ -55,8 +55,18 @@ def _overlap(value: Any) -> Any:
     return value
 
 
-Count = Annotated[int, BeforeValidator(_no_bool), Field(ge=1)]
-NonNegative = Annotated[int, BeforeValidator(_no_bool), Field(ge=0)]
+# Constraints sit before the validators, so pydantic writes them into the JSON Schema as `minimum` (after a
+# BeforeValidator it writes its own `ge`, which no editor reads).
+Count = Annotated[int, Field(ge=1), BeforeValidator(_no_bool)]
+NonNegative = Annotated[int, Field(ge=0), BeforeValidator(_no_bool)]
+# A row limit: a count, or a fraction in (0, 1]; an overlap: tokens, or a fraction of the chunk size in [0, 0.5).
+Limit = Annotated[Annotated[int, Field(ge=1)] | Annotated[float, Field(gt=0, le=1)], BeforeValidator(_limit)]
+Overlap = Annotated[Annotated[int, Field(ge=0)] | Annotated[float, Field(ge=0, lt=0.5)], BeforeValidator(_overlap)]
+
+
+def _one_or_many(value: Any) -> Any:
+    """One path or glob, or a list of them, as a list."""
+    return [value] if isinstance(value, str) else value
 
 
 def _safe_name(value: str) -> str:
@@ -81,7 +91,7 @@ class Dataset(_Section):
     config: str | None = Field(None, description="Hub dataset config (subset), e.g. 20231101.en")
     split: str = Field("train", description="Hub dataset split")
     revision: str | None = Field(None, description="Hub dataset revision (branch, tag or commit) to pin")
-    files: list[str] | None = Field(
+    files: Annotated[list[str], BeforeValidator(_one_or_many, json_schema_input_type=str | list[str])] | None = Field(
         None,
         description="Local path/glob(s): parquet, jsonl(.gz), json, csv, or a folder of .txt/.md/.pdf; relative to "
         "the spec file; `package:<module>/<path>` names a file inside an installed Python package",
@@ -90,7 +100,7 @@ class Dataset(_Section):
     text_template: str | None = Field(None, description='Embed several columns, e.g. "{title}\\n\\n{text}"')
     id_column: str | None = Field(None, description="Column holding a document id; default a stable row id")
     keep_columns: list[str] = Field(default_factory=list, description="Columns copied to every chunk and vector")
-    limit: Annotated[int | float, BeforeValidator(_limit)] | None = Field(
+    limit: Limit | None = Field(
         None, description="First N rows (int >= 1) or a fraction of rows (float in (0, 1]), in shard order"
     )
     num_rows: Count | None = Field(None, description="Size hint for the dry run: number of rows")
@@ -100,13 +110,6 @@ class Dataset(_Section):
     duplicate_ids: Literal["error", "suffix"] = Field(
         "error", description="Ids that occur more than once: fail naming them (error), or rename later copies "
         "<id>#2, <id>#3 (suffix)")
-
-    @model_validator(mode="before")
-    @classmethod
-    def _files_as_list(cls, data: Any) -> Any:
-        if isinstance(data, dict) and isinstance(data.get("files"), str):
-            return {**data, "files": [data["files"]]}
-        return data
 
     @model_validator(mode="after")
     def _check(self) -> Dataset:
@@ -152,7 +155,7 @@ class Chunking(_Section):
     """How documents are cut into token windows."""
 
     size: Count = Field(512, description="Max tokens per chunk, in the embedding model's tokenizer")
-    overlap: Annotated[int | float, BeforeValidator(_overlap)] = Field(
+    overlap: Overlap = Field(
         50, description="Tokens shared by neighbouring chunks: int >= 0, or a fraction of size in [0, 0.5)"
     )
     workers: Count = Field(100, description="Parallel chunk containers on Modal; processes locally (capped by cores)")
@@ -181,7 +184,8 @@ class Embedding(_Section):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Local engine only (TEI runs float16): auto = bf16 where the CPU has native bf16"
     )
-    endpoint: Annotated[str, AfterValidator(lambda v: _http_url(v))] | None = Field(
+    endpoint: Annotated[str, Field(json_schema_extra={"pattern": URL_PATTERN}),
+                        AfterValidator(lambda v: _http_url(v))] | None = Field(
         None, description="Embed through your own TEI server at this URL instead of the backend's engine"
     )
     truncate: bool = Field(
@@ -189,10 +193,26 @@ class Embedding(_Section):
         "chunks are cut to fit, so this only matters for models the catalog does not know")
 
 
+URL_PATTERN = r"^https?://[^\s/]+"
+
+
 def _http_url(value: str) -> str:
-    if not re.match(r"^https?://[^\s/]+", value):
+    if not re.match(URL_PATTERN, value):
         raise PydanticCustomError("url", "must be an http:// or https:// URL, got '{value}'", {"value": value})
     return value.rstrip("/")
+
+
+def _any_case(name: str) -> str:
+    """`name` as a regex that matches it in any letter case (JSON Schema patterns take no flags)."""
+    return "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else f"\\{c}" if c in r".^$*+?()[]{}|\/" else c
+                   for c in name)
+
+
+@cache
+def gpu_pattern() -> str:
+    """The GPU names and aliases `catalog.find_gpu` accepts (any case, outer spaces), as a JSON Schema pattern."""
+    names = [n for gpu in catalog.gpus().values() for n in (gpu.name, *gpu.aliases)]
+    return r"^\s*(" + "|".join(_any_case(n) for n in names) + r")\s*$"
 
 
 def _gpu_name(value: str) -> str:
@@ -206,7 +226,8 @@ def _gpu_name(value: str) -> str:
 class Compute(_Section):
     """Where the GPU stage runs and how far it fans out (Modal backend)."""
 
-    gpu: Annotated[str, AfterValidator(lambda v: _gpu_name(v))] = Field(
+    gpu: Annotated[str, Field(json_schema_extra=lambda schema: schema.update(pattern=gpu_pattern())),
+                   AfterValidator(lambda v: _gpu_name(v))] = Field(
         "A10", description="One GPU per container; old names (A10G) map to Modal's current (A10)"
     )
     concurrency_limit: Count = Field(10, description="Max GPU containers (Modal max_containers)")
@@ -252,6 +273,7 @@ class Spec(BaseModel):
     """One embedding job: dataset → chunks → vectors."""
 
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True, title="volembed-runner pipeline spec")
+    _variables: dict[str, str] = PrivateAttr(default_factory=dict)  # `${VAR}` values used: never recorded
 
     version: Literal[1] = Field(SPEC_VERSION, description="Spec format version")
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$"), AfterValidator(_safe_name)] = Field(
@@ -270,31 +292,61 @@ class Spec(BaseModel):
     @property
     def prefix(self) -> str:
         """The prefix actually applied: the spec's, else the catalog default for a known model, else none."""
-        if self.embedding.prefix is not None:
-            return self.embedding.prefix
-        known = catalog.find_model(self.embedding.model)
-        return known.default_prefix if known else ""
+        return applied_prefix(self.embedding)
 
     @model_validator(mode="after")
     def _fits_model(self) -> Spec:
-        known = catalog.find_model(self.embedding.model)
-        if known is None:
-            return self
-        n_prefix = prefix_tokens(self.prefix, self.embedding.model)
-        budget = known.max_input_tokens - known.special_tokens - n_prefix
-        if self.chunking.size > budget:
-            raise _cross(
-                "chunking.size",
-                "{size} tokens do not fit {model} ({limit} max input tokens, minus {special} special tokens and "
-                "{prefix} prefix tokens = {budget})",
-                size=self.chunking.size,
-                model=known.id,
-                limit=known.max_input_tokens,
-                special=known.special_tokens,
-                prefix=n_prefix,
-                budget=budget,
-            )
+        error = model_fit_error(self.chunking, self.embedding)
+        if error is not None:
+            raise error
         return self
+
+
+class ModelFit(BaseModel):
+    """The chunk-size-vs-model rule on its own: pydantic skips Spec's check when any other field is invalid, and
+    `validate` reports every error at once, this one included."""
+
+    model_config = ConfigDict(extra="ignore", coerce_numbers_to_str=True)
+
+    chunking: Chunking = Field(default_factory=Chunking)
+    embedding: Embedding
+
+    @model_validator(mode="after")
+    def _fits_model(self) -> ModelFit:
+        error = model_fit_error(self.chunking, self.embedding)
+        if error is not None:
+            raise error
+        return self
+
+
+def applied_prefix(embedding: Embedding) -> str:
+    """The prefix applied to every chunk: the spec's, else the catalog default for a known model, else none."""
+    if embedding.prefix is not None:
+        return embedding.prefix
+    known = catalog.find_model(embedding.model)
+    return known.default_prefix if known else ""
+
+
+def model_fit_error(chunking: Chunking, embedding: Embedding) -> PydanticCustomError | None:
+    """Why `chunking.size` (with the prefix and special tokens) does not fit a known model's input, or None."""
+    known = catalog.find_model(embedding.model)
+    if known is None:
+        return None
+    n_prefix = prefix_tokens(applied_prefix(embedding), embedding.model)
+    budget = known.max_input_tokens - known.special_tokens - n_prefix
+    if chunking.size <= budget:
+        return None
+    return _cross(
+        "chunking.size",
+        "{size} tokens do not fit {model} ({limit} max input tokens, minus {special} special tokens and "
+        "{prefix} prefix tokens = {budget})",
+        size=chunking.size,
+        model=known.id,
+        limit=known.max_input_tokens,
+        special=known.special_tokens,
+        prefix=n_prefix,
+        budget=budget,
+    )
 
 
 @cache

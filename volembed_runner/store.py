@@ -13,21 +13,30 @@ share one layout:
 
 A file is written under a temporary name, renamed into place, and only then marked done; a file without its
 marker is never taken as finished, and a rerun rewrites it.
+
+Each stage folder also keeps an index of its done-markers, `.index/<host>-<pid>.jsonl`: every writer appends one
+line per marker it writes or clears (its own file, so writers on many machines never share one), and `status`
+reads those few files instead of every marker of a huge run. The orchestrator, which lists the markers anyway,
+repairs the index at each stage's start (a writer killed between marker and line leaves it one line short).
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 import socket
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import orjson
+
+from volembed_runner.errors import OutputError, is_write_failure
 
 DONE_SUFFIX = ".done"
 # A source shard holds at most `dataset.shard_rows` documents and about this much text, so memory stays bounded.
@@ -134,15 +143,24 @@ def writer_tag() -> str:
 def atomic_path(path: Path, *, mode: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path` (named for its writer); on success rename it into place, on failure
     delete it. `mode` sets the file's permissions (mkstemp's are owner-only): for files handed to a user."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{writer_tag()}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{writer_tag()}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        if is_write_failure(exc):
+            raise OutputError.of(path, exc) from exc
+        raise
     tmp = Path(tmp_name)
     try:
         yield tmp
         if mode is not None:
             os.chmod(tmp, mode)
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk: the finished file keeps its old bytes, the torn temporary goes
+        if is_write_failure(exc):
+            raise OutputError.of(path, exc) from exc
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -163,14 +181,68 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_bytes_atomic(path, orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
 
 
+INDEX_DIR = ".index"
+
+
 def mark_done(path: Path, stats: dict[str, Any]) -> None:
-    """Record that `path` is finished, with its stats; written last, after the file is in place."""
+    """Record that `path` is finished, with its stats; written last, after the file is in place (then indexed)."""
     write_json_atomic(marker_path(path), stats)
+    _index_append(path.parent, [{"name": path.name, "stats": stats}])
 
 
 def clear_done(path: Path) -> None:
     """Forget that `path` was finished (before rewriting it): marker first, so no reader trusts a torn file."""
-    marker_path(path).unlink(missing_ok=True)
+    marker = marker_path(path)
+    if marker.exists():
+        _index_append(path.parent, [{"name": path.name, "cleared": True}])
+    marker.unlink(missing_ok=True)
+
+
+def _index_append(folder: Path, events: list[dict[str, Any]]) -> None:
+    """Append done/cleared events to this writer's index file of `folder` (one write, so a line is never torn)."""
+    index = folder / INDEX_DIR
+    index.mkdir(exist_ok=True)
+    now = time.time_ns()
+    # each line starts a new line too, so one after a killed writer's torn line is still whole
+    lines = b"".join(b"\n" + orjson.dumps({**event, "at": now}) + b"\n" for event in events)
+    try:
+        with open(index / f"{writer_tag()}.jsonl", "ab") as fh:
+            fh.write(lines)
+    except OSError as exc:
+        if is_write_failure(exc):
+            raise OutputError.of(index, exc) from exc
+        raise
+
+
+def indexed_done(folder: Path) -> dict[str, dict[str, Any]] | None:
+    """The finished files of a stage folder with their marker stats, from its index (None: the folder has no
+    index, e.g. it was written before indexes existed). A torn last line (a killed writer) is skipped."""
+    index = folder / INDEX_DIR
+    if not index.is_dir():
+        return None
+    latest: dict[str, tuple[int, dict[str, Any] | None]] = {}
+    for part in index.glob("*.jsonl"):
+        for line in part.read_bytes().splitlines():
+            try:
+                event = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            at = int(event.get("at", 0))
+            name = str(event.get("name"))
+            if name not in latest or at >= latest[name][0]:
+                latest[name] = (at, None if event.get("cleared") else dict(event.get("stats") or {}))
+    return {name: stats for name, (_, stats) in sorted(latest.items()) if stats is not None}
+
+
+def repair_index(folder: Path, done: list[str]) -> None:
+    """Make the index of `folder` agree with its markers (`done`: the shard ids `done_shards` found)."""
+    indexed = indexed_done(folder) or {}
+    names = {shard_name(s) for s in done}
+    events: list[dict[str, Any]] = [{"name": n, "stats": orjson.loads(marker_path(folder / n).read_bytes())}
+                                    for n in sorted(names - set(indexed))]
+    events += [{"name": n, "cleared": True} for n in sorted(set(indexed) - names) if n.startswith("shard-")]
+    if events:
+        _index_append(folder, events)
 
 
 def _writer_gone(tag: str) -> bool:
@@ -184,10 +256,10 @@ def _writer_gone(tag: str) -> bool:
         return True
     except PermissionError:
         return False
-    return _is_zombie(int(pid))
+    return is_zombie(int(pid))
 
 
-def _is_zombie(pid: int) -> bool:
+def is_zombie(pid: int) -> bool:
     """True when `pid` has exited but is not yet reaped (Linux `/proc/<pid>/stat` state `Z`): a killed run's
     workers linger so until their new parent collects them, and they will never write again."""
     try:
@@ -222,6 +294,14 @@ def write_shard(path: Path, write: Callable[[Path], dict[str, Any]]) -> dict[str
         stats = write(tmp)
     mark_done(path, stats)
     return stats
+
+
+def keep_out_of_git(home: Path) -> None:
+    """A `.gitignore` of `*` in the outputs' home, so `.volembed` at a repository's root never shows as changes."""
+    ignore = home / ".gitignore"
+    if not ignore.exists():
+        with contextlib.suppress(OSError):
+            ignore.write_text("# volembed-runner outputs (see `volembed-run files SPEC`)\n*\n")
 
 
 def read_json(path: Path) -> Any:

@@ -29,9 +29,9 @@ CPU_PACKAGES = [
     'numpy==2.4.6',
     'orjson==3.13.0',
     'pyarrow==26.0.1',
-    'pydantic==2.14.3',
-    'pypdf==7.1.0',
-    'pyyaml==6.0.3',
+    'pydantic==2.14.4',
+    'pypdf==7.1.1',
+    'pyyaml==6.0.4',
     'rich==15.0.0',
     'tokenizers==0.23.3',
 ]
@@ -41,8 +41,8 @@ TEI_PACKAGES = [
     'numpy==2.4.6',
     'orjson==3.13.0',
     'pyarrow==26.0.1',
-    'pydantic==2.14.3',
-    'pyyaml==6.0.3',
+    'pydantic==2.14.4',
+    'pyyaml==6.0.4',
 ]
 
 TEI_REGISTRY = 'ghcr.io/huggingface/text-embeddings-inference'

@@ -133,6 +133,9 @@ def run(plan: Plan, *, until: str | None = None, on_event: Callable[[Event], Non
     are this process's children, so nothing it starts outlives it)."""
     root = plan.local_root()
     root.mkdir(parents=True, exist_ok=True)
+    home = root.parent.parent
+    if (home.parent / ".git").exists():  # the default home at a repository's root
+        store.keep_out_of_git(home)
     lease_store = FileLeaseStore(store.lease_dir(root, plan.name))
     return orchestrate(plan, root, LocalMapper(plan, root), lease_store=lease_store, holder=Holder.here("local"),
                        until=until, on_event=on_event)

@@ -195,7 +195,8 @@ def job_chunks(plan: Plan, tok: CountingTokenizer, want: int) -> tuple[list[str]
     texts: list[str] = []
     n_tokens: list[int] = []
     for batch in islice(batches, 10_000):
-        cols = chunking.chunk_texts(tok.tok, batch, plan.chunk.size, plan.chunk.overlap)
+        cols = chunking.chunk_texts(tok.tok, batch, plan.chunk.size, plan.chunk.overlap,
+                                    prefix=plan.chunk.prefix)
         texts.extend(cols.text)
         n_tokens.extend(cols.n_tokens)
         if len(texts) >= want:

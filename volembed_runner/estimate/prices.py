@@ -10,6 +10,13 @@ import yaml
 from volembed_runner import catalog
 from volembed_runner.errors import SpecError, SpecIssue
 
+# The `--prices` file's short keys (as the README documents them) → the catalog's price keys, which work too.
+PRICE_KEYS = {
+    "cpu": "cpu_usd_per_core_second",
+    "memory": "memory_usd_per_gib_second",
+    "volume": "volume_usd_per_gib_month",
+}
+
 
 @dataclass(frozen=True)
 class Prices:
@@ -32,7 +39,8 @@ class Prices:
 
 
 def load_prices(path: Path | None = None) -> Prices:
-    """The catalog's prices, overridden by a YAML/JSON file mapping GPU name → $/s (+ optional cpu/memory/volume)."""
+    """The catalog's prices, overridden by a YAML/JSON file mapping GPU name → $/s, plus optional `cpu` ($/core-s),
+    `memory` ($/GiB-s) and `volume` ($/GiB-month)."""
     raw = catalog.gpu_table()
     gpu: dict[str, float | None] = {name: g.usd_per_second for name, g in catalog.gpus().items()}
     values: dict[str, float | None] = {
@@ -44,12 +52,12 @@ def load_prices(path: Path | None = None) -> Prices:
     if path is not None:
         overrides = _read_price_file(Path(path))
         for key, value in overrides.items():
-            if key in values:
-                values[key] = value
+            if PRICE_KEYS.get(key, key) in values:
+                values[PRICE_KEYS.get(key, key)] = value
                 continue
             found = catalog.find_gpu(key)
             if found is None:
-                known = ", ".join([*catalog.gpus(), *values])
+                known = ", ".join([*catalog.gpus(), *PRICE_KEYS])
                 raise SpecError([SpecIssue(str(path), key, f"unknown GPU or price key; one of: {known}")])
             gpu[found.name] = value
         source = f"prices from {path} (overriding {', '.join(overrides)}); other prices: {source}"
@@ -70,7 +78,8 @@ def _read_price_file(path: Path) -> dict[str, float | None]:
     for key, value in flat.items():
         ok = value is None or (isinstance(value, int | float) and not isinstance(value, bool) and value >= 0)
         if not ok:
-            why = f"must be a price >= 0 in $/second or null, got {value!r}"
+            unit = "$/GiB-month" if PRICE_KEYS.get(str(key), str(key)) == PRICE_KEYS["volume"] else "$/second"
+            why = f"must be a price >= 0 in {unit} or null, got {value!r}"
             raise SpecError([SpecIssue(str(path), str(key), why)])
         out[str(key)] = None if value is None else float(value)
     return out

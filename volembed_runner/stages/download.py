@@ -98,6 +98,7 @@ def _clear_task(folder: Path, index: int) -> None:
         store.clear_done(path)
         path.unlink(missing_ok=True)
     store.remove_dead_temporaries(folder, f"shard-{index:05d}-")  # left by a killed writer
+    store.remove_stale_temporaries(store.task_marker_path(folder, index))  # ... killed writing the task's marker
 
 
 def download_task(root: Path, data: DataSettings, task: SourceTask) -> list[str]:

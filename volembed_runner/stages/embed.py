@@ -9,6 +9,7 @@ matches the unit's. A chunk shard's embeddings are the done files of its units, 
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from volembed_runner.errors import StageError, TextsFailedError, VectorCheckErro
 from volembed_runner.plan import Plan
 from volembed_runner.units import parse_key, unit_of
 
+_CALL_INDEX = re.compile(r"\btexts? \d+(?:, \d+)*(?:, …)?(?: \(\d+ texts\))?")
 BASE_COLUMNS = ("doc_id", "chunk_index", "char_start", "char_end", "n_tokens")
 
 
@@ -100,9 +102,12 @@ def _failed_chunk(chunks: pa.Table, unit: str, exc: TextsFailedError | VectorChe
     """The engine's failure, naming the first chunk it concerns by document id and chunk index."""
     if not exc.indices:
         return StageError(f"embedding unit {unit}: {exc}")
-    i = exc.indices[0]
-    chunk = f"{chunks['doc_id'][i].as_py()}#{chunks['chunk_index'][i].as_py()}"
-    return StageError(f"embedding unit {unit}: chunk {chunk}: {exc}")
+    i, n = exc.indices[0], len(exc.indices)
+    where = f"document {chunks['doc_id'][i].as_py()!r} chunk {chunks['chunk_index'][i].as_py()}"
+    more = f" (and {n - 1} more chunk(s))" if n > 1 else ""
+    # the engine counts texts within its call ("text 19"); the user knows documents
+    message = _CALL_INDEX.sub("it" if n == 1 else "them", str(exc))
+    return StageError(f"embedding unit {unit}: {where}{more}: {message}")
 
 
 async def embed_shard_async(root: Path, plan: Plan, unit: str, embedder: AsyncEmbedder) -> dict[str, Any]:

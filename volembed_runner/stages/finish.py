@@ -6,6 +6,7 @@ the whole job, and a manifest read mid-run (`volembed-run status`) shows live pr
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import platform
 import time
@@ -15,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from volembed_runner import results, store
-from volembed_runner.errors import VolembedError, describe, first_line
+from volembed_runner.errors import OutputError, VolembedError, describe, first_line
 from volembed_runner.plan import HubSettings, Plan
+from volembed_runner.redact import public_record
 from volembed_runner.units import parse_key
 
 LIBRARIES = ("volembed-runner", "modal", "pydantic", "tokenizers", "pyarrow", "httpx", "huggingface_hub",
@@ -53,7 +55,12 @@ def _bucket_key(label: str) -> tuple[int, str]:
 
 
 def _markers(folder: Path) -> dict[str, dict[str, Any]]:
-    return {s: store.read_marker(store.shard_path(folder, s)) for s in store.done_shards(folder)}
+    """Every finished shard's marker stats: from the folder's index (a few files), else from each marker."""
+    indexed = store.indexed_done(folder)
+    if indexed is None:
+        return {s: store.read_marker(store.shard_path(folder, s)) for s in store.done_shards(folder)}
+    return {name.removeprefix("shard-").removesuffix(".parquet"): stats for name, stats in indexed.items()
+            if name.startswith("shard-") and name.endswith(".parquet")}
 
 
 def _marker_stats(folder: Path) -> list[dict[str, Any]]:
@@ -61,12 +68,18 @@ def _marker_stats(folder: Path) -> list[dict[str, Any]]:
 
 
 def totals(root: Path, plan: Plan) -> dict[str, Any]:
+    """Documents, chunks, tokens and vectors of the plan's finished shards and embed units (`totals_of`)."""
+    return totals_of(store.chunks_dir(root, plan.name, plan.chunk.fingerprint),
+                     store.embeddings_dir(root, plan.name, plan.embed.fingerprint))
+
+
+def totals_of(chunk_folder: Path, embed_folder: Path) -> dict[str, Any]:
     """Documents, chunks, tokens and vectors of the finished shards and embed units, read from their done-markers.
 
     A chunk shard's vectors are in the files of its embed units (one, or several row ranges: `units.py`); it counts
     as embedded once its units' rows add up to its chunks."""
-    chunks = _markers(store.chunks_dir(root, plan.name, plan.chunk.fingerprint))
-    units = _markers(store.embeddings_dir(root, plan.name, plan.embed.fingerprint))
+    chunks = _markers(chunk_folder)
+    units = _markers(embed_folder)
     chunk_stats, embed_stats = list(chunks.values()), list(units.values())
     embedded_rows: Counter[str] = Counter()
     for key, stats in units.items():
@@ -140,6 +153,7 @@ class Manifest:
     data: dict[str, Any] = field(default_factory=dict)
     _started: dict[str, float] = field(default_factory=dict)
     _last_write: float = 0.0
+    _previous_stages: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def open(cls, root: Path, plan: Plan) -> Manifest:
@@ -170,7 +184,7 @@ class Manifest:
             "work": _carried_work(previous.get("work") or {}, plan),
             "totals": {},
         }
-        manifest = cls(root=root, plan=plan, data=data)
+        manifest = cls(root=root, plan=plan, data=data, _previous_stages=dict(previous.get("stages") or {}))
         manifest.write(force=True)
         return manifest
 
@@ -182,9 +196,18 @@ class Manifest:
                                       "this_pass": {"shards": 0, "rows": 0, "tokens": 0}}
         self.write(force=True)
 
+    def skip_stage(self, stage: str) -> None:
+        """A stage found all its work done by an earlier pass: listed as such (with that pass's total), so a
+        resumed run's manifest still shows every stage."""
+        total = int((self._previous_stages.get(stage) or {}).get("total") or 0)
+        self.start_stage(stage, total=total, skipped=total)
+        self.finish_stage(stage)
+
     def shard_finished(self, stage: str, shard: str, error: str | None,
-                       stats: dict[str, Any] | None = None) -> None:
-        """One shard of a stage ended, successfully (with its stats) or with `error`.
+                       stats: dict[str, Any] | None = None, *, unretryable: int | None = None) -> None:
+        """One shard of a stage ended, successfully (with its stats) or with `error`; `unretryable` is the exit
+        status of a failure another attempt at the same input cannot fix (an unreadable row: 3), kept apart so the
+        run's end says so instead of "rerun to retry".
 
         What this pass did (shards, rows, tokens) is summed apart from the totals, so the report's rates count only
         the work this pass's seconds were spent on, not the shards an earlier pass finished.
@@ -192,6 +215,8 @@ class Manifest:
         entry = self.data["stages"][stage]
         if error:
             entry["failed"][shard] = error
+            if unretryable is not None:
+                entry.setdefault("unretryable", {})[shard] = unretryable
         else:
             entry["done"] += 1
             done = entry.setdefault("this_pass", {"shards": 0, "rows": 0, "tokens": 0})
@@ -257,7 +282,9 @@ class Manifest:
         self.data["status"] = "failed"
         self.data["error"] = error
         self.data["finished_at"] = _now()
-        self.write(force=True)
+        # a full disk takes nothing now: the last manifest stays whole, and `status` shows the pass as interrupted
+        with contextlib.suppress(OutputError):
+            self.write(force=True)
 
     def write(self, *, force: bool = False) -> None:
         """Write the manifest (throttled to one write per WRITE_EVERY_S unless forced, which also refreshes totals)."""
@@ -268,4 +295,4 @@ class Manifest:
         self.data["updated_at"] = _now()
         if force:
             self.data["totals"] = totals(self.root, self.plan)
-        store.write_json_atomic(store.manifest_path(self.root, self.plan.name), self.data)
+        store.write_json_atomic(store.manifest_path(self.root, self.plan.name), public_record(self.data))

@@ -55,6 +55,10 @@ def print_status(manifest: dict[str, Any], console: Console) -> None:
     """A manifest as a short table: one row per stage, then the failed shards with their causes."""
     console.print(f"{manifest.get('name')}: {manifest.get('status')} (pass {manifest.get('passes')}, "
                   f"updated {manifest.get('updated_at') or manifest.get('started_at')})", markup=False)
+    stopped = manifest.get("interrupted")
+    if stopped:
+        console.print(f"interrupted: its writer stopped at {stopped.get('at')} during the {stopped.get('stage')} "
+                      "stage without finishing; rerun the same command to resume", markup=False)
     stages = manifest.get("stages") or {}
     table = Table(box=None, show_header=True)
     for column in ("stage", "done", "total", "skipped", "failed", "seconds"):
@@ -76,6 +80,8 @@ def print_status(manifest: dict[str, Any], console: Console) -> None:
         console.print(f"cost: ${cost['spent_usd']:,.2f} so far of compute.max_cost ${cost['max_cost_usd']:,.2f} "
                       f"(container-seconds × prices), projected total ${cost['projected_total_usd']:,.2f}{stopped}",
                       markup=False)
+    for key, where in (manifest.get("outputs") or {}).items():
+        console.print(f"{key + ':':11} {where}", markup=False)
     for name, entry in stages.items():
         failed = entry.get("failed") or {}
         for shard, cause in list(failed.items())[:FAILURES_SHOWN]:
@@ -93,6 +99,9 @@ def print_summary(summary: RunSummary, console: Console) -> None:
         table.add_row(key.replace("_", " "), f"{getattr(summary, key):,}")
     if summary.tokens_per_second:
         table.add_row("embed rate", f"{summary.tokens_per_second:,.0f} tokens/s (embed stage, this run)")
+    elif summary.failed:
+        count = sum(len(shards) for shards in summary.failed.values())
+        table.add_row("embed rate", f"nothing embedded this run: {count} shard(s) failed")
     elif "embed" in summary.stages:
         table.add_row("embed rate", "nothing to embed: every shard was already done")
     last = summary.stages[-1] if summary.stages else None

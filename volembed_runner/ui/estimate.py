@@ -53,6 +53,20 @@ def _table(title: str, columns: list[str], wrap: str = "") -> Table:
     return out
 
 
+def summary_line(est: Estimate) -> str:
+    """The estimate in one line (wall time, cost, GPUs at once): the dry run's total, and what a paid run prints."""
+    iv = est.interval
+    local = est.backend == "local"
+    line = fmt_duration(est.wall_seconds) + fmt_range(iv.get("wall_seconds"), fmt_duration, "range")
+    line += ", $0 (local: no spend)" if local else f", {fmt_usd(est.cost_usd)}"
+    if not local:
+        line += fmt_range(iv.get("cost_usd"), fmt_usd, "range")
+    if est.effective_gpus is not None:
+        line += f"; {est.effective_gpus} × {est.gpu} at once"
+    kind = (est.throughput or {}).get("kind")
+    return line + (f" ({kind} rate)" if kind else "")
+
+
 def render(est: Estimate, console: Console) -> None:
     """Print the estimate: counts, per-stage table, totals, the same job on other GPUs, assumptions, warnings."""
     iv = est.interval
@@ -83,20 +97,11 @@ def render(est: Estimate, console: Console) -> None:
                        "-" if not st.gpu_hours else f"{st.gpu_hours:,.2f}",
                        "-" if st.seconds is None else fmt_duration(st.seconds),
                        "-" if local else fmt_usd(st.cost_usd))
-    total_cost = "$0 (local: no spend)" if local else fmt_usd(est.cost_usd)
     stages.add_row("total", "", "", "", "-" if not est.gpu_hours else f"{est.gpu_hours:,.2f}",
-                   fmt_duration(est.wall_seconds), "$0" if local else total_cost, style="bold")
+                   fmt_duration(est.wall_seconds), "$0" if local else fmt_usd(est.cost_usd), style="bold")
     console.print(stages)
-    summary = f"total: {fmt_duration(est.wall_seconds)}"
-    summary += fmt_range(iv.get("wall_seconds"), fmt_duration, "range") + f", {total_cost}"
-    if not local:
-        summary += fmt_range(iv.get("cost_usd"), fmt_usd, "range")
-    if est.effective_gpus is not None:
-        summary += f"; {est.effective_gpus} × {est.gpu} at once"
+    console.print(f"total: {summary_line(est)}", markup=False)
     kind = (est.throughput or {}).get("kind")
-    if kind:
-        summary += f" ({kind} rate)"
-    console.print(summary, markup=False)
     base = est.uncalibrated
     if base is not None:
         console.print(f"uncalibrated: {fmt_duration(base['wall_seconds'])}, "

@@ -78,7 +78,7 @@ def _modal_errors(action: str) -> Iterator[None]:
 
 def build_dir(plan: Plan) -> Path:
     """Where `run` renders the app and records the run: $VOLEMBED_HOME/build/<name>/."""
-    return volembed_home() / "build" / plan.name
+    return volembed_home(plan.spec_path) / "build" / plan.name
 
 
 def import_app(path: Path) -> ModuleType:

@@ -26,29 +26,45 @@ from volembed_runner.estimate.prices import load_prices
 from volembed_runner.estimate.rates import Rate, tei_rate
 from volembed_runner.models import MODEL_FILE_PATTERNS
 from volembed_runner.plan import MODAL_ROOT, Plan
+from volembed_runner.redact import public_record
 from volembed_runner.units import check_fleet, fleet_of
 
 TEMPLATE = "app.py.tmpl"
 PYTHON_VERSION = "3.12"
 
-# What the generated images install, pinned (matching the versions this package is developed against).
-PINS = {
-    "httpx": "0.28.1",
-    "huggingface_hub": "2.4.0",
-    "numpy": "2.4.6",
-    "orjson": "3.13.0",
-    "pyarrow": "26.0.1",
-    "pydantic": "2.14.3",
-    "pypdf": "7.1.0",
-    "pyyaml": "6.0.3",
-    "rich": "15.0.0",
-    "tokenizers": "0.23.3",
-}
+CONSTRAINTS = "constraints.txt"  # shipped in the package: the versions CI installs, and the images pin
+
+
+def read_pins() -> dict[str, str]:
+    """Package name (normalized: lowercase, `-`) → exact version, from the package's constraints file: the one list
+    of versions, which CI and the README's test command install with, so the images run tested libraries."""
+    pins: dict[str, str] = {}
+    text = resources.files("volembed_runner").joinpath(CONSTRAINTS).read_text(encoding="utf-8")
+    for line in text.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, sep, version = line.partition("==")
+            if not sep:
+                raise BackendError(f"{CONSTRAINTS}: {line!r} is not an exact pin NAME==VERSION")
+            pins[_normalized(name)] = version.strip()
+    return pins
+
+
+def _normalized(name: str) -> str:
+    """A distribution name as PEP 503 compares it."""
+    return re.sub(r"[-_.]+", "-", name.strip()).lower()
+
+
+def _pinned(names: tuple[str, ...]) -> tuple[str, ...]:
+    pins = read_pins()
+    return tuple(f"{name}=={pins[_normalized(name)]}" for name in names)
+
+
 # CPU stages (download, chunk, orchestrate): readers, the tokenizer, the Hub client; never torch.
-CPU_PACKAGES = tuple(f"{name}=={version}" for name, version in PINS.items())
+CPU_PACKAGES = _pinned(("httpx", "huggingface_hub", "numpy", "orjson", "pyarrow", "pydantic", "pypdf", "pyyaml",
+                        "rich", "tokenizers"))
 # GPU stage: the TEI client and the parquet writer next to the router (huggingface_hub for the weights build step).
-TEI_PACKAGES = tuple(f"{name}=={PINS[name]}" for name in
-                     ("httpx", "huggingface_hub", "numpy", "orjson", "pyarrow", "pydantic", "pyyaml"))
+TEI_PACKAGES = _pinned(("httpx", "huggingface_hub", "numpy", "orjson", "pyarrow", "pydantic", "pyyaml"))
 
 UPLOADS_DIR = "uploads"
 TEI_HOST = "127.0.0.1"
@@ -207,7 +223,7 @@ def remote_plan(plan: Plan) -> dict[str, Any]:
     Fingerprints are kept: they were computed from the local files, which the uploads copy byte for byte. (The
     model's files need no rewriting: the plan already names the images' copy, `plan.model.files_dir`.)
     """
-    data = json.loads(json.dumps(plan.to_dict()))
+    data = public_record(json.loads(json.dumps(plan.to_dict())))  # no credential is written into the app
     layout = upload_layout(plan)
     if layout:
         data["data"]["files"] = [f"{MODAL_ROOT}/{remote}" for _, remote in layout]

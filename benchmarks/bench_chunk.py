@@ -69,9 +69,9 @@ def init_worker(tokenizer_threads: str) -> None:
 
 def warm(tok_path: str) -> int:
     """Import and load everything a worker needs, so the timed runs measure work, not start-up."""
-    from volembed_runner import chunking
+    from volembed_runner.stages import chunk
 
-    chunking._shard_tokenizer(Path(tok_path))
+    chunk._shard_tokenizer(Path(tok_path))
     pa.array([0])  # pyarrow's first array initialises its compute kernels (~50 MiB, once per process)
     return os.getpid()
 

@@ -36,8 +36,8 @@ DOCS = [
 
 
 def make_finished(folder: Path) -> tuple[Path, Path]:
-    """(spec, VOLEMBED_HOME) of a run with `embedding.dimensions=128`, then of the spec as written (which reuses the
-    chunks and leaves the 128-dim vectors stale)."""
+    """(spec, VOLEMBED_HOME) of a run with `embedding.normalize=false`, then of the spec as written (which reuses the
+    chunks and leaves the unnormalized vectors stale)."""
     with (folder / "docs.jsonl").open("w", encoding="utf-8") as fh:
         for i, text in enumerate(DOCS):
             fh.write(json.dumps({"text": text, "title": f"doc {i}"}) + "\n")
@@ -47,7 +47,7 @@ def make_finished(folder: Path) -> tuple[Path, Path]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VOLEMBED_HOME", str(home))
         mp.setenv("HF_HUB_OFFLINE", "1")
-        for args in (["--set", "embedding.dimensions=128"], []):
+        for args in (["--set", "embedding.normalize=false"], []):
             result = CliRunner().invoke(app, [str(spec), *args])
             assert result.exit_code == 0, result.output
     return spec, home

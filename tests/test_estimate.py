@@ -6,6 +6,7 @@ import io
 import json
 import math
 import random
+import re
 import socket
 import time
 from pathlib import Path
@@ -24,6 +25,8 @@ from volembed_runner.errors import BackendError, SpecError
 from volembed_runner.estimate.calibrate import calibrate
 from volembed_runner.ui.estimate import render
 
+from .conftest import REPO
+
 runner = CliRunner()
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
@@ -31,16 +34,19 @@ WORDS = ["river", "mountain", "Zürich", "café", "naïve", "data", "embedding",
          "vector", "search", "index", "archive", "library", "museum", "theory", "quantum", "garden", "harbour", "1987",
          "well-known", "re-entry"]
 
-# English Wikipedia as Modal's "Embedding Wikipedia" tutorial counted it (anchors.md §2.1), bge-base on 50 A10G.
+# English Wikipedia as Modal's "Embedding Wikipedia" example counted it (the 20220301.en dump: 19,560,538,957
+# characters, https://github.com/modal-labs/modal-examples/tree/main/06_gpu_and_ml/embeddings/wikipedia), bge-base
+# on 50 A10G. Not in the datasets catalog, so the Hub paths below are the ones taken when the hints are removed.
 WIKIPEDIA = {
     "version": 1, "name": "wikipedia", "backend": "modal", "volume": "v",
-    "dataset": {"hf": "wikimedia/wikipedia", "config": "20231101.en", "num_rows": 6_458_670,
+    "dataset": {"hf": "legacy-datasets/wikipedia", "config": "20220301.en", "num_rows": 6_458_670,
                 "num_bytes": 19_560_538_957},
     "chunking": {"size": 510, "overlap": 0},  # "512-token chunks": 510 + [CLS]/[SEP] is bge-base's limit
     "embedding": {"model": "BAAI/bge-base-en-v1.5"},
     "compute": {"gpu": "A10G", "concurrency_limit": 50, "allow_concurrent_inputs": 4},
 }
-# FineWeb-edu sample-10BT as fineweb-modal ran it (anchors.md §1.4): 9.6M documents, nomic on A10G. Its source bytes
+# FineWeb-edu sample-10BT as fineweb-modal ran it (https://github.com/enjalot/fineweb-modal): 9.6M documents, nomic
+# on A10G. Its source bytes
 # are not published: 10.5e9 chunk tokens - 50 x (25e6 - 9.6e6) overlap tokens - 2 x 9.6e6 specials = 9.71e9 text
 # tokens, x 4.836 bytes/token (catalog ratio) = 46.96e9 bytes.
 FINEWEB = {
@@ -491,3 +497,49 @@ def test_lognormal_length_model_reproduces_finewebs_published_chunking() -> None
     chunks = sum(1 if n <= 500 else math.ceil(n / 450) for n in lengths) / q
     tokens = sum(n + 50 * ((1 if n <= 500 else math.ceil(n / 450)) - 1) for n in lengths) / q
     assert within(chunks * 9.6e6, 25e6, 0.05) and within(tokens * 9.6e6, 10.5e9, 0.02)
+
+
+# ------------------------------------------------------------------------------------- sources a user can read
+
+INTERNAL = re.compile(r"anchors|tei\.md|modal-sdk|offline-embedding|issue \d|§|third-party|reference/|\.md\b")
+
+
+@pytest.mark.parametrize("spec", sorted((REPO / "pipelines").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_specs_dry_run_cites_only_sources_a_user_can_open(spec: Path, no_network) -> None:
+    result = runner.invoke(app, [str(spec), "--dry-run"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert not INTERNAL.findall(result.output), INTERNAL.findall(result.output)
+    assumptions = result.output[result.output.index("assumptions:"):]
+    assert "https://" in assumptions
+    assert not no_network, "a shipped spec's dry run needs no network"
+
+
+def test_a_known_hub_dataset_is_sized_from_the_catalog_offline(no_network) -> None:
+    est = estimate.estimate(_load(REPO / "pipelines" / "wikipedia.yaml", None))
+    assert est.documents == 6_407_814  # the 20231101.en dump's rows, not the 20220301.en figures
+    notes = "\n".join(est.assumptions)
+    assert "catalog's size of wikimedia/wikipedia 20231101.en/train" in notes
+    assert "https://huggingface.co/datasets/wikimedia/wikipedia" in notes
+    assert est.cost_usd is not None and not no_network
+
+
+def test_an_unknown_hub_dataset_offline_says_what_to_copy_from_its_card(plan_of) -> None:
+    spec = merged(WIKIPEDIA, dataset={"hf": "someone/corpus", "config": "v2", "num_rows": None, "num_bytes": None})
+    est = estimate.estimate(plan_of(spec))
+    assert est.cost_usd is None
+    (tokens,) = [u for u in est.unknown if u.startswith("tokens:")]
+    assert "https://huggingface.co/datasets/someone/corpus" in tokens and "v2/train" in tokens
+    assert "num_examples" in tokens and "dataset.num_rows" in tokens and "HF_HUB_OFFLINE" in tokens
+
+
+def test_the_plan_names_a_folder_and_counts_its_documents(tmp_path: Path) -> None:
+    docs = tmp_path / "notes"
+    docs.mkdir()
+    for i in range(50):
+        (docs / f"n{i:02d}.md").write_text(f"note {i}", encoding="utf-8")
+    (tmp_path / "spec.yaml").write_text(
+        "version: 1\nname: notes\nvolume: v\ndataset: {files: [notes]}\nchunking: {size: 64, overlap: 8}\n"
+        "embedding: {model: sentence-transformers/all-MiniLM-L6-v2}\n", encoding="utf-8")
+    result = runner.invoke(app, [str(tmp_path / "spec.yaml"), "--dry-run"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "notes/ (50 document file(s))" in result.output and "1 file(s)" not in result.output

@@ -12,6 +12,7 @@ of commits and reloads.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -264,7 +265,7 @@ def test_inputs_of_a_dead_orchestrator_run_on_and_its_successor_waits_for_them(
         if getattr(event, "stage", None) == "embed" and getattr(event, "shard", None):
             raise KeyboardInterrupt("the orchestrator's container was lost")
 
-    monkeypatch.setattr(live.module, "log_event", die)
+    monkeypatch.setattr(live.module, "progress_log", lambda plan: contextlib.nullcontext(die))
     with pytest.raises(KeyboardInterrupt):
         live.orchestrate()
     died = time.time()
@@ -272,7 +273,7 @@ def test_inputs_of_a_dead_orchestrator_run_on_and_its_successor_waits_for_them(
     assert orphans, "some of its inputs were still running when it died"
     with pytest.raises(RunHeld, match="heartbeat"):  # at once: its lease is still fresh
         live.module.orchestrate.local("", 1)
-    monkeypatch.setattr(live.module, "log_event", lambda event: None)
+    monkeypatch.setattr(live.module, "progress_log", lambda plan: contextlib.nullcontext(lambda event: None))
     time.sleep(max(0.0, died + 1.2 - time.time()))  # its heartbeat has stopped (as Modal's retry waits 30 s)
     assert live.orchestrate()["ok"]  # it waited for what the dead one left running, then finished the rest
     assert all(a.status == 1 and a.finished > died for a in orphans)  # they ran to their end, their map closed

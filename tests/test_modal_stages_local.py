@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -169,10 +170,13 @@ def _write(path: Path, text: str) -> Path:
     return path
 
 
-def test_the_orchestrator_runs_every_stage_of_the_generated_app(app_module) -> None:
+def test_the_orchestrator_runs_every_stage_of_the_generated_app(app_module, capsys: pytest.CaptureFixture) -> None:
     module, root, plan, server = app_module
     summary = _call(module.orchestrate, "", 1)
     assert summary["ok"] and summary["stages"] == ["download", "chunk", "embed"] and summary["next_call"] is None
+    log = capsys.readouterr().out  # the orchestrator's log, as Modal streams it: each stage's end, priced
+    for stage in ("download", "chunk", "embed"):
+        assert re.search(rf"^{stage}: done in \S+, \d+ shard\(s\) run.*≤ \$\d", log, re.M), log
 
     folder = store.embeddings_dir(root, plan.name, plan.embed.fingerprint)
     chunk_folder = store.chunks_dir(root, plan.name, plan.chunk.fingerprint)

@@ -12,7 +12,7 @@ import numpy as np
 from volembed_runner import sources, store
 from volembed_runner.lease import FileLeaseStore, Holder
 from volembed_runner.loading import load_spec
-from volembed_runner.orchestrate import Outcome, orchestrate
+from volembed_runner.orchestrate import Outcome, StageStarted, orchestrate
 from volembed_runner.plan import Plan, make_plan
 from volembed_runner.stages import chunk as chunk_stage
 from volembed_runner.stages import download as download_stage
@@ -113,6 +113,16 @@ def test_rerun_skips_finished_shards(tmp_path: Path) -> None:
     outcome = run_pass(plan, root, again)
     assert outcome.ok and again.calls == {"download": [], "chunk": [], "embed": []}
     assert manifest(plan, root)["passes"] == 2
+
+
+def test_a_rerun_still_announces_every_stage_download_included(tmp_path: Path) -> None:
+    plan, root = setup(tmp_path)
+    run_pass(plan, root, StandInMapper(plan, root))
+    events: list = []
+    run_pass(plan, root, StandInMapper(plan, root), on_event=events.append)
+    started = [e for e in events if isinstance(e, StageStarted)]
+    assert [(e.stage, e.todo) for e in started] == [("download", 0), ("chunk", 0), ("embed", 0)]
+    assert started[0].total == 5  # the shards the first pass downloaded
 
 
 def test_failed_shards_are_recorded_with_cause_and_retried_next_time(tmp_path: Path) -> None:

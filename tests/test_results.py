@@ -1,6 +1,6 @@
 """After a run, through the CLI: `files` (and current.json), `plan`'s output folders, `gc`, `fetch` and `report`.
 
-One small local run (and a rerun with other vector dimensions, which leaves a stale embeddings folder) is made once
+One small local run (and a run with unnormalized vectors, which leaves a stale embeddings folder) is made once
 per session (`finished_run`, tests/after_run.py) with the real local engine; each test works on its own copy of it.
 The Modal code paths run over a stand-in for `modal.Volume` whose `listdir`, `read_file` and `remove_file` behave as
 modal 1.6.4's (`modal/volume.py`: listing returns `modal.types.FileEntry` with paths relative to the Volume root, a
@@ -59,7 +59,7 @@ def test_current_json_names_the_last_pass_and_files_globs_only_its_vectors(run) 
     spec, plan = run
     current = json.loads(store.current_path(plan.local_root(), plan.name).read_text())
     assert current["fingerprints"]["embeddings"] == plan.embed.fingerprint and current["status"] == "succeeded"
-    # the 128-dim rerun left its own folder beside the current one: a glob over embeddings/* would mix both
+    # the unnormalized run left its own folder beside the current one: a glob over embeddings/* would mix both
     assert len(list((plan.local_root() / "runs" / plan.name / "embeddings").iterdir())) == 2
 
     code, out = cli("files", str(spec), "--stage", "embeddings")

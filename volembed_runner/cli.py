@@ -60,6 +60,23 @@ DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks instead
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
 
 
+def _print_version(value: bool) -> None:
+    """`--version`: the installed package's version, then exit."""
+    if value:
+        from importlib.metadata import version
+
+        sys.stdout.write(f"volembed-run {version('volembed-runner')}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    show_version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                               help="Print the version and exit.")] = False,
+) -> None:
+    pass
+
+
 def _fail(exc: VolembedError, debug: bool) -> None:
     """Print an error as one line per problem (no traceback unless --debug) and exit with its status."""
     if debug:
@@ -92,7 +109,7 @@ def _load(spec: Path, sets: list[str] | None, backend: str | None = None) -> Pla
 
 @app.command("run")
 def run_cmd(
-    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")],
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and estimate; start nothing.")] = False,
     until: Annotated[
         str | None, typer.Option(metavar="STAGE", help="Stop after this stage: download, chunk or embed.")
@@ -114,6 +131,9 @@ def run_cmd(
         if backend is not None and backend not in ("local", "modal"):
             raise SpecError([_option_issue("--backend", f"must be local or modal, got {backend!r}")])
         plan = _load(spec, sets, backend)
+        if detach and plan.backend != "modal":
+            raise SpecError([_option_issue("--detach", "only for backend: modal; this spec runs locally, in this "
+                                                       "process (Ctrl-C stops it, finished shards stay done)")])
         if dry_run:
             _dry_run(plan, prices, as_json)
         elif plan.backend == "modal":
@@ -235,7 +255,7 @@ def schema_cmd() -> None:
 
 @app.command("plan")
 def plan_cmd(
-    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")],
     sets: SetOpt = None,
     debug: DebugOpt = False,
 ) -> None:
@@ -252,7 +272,7 @@ def plan_cmd(
 
 @app.command("render")
 def render_cmd(
-    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write the app here (default: stdout).")] = None,
     sets: SetOpt = None,
     debug: DebugOpt = False,
@@ -271,7 +291,7 @@ def render_cmd(
 
 @app.command("status")
 def status_cmd(
-    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")],
     backend: Annotated[str | None, typer.Option(metavar="local|modal", help="Override the spec's backend.")] = None,
     sets: SetOpt = None,
     as_json: JsonOpt = False,
@@ -314,7 +334,7 @@ def status_cmd(
 
 @app.command("stop")
 def stop_cmd(
-    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")],
     sets: SetOpt = None,
     debug: DebugOpt = False,
 ) -> None:
@@ -322,14 +342,17 @@ def stop_cmd(
     from volembed_runner.backends.modal import launch
 
     with _one_line_errors(debug):
-        plan = _load(spec, sets, backend="modal")
+        plan = _load(spec, sets)
+        if plan.backend != "modal":
+            raise SpecError([SpecIssue(plan.spec_path, "backend", "local: stop ends Modal runs; a local run stops "
+                                       "with Ctrl-C in its terminal (finished shards stay done)")])
         app_id = launch.stop(plan)
     out_console().print(f"stopped {plan.name} (app {app_id})", markup=False)
 
 
 @app.command("calibrate")
 def calibrate_cmd(
-    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")],
     chunks: Annotated[
         int, typer.Option("--chunks", metavar="N", help="Chunks of the job to embed for the measurement.")
     ] = 256,
@@ -407,7 +430,7 @@ def _volume(plan: Plan) -> tuple[VolumeFiles, str]:
 
 @app.command("files")
 def files_cmd(
-    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")],
     stage: Annotated[str | None, typer.Option(metavar="STAGE", help="Print only this stage's glob: data, chunks "
                                               "or embeddings.")] = None,
     sets: SetOpt = None,
@@ -438,7 +461,7 @@ def files_cmd(
 
 @app.command("gc")
 def gc_cmd(
-    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete the stale folders (default: only list them).")]
     = False,
     sets: SetOpt = None,
@@ -472,7 +495,7 @@ def gc_cmd(
 
 @app.command("fetch")
 def fetch_cmd(
-    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")],
     shard: Annotated[str | None, typer.Option(metavar="K", help="This chunk shard (3 or 00003; default: the "
                                               "first).")] = None,
     every: Annotated[bool, typer.Option("--all", help="Every shard, into one file.")] = False,
@@ -502,7 +525,7 @@ def fetch_cmd(
 
 @app.command("report")
 def report_cmd(
-    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")],
     output: Annotated[Path | None, typer.Option("--output", "-o", metavar="PATH",
                                                 help="Write the page here (default: ./<name>-report.html).")] = None,
     sets: SetOpt = None,
@@ -525,7 +548,7 @@ def report_cmd(
 
 @app.command("push")
 def push_cmd(
-    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).", dir_okay=False)],
+    spec: Annotated[Path, typer.Argument(help="The job spec (YAML).")],
     repo: Annotated[str | None, typer.Option(metavar="OWNER/NAME", help="The Hub dataset repository (default: "
                                              "output.hub.repo).")] = None,
     private: Annotated[bool | None, typer.Option("--private/--public", help="Create the repository private "

@@ -225,6 +225,12 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def _load_file(path: Path, env: dict[str, str], chain: tuple[Path, ...]) -> Loaded:
+    if path.is_dir():
+        specs = sorted(path.glob("*.y*ml"))
+        example = f", e.g. {_display(specs[0])} (validate takes several: {_display(path / '*.yaml')})" if specs else ""
+        where = f"{_display(chain[-1])}" if chain else ""
+        raise SpecError([SpecIssue(where, "extends" if chain else "",
+                                   f"{_display(path)} is a folder, not a spec file; name a spec file in it{example}")])
     if not path.is_file():
         where = f"{_display(chain[-1])}" if chain else ""
         raise SpecError([SpecIssue(where, "extends" if chain else "", f"spec file {_display(path)} does not exist")])

@@ -88,11 +88,13 @@ class Feed(Iterator[K]):
 
 @dataclass(frozen=True)
 class StageStarted:
-    """A stage begins: `todo` of its `total` shards (or download tasks) will run, the rest were done before."""
+    """A stage begins: `todo` of its `total` shards (or download tasks) will run, the rest were done before.
+    `at` (every event has it) is when it happened, in seconds since the epoch."""
 
     stage: str
     total: int
     todo: int
+    at: float = field(default_factory=time.time)
 
 
 @dataclass(frozen=True)
@@ -103,9 +105,19 @@ class ShardFinished:
     shard: str
     error: str | None
     stats: Stats | None
+    at: float = field(default_factory=time.time)
 
 
-Event = StageStarted | ShardFinished
+@dataclass(frozen=True)
+class StageFinished:
+    """A stage's map ended: every shard it fed has finished (`failed` of them with an error)."""
+
+    stage: str
+    failed: int
+    at: float = field(default_factory=time.time)
+
+
+Event = StageStarted | ShardFinished | StageFinished
 
 
 @dataclass
@@ -208,6 +220,7 @@ def _passes(
         index = download_stage.finalize(root, plan.data, tasks)
     else:
         manifest.skip_stage("download")
+        emit(StageStarted("download", len(index), 0))  # done before: said, so a rerun's output names every stage
         outcome.stages_run.append("download")
     renamed = download_stage.renamed_ids(root, plan.data)
     if renamed:
@@ -317,6 +330,7 @@ class _Shards:
             manifest.shard_finished(stage, shard, error, stats, unretryable=final)
             self.emit(ShardFinished(stage, shard, error, stats))
         keeper.lease.busy = False
+        self.emit(StageFinished(stage, len(failed)))
         if feed.stopped and feed.fed < len(todo):
             left = todo[feed.fed:] if stage == "embed" else []
             self.record(len(todo) - feed.fed if stage == "embed" else 0,

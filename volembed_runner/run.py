@@ -29,8 +29,10 @@ class RunSummary:
     documents: int
     empty_documents: int
     chunks: int
-    tokens: int
+    tokens: int  # the documents' tokens, as the dry run counts them
+    chunk_tokens: int  # the chunks' tokens (overlap counted twice): what the embed stage runs, less special tokens
     vectors: int
+    truncated: int  # chunks the engine cut to the model's limit (embedding.truncate: true)
     embedded_this_run: int
     tokens_per_second: float | None
     failed: dict[str, dict[str, str]]
@@ -130,8 +132,10 @@ def run_local(plan: Plan, *, until: str | None, on_event: Callable[[Event], None
         documents=counts["documents"],
         empty_documents=counts["empty_documents"],
         chunks=counts["chunks"],
-        tokens=counts["tokens"],
+        tokens=counts.get("doc_tokens", 0),
+        chunk_tokens=counts["tokens"],
         vectors=counts["vectors"],
+        truncated=counts.get("truncated", 0),
         embedded_this_run=counter.tokens,
         tokens_per_second=round(rate, 1) if rate else None,
         failed=failed,

@@ -301,6 +301,23 @@ class Spec(BaseModel):
             raise error
         return self
 
+    @model_validator(mode="after")
+    def _truncatable(self) -> Spec:
+        known = catalog.find_model(self.embedding.model)
+        wanted = self.embedding.dimensions
+        if known is None or wanted is None:
+            return self
+        if known.matryoshka_min_dim is None:
+            raise _cross("embedding.dimensions", "{model} was not trained for Matryoshka truncation (its model card, "
+                         "{card}, names no smaller sizes), so its first {wanted} dimensions are not an embedding; "
+                         "leave dimensions null for its {dim}", model=known.id, card=known.card or "none",
+                         wanted=wanted, dim=known.dim)
+        if not known.matryoshka_min_dim <= wanted <= known.dim:
+            raise _cross("embedding.dimensions", "{model} was trained for {low} to {dim} dimensions ({source}), "
+                         "got {wanted}", model=known.id, low=known.matryoshka_min_dim, dim=known.dim,
+                         source=known.matryoshka_source or known.card, wanted=wanted)
+        return self
+
 
 class ModelFit(BaseModel):
     """The chunk-size-vs-model rule on its own: pydantic skips Spec's check when any other field is invalid, and

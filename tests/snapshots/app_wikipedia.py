@@ -2,6 +2,8 @@
 # rather than editing this file. Run it with `volembed-run SPEC` (which uploads local dataset files first), or with
 # `modal run --detach app.py` on a machine where volembed-runner is installed: the stage code in the images is
 # shipped from that installation, so what runs on Modal is the code its tests run.
+# Options of `modal run app.py`: --until [all|download|chunk|embed] stops after that stage (default all);
+# --no-wait returns once the job is submitted (with --detach it then runs on without this terminal).
 """Embed one dataset on Modal: download → chunk (CPU containers) → embed (TEI on GPU containers) → manifest."""
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Literal
 
 import modal
 
@@ -131,8 +134,8 @@ PLAN = {
             'id_column': 'id',
             'keep_columns': ['url', 'title'],
             'limit': None,
-            'num_rows': 6458670,
-            'num_bytes': 19560538957,
+            'num_rows': None,
+            'num_bytes': None,
             'shard_rows': 50000,
             'duplicate_ids': 'error',
         },
@@ -159,7 +162,7 @@ PLAN = {
         },
         'output': {'include_text': False, 'hub': None},
     },
-    'spec_hash': '96178e139b37c972',
+    'spec_hash': '057c77b717e4134b',
     'git': {'commit': None, 'dirty': None},
     'data': {
         'kind': 'hf',
@@ -175,8 +178,8 @@ PLAN = {
         'limit': None,
         'shard_rows': 50000,
         'duplicate_ids': 'error',
-        'num_rows': 6458670,
-        'num_bytes': 19560538957,
+        'num_rows': None,
+        'num_bytes': None,
         'fingerprint': '4796611000024023',
     },
     'model': {
@@ -307,6 +310,8 @@ tei_image = tei_image.add_local_python_source("volembed_runner", ignore=package_
 # The stage code: importable wherever volembed-runner is installed and in both images, but not in build steps. Each
 # image imports what its functions use, in a block of its own, so an import that fails is reported on its image.
 with cpu_image.imports():
+    from rich.console import Console
+
     from volembed_runner.backends.modal.runtime import (
         DictLeaseStore,
         ModalMapper,
@@ -316,13 +321,15 @@ with cpu_image.imports():
         sync_volume,
     )
     from volembed_runner.budget import Budget
+    from volembed_runner.estimate.cost import spend_per_second
+    from volembed_runner.estimate.prices import load_prices
     from volembed_runner.lease import Holder
-    from volembed_runner.orchestrate import Event, ShardFinished, StageStarted
     from volembed_runner.orchestrate import orchestrate as run_pipeline
     from volembed_runner.plan import Plan
     from volembed_runner.sources import SourceTask
     from volembed_runner.stages.chunk import run_shard
     from volembed_runner.stages.download import download_task
+    from volembed_runner.ui.progress import RunProgress
     from volembed_runner.units import fleet_of
 with tei_image.imports():
     from volembed_runner.backends.modal.runtime import TEIRouter, probe_sample, shard_errors, sync_volume
@@ -427,12 +434,13 @@ def push(repo: str, private: bool = False, license: str = "") -> dict:
 # The control flow runs inside Modal, so a detached run survives a closed laptop. It skips finished work, records
 # failures in the manifest, and before its 24 h limit stops feeding, drains what it fed and hands over to a fresh
 # call (resume makes that safe; the lease makes the successor wait for any input a dead predecessor left running).
-def log_event(event: Event) -> None:
-    """One log line per stage and per failed shard; progress lives in the manifest (`volembed-run status`)."""
-    if isinstance(event, StageStarted):
-        print(f"[{event.stage}] {event.todo} of {event.total} to run", flush=True)
-    elif isinstance(event, ShardFinished) and event.error:
-        print(f"[{event.stage}] {event.shard} failed: {event.error}", flush=True)
+def progress_log(plan: Plan) -> RunProgress:
+    """Progress in the orchestrator's log (streamed to `modal run` and `volembed-run SPEC`): a line per stage and per
+    failed shard, and at least every 10 s the running stage's shards, tokens/s, ETA and cost so far at the catalog's
+    list prices, every container the stage may use counted busy (the full record is the manifest: `status`)."""
+    prices = load_prices()
+    return RunProgress(Console(file=sys.stdout, width=200, soft_wrap=True),
+                       spend=lambda stage, todo: spend_per_second(plan, prices, stage, todo))
 
 
 @app.function(image=cpu_image, volumes=VOLUMES, secrets=secrets + hub_secrets, cpu=ORCHESTRATE_CPU,
@@ -446,10 +454,11 @@ def orchestrate(until: str = "", passes: int = 1) -> dict:
     windows = Windows(download=DOWNLOAD_MAX_CONTAINERS, chunk=CHUNK_MAX_CONTAINERS,
                       embed=EMBED_MAX_CONTAINERS * EMBED_MAX_INPUTS)
     mapper = ModalMapper(download=download, chunk=chunk, embed=Embedder().embed, windows=windows, volume=volume)
-    outcome = run_pipeline(plan, Path(ROOT), mapper, lease_store=DictLeaseStore(leases, LEASE_RUN),
-                           holder=Holder.here("modal"), work_seconds=INPUT_WORK_S, wait=INPUT_WORK_S,
-                           until=until or None, deadline=deadline, fleet=fleet_of(plan, EMBED_TOKENS_PER_SECOND),
-                           on_event=log_event, budget=Budget.from_dict(BUDGET) if BUDGET else None)
+    with progress_log(plan) as log:
+        outcome = run_pipeline(plan, Path(ROOT), mapper, lease_store=DictLeaseStore(leases, LEASE_RUN),
+                               holder=Holder.here("modal"), work_seconds=INPUT_WORK_S, wait=INPUT_WORK_S,
+                               until=until or None, deadline=deadline, fleet=fleet_of(plan, EMBED_TOKENS_PER_SECOND),
+                               on_event=log, budget=Budget.from_dict(BUDGET) if BUDGET else None)
     sync_volume(volume)
     if outcome.over_budget:
         cost = outcome.budget or {}
@@ -465,14 +474,16 @@ def orchestrate(until: str = "", passes: int = 1) -> dict:
 
 # ── Entry points ─────────────────────────────────────────────────────────────────────────────────────────────────
 @app.local_entrypoint()
-def main(until: str = "", wait: bool = True) -> None:
+def main(until: Literal["all", "download", "chunk", "embed"] = "all", wait: bool = True) -> None:
     """Run the job and wait for it (through its hand-overs); `--until chunk` stops after a stage.
 
-    `modal run --detach app.py` keeps the job running when this terminal goes away; add `--no-wait` to return as
-    soon as the orchestrator is submitted (without `--detach` the app would stop with this process). The
+    Modal builds `modal run app.py --help` from this signature alone (no help text per option), so the options are
+    spelled out here and at the top of the file: `--until STAGE` stops after that stage (`all`, the default, runs
+    every stage); `--no-wait` returns as soon as the orchestrator is submitted. `modal run --detach app.py` keeps
+    the job running when this terminal goes away (without `--detach` the app stops with this process). The
     orchestrator is spawned, not called: Modal then retries it server-side, whether or not this process lives.
     """
-    call = orchestrate.spawn(until)
+    call = orchestrate.spawn("" if until == "all" else until)
     if not wait:
         print(f"submitted {APP_NAME}: function call {call.object_id}")
         return

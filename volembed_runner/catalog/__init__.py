@@ -51,6 +51,24 @@ class Model:
     known_issues: tuple[str, ...] = field(default_factory=tuple)
     tei_revision: str | None = None  # a commit the pinned TEI loads, where the Hub's main does not
     tei_revision_source: str | None = None
+    card: str | None = None  # the model card the facts come from
+    matryoshka_min_dim: int | None = None  # trained for truncation down to this width (None: not trained for it)
+    matryoshka_source: str | None = None
+
+
+@dataclass(frozen=True)
+class KnownDataset:
+    """The size of one Hub (dataset, config, split), from its card, with the source and the date it was read."""
+
+    hf: str
+    config: str | None
+    split: str
+    num_rows: int
+    num_bytes: int
+    source: str
+    date: str
+    files: int | None = None
+    derivation: str | None = None
 
 
 def _load(name: str) -> dict[str, Any]:
@@ -103,6 +121,18 @@ def containers() -> dict[str, Any]:
 def throughput() -> dict[str, Any]:
     """`throughput.yaml`: measured and derived rates, the scaling rule and the dry run's cost-model constants."""
     return _load("throughput.yaml")
+
+
+@cache
+def datasets() -> tuple[KnownDataset, ...]:
+    """`datasets.yaml`: sizes of known Hub datasets, so a dry run of them needs no network."""
+    return tuple(KnownDataset(**d) for d in _load("datasets.yaml")["datasets"])
+
+
+def find_dataset(hf: str, config: str | None, split: str) -> KnownDataset | None:
+    """The catalog's size of this Hub dataset's config and split (ids case-insensitive), or None."""
+    wanted = (hf.lower(), config, split)
+    return next((d for d in datasets() if (d.hf.lower(), d.config, d.split) == wanted), None)
 
 
 def find_model(model_id: str) -> Model | None:

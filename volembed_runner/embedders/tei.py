@@ -28,7 +28,8 @@ from volembed_runner.redact import public_url
 
 log = logging.getLogger(__name__)
 
-# TEI 1.9 router defaults, used when /info leaves a field out (reference/tei.md §1.2).
+# TEI 1.9 router defaults, used when /info leaves a field out (router/src/main.rs of
+# https://github.com/huggingface/text-embeddings-inference/tree/v1.9.3).
 DEFAULT_MAX_CLIENT_BATCH_SIZE = 32
 DEFAULT_MAX_BATCH_TOKENS = 16384
 DEFAULT_MAX_INPUT_LENGTH = 512

@@ -45,6 +45,7 @@ from volembed_runner.estimate.sizes import (
     HUB_TIMEOUT_S,
     Counts,
     Sizes,
+    catalog_sizes,
     count_totals,
     hint_sizes,
     hub_sizes,
@@ -153,7 +154,8 @@ def estimate(plan: Plan, *, prices: Path | None = None, sample_cap: int = SAMPLE
             assumptions.append(
                 f"embed units: {priced.units:,} of ≈{unit:,.0f} tokens, ≈{fleet.unit_seconds(unit) or 0:,.0f} s each "
                 f"in a container with {fleet.inputs} in flight (≤ {UNIT_TIMEOUT_SHARE:.0%} of compute.timeout "
-                f"{plan.compute.timeout:,} s), for {fleet.containers} × {fleet.inputs} input slots (units.py)")
+                f"{plan.compute.timeout:,} s), for {fleet.containers} × {fleet.inputs} input slots "
+                "(volembed_runner/units.py)")
     if rate is not None:
         assumptions.append(f"throughput: {rate.source}")
     if plan.backend == "modal" or job is not None:
@@ -214,9 +216,16 @@ def source_sizes(plan: Plan, tok: CountingTokenizer | None, sample_cap: int, hub
     if plan.data.kind == "files":
         sizes = local_sizes(plan, tok, sample_cap)
     else:
+        known = catalog.find_dataset(plan.data.hf or "", plan.data.config, plan.data.split)
         if plan.data.num_rows and plan.data.num_bytes:
             sizes = Sizes(remote=True)
             sizes.notes.append("sizes from the spec's hints; the Hub was not consulted (no network call)")
+        elif known is not None:
+            sizes = Sizes(remote=True)
+            sizes.notes.append("sizes from the catalog (volembed_runner/catalog/datasets.yaml); the Hub was not "
+                               "consulted (no network call)")
+            hint_sizes(plan, sizes)
+            catalog_sizes(plan, sizes, known)
         else:
             sizes = hub_sizes(plan, tok, sample_cap, hub_timeout)
     hint_sizes(plan, sizes)

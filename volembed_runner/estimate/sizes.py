@@ -231,6 +231,39 @@ def hint_sizes(plan: Plan, sizes: Sizes) -> None:
                            + (f" x {share:.4g} (limit)" if share != 1.0 else ""))
 
 
+def catalog_sizes(plan: Plan, sizes: Sizes, known: catalog.KnownDataset) -> None:
+    """Fill rows/bytes still open from the catalog's entry for this Hub dataset (`catalog/datasets.yaml`)."""
+    where = f"the catalog's size of {known.hf} {known.config or 'default'}/{known.split} (read {known.date})"
+    if sizes.total_rows is None:
+        limit = set_rows(plan, sizes, float(known.num_rows))
+        sizes.notes.append(f"documents: {known.num_rows:,} from {where}{limit}")
+    if sizes.text_bytes is None:
+        share = (sizes.rows / sizes.total_rows) if sizes.rows and sizes.total_rows else 1.0
+        sizes.text_bytes = float(known.num_bytes) * share
+        sizes.notes.append(f"text bytes: {known.num_bytes:,} from {where}" + (f" x {share:.4g} (limit)" if share != 1.0
+                                                                                 else ""))
+    if sizes.files is None and known.files:
+        sizes.files = known.files
+    sizes.notes.append(f"dataset size source: {known.source}" + (f"; {known.derivation}" if known.derivation else ""))
+    if plan.data.revision:
+        sizes.notes.append(f"dataset.revision {plan.data.revision} is pinned: the catalog's size is of the dataset as "
+                           f"read on {known.date}")
+
+
+def size_help(plan: Plan) -> str:
+    """What a user can set when the dataset's size cannot be read: where on the dataset card to find it, or how to
+    let the dry run sample it."""
+    d = plan.data
+    if d.kind != "hf":
+        return "set dataset.num_rows and dataset.num_bytes (UTF-8 bytes of the text), or use parquet/jsonl files"
+    return (f"set dataset.num_rows and dataset.num_bytes from the dataset card, https://huggingface.co/datasets/"
+            f"{d.hf}: num_rows = the row count of {d.config or 'default'}/{d.split} (`num_examples` under "
+            "`dataset_info` in the card's YAML header, or the viewer's row count), num_bytes = that split's "
+            "`num_bytes` there (its size, about the text's for a text dataset); or let the dry run sample it: run "
+            "it where the Hub is reachable (HF_HUB_OFFLINE unset: a few seconds of metadata and one row group, no "
+            "download)")
+
+
 def hub_sizes(plan: Plan, tok: CountingTokenizer | None, sample_cap: int, timeout: float) -> Sizes:
     """Rows, bytes and a sample from the Hub's listing and parquet footers, all within `timeout` seconds.
 
@@ -379,7 +412,7 @@ def count_totals(plan: Plan, sizes: Sizes, assumptions: list[str], unknown: list
             assumptions.append(f"documents: {sizes.text_bytes:,.0f} text bytes / {b[0]:,.0f} bytes per sampled "
                                "document")
         if docs is None:
-            unknown.append("documents: no row count (footer, Hub listing or dataset.num_rows hint)")
+            unknown.append(f"documents: no row count (footer, Hub listing or dataset.num_rows hint); {size_help(plan)}")
             return out
         out.documents = docs
         fpc = math.sqrt(max(0.0, (docs - sample.n) / (docs - 1))) if docs > 1 else 0.0
@@ -394,8 +427,7 @@ def count_totals(plan: Plan, sizes: Sizes, assumptions: list[str], unknown: list
             f"{e[0]:,.1f} chunk tokens per document (95% interval from the sample's spread)")
         return out
     if sizes.text_bytes is None:
-        unknown.append("tokens: no document could be sampled and no byte size is known (set dataset.num_bytes, or "
-                       "make the source readable)")
+        unknown.append(f"tokens: no document could be sampled and no byte size is known; {size_help(plan)}")
         return out
     ratio, ratio_note = bytes_per_token(plan)
     assumptions.append(f"tokens from text bytes: {ratio_note}")

@@ -31,7 +31,7 @@ def print_plan(plan: Plan, console: Console) -> None:
     table.add_column(style="bold")
     table.add_column(overflow="fold")
     d, c, e, k = plan.data, plan.chunk, plan.embed, plan.compute
-    source = f"hf {d.hf} [{d.config or 'default'}/{d.split}]" if d.kind == "hf" else f"{len(d.files)} file(s)"
+    source = f"hf {d.hf} [{d.config or 'default'}/{d.split}]" if d.kind == "hf" else _files_line(d.files)
     table.add_row("dataset", f"{source}" + (f", limit {d.limit}" if d.limit else ""))
     table.add_row("chunks", f"{c.size} tokens, overlap {c.overlap}, tokenizer {plan.model.tokenizer_id}")
     table.add_row("embedding", f"{plan.model.ref} via {e.engine}" + (f", prefix {e.prefix!r}" if e.prefix else ""))
@@ -49,6 +49,21 @@ def print_plan(plan: Plan, console: Console) -> None:
     console.print(table)
     for warning in plan.warnings:
         console.print(f"warning: {warning}", markup=False)
+
+
+def _files_line(files: tuple[str, ...]) -> str:
+    """Local sources as the plan names them: one file by name, a folder with the documents in it, else a count."""
+    from pathlib import Path
+
+    from volembed_runner.sources.files import folder_documents
+
+    paths = [Path(f) for f in files]
+    counts = [len(folder_documents(p)) if p.is_dir() else 1 for p in paths]
+    if len(paths) == 1:
+        return f"{paths[0].name}/ ({counts[0]:,} document file(s))" if paths[0].is_dir() else paths[0].name
+    folders = sum(p.is_dir() for p in paths)
+    return f"{sum(counts):,} files" + (f" (in {folders} folder(s) and {len(paths) - folders} file(s))" if folders
+                                       else "")
 
 
 def print_status(manifest: dict[str, Any], console: Console) -> None:
@@ -95,13 +110,15 @@ def print_summary(summary: RunSummary, console: Console) -> None:
     table = Table(title=f"{summary.name}: {summary.status} in {summary.seconds:.1f} s", show_header=False, box=None)
     table.add_column(style="bold")
     table.add_column()
-    for key in ("documents", "empty_documents", "chunks", "tokens", "vectors"):
+    for key in ("documents", "empty_documents", "tokens", "chunks", "chunk_tokens", "vectors", "truncated"):
         table.add_row(key.replace("_", " "), f"{getattr(summary, key):,}")
+    failed = sum(len(shards) for shards in summary.failed.values())
+    table.add_row("failed shards", f"{failed:,}" + (" (listed in the manifest; rerun to retry them)" if failed
+                                                    else ""))
     if summary.tokens_per_second:
-        table.add_row("embed rate", f"{summary.tokens_per_second:,.0f} tokens/s (embed stage, this run)")
-    elif summary.failed:
-        count = sum(len(shards) for shards in summary.failed.values())
-        table.add_row("embed rate", f"nothing embedded this run: {count} shard(s) failed")
+        table.add_row("embed rate", f"{summary.tokens_per_second:,.0f} chunk tokens/s (embed stage, this run)")
+    elif failed:
+        table.add_row("embed rate", f"nothing embedded this run: {failed} shard(s) failed")
     elif "embed" in summary.stages:
         table.add_row("embed rate", "nothing to embed: every shard was already done")
     last = summary.stages[-1] if summary.stages else None

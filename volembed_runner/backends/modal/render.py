@@ -3,7 +3,8 @@
 The template is a real Python module whose only placeholders sit in its configuration block. Each is filled with a
 Python literal of plain data (`repr()` of JSON-normalized values), so no spec value can become code, and the same
 Plan always renders the same bytes. Sizing that depends on the GPU (TEI image tag, router flags, CPU cores) is
-derived here, from the catalog and reference/tei.md §4.2.
+derived here, from the catalog and TEI's queueing and batching (router/src/main.rs, core/src/queue.rs of
+https://github.com/huggingface/text-embeddings-inference/tree/v1.9.3).
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ LEASE_DICT = "volembed-runner-leases"  # the workspace's modal.Dict of run lease
 RETRY_INITIAL_DELAY_S, RETRY_BACKOFF = 5.0, 2.0  # the stages' modal.Retries
 RETRY_MAX_DELAY_S = 60.0  # Modal clamps a retry's delay to at most this (modal 1.6.4 retries.py)
 
-# TEI router sizing (tei.md §2.6, §4.2).
+# TEI router sizing: one permit per input text (--max-concurrent-requests), batches filled up to --max-batch-tokens
+# from its queue (router/src/http/server.rs, core/src/queue.rs of TEI v1.9.3).
 MIN_CLIENT_BATCH, MAX_CLIENT_BATCH = 32, 512
 QUEUE_BATCHES = 4  # tokens in flight per container ≥ this × --max-batch-tokens keeps the GPU fed
 REQUESTS_PER_SHARD = 2  # full requests each concurrent shard may keep in flight

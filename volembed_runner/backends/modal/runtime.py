@@ -41,7 +41,8 @@ T = TypeVar("T")
 # TEI 1.9.x CUDA images are built on CUDA 12.9.1; an older driver needs the image's forward-compat libraries.
 TEI_IMAGE_CUDA = (12, 9)
 CUDA_COMPAT_DIR = "/usr/local/cuda/compat"
-# TEI logs this when CUDA init fails, then serves from the CPU (reference/tei.md §0.5): a silent 100x slowdown.
+# TEI logs this when CUDA init fails, then serves from the CPU ("Could not find a compatible CUDA device on host …
+# Using CPU instead", backends/candle/src/lib.rs of TEI v1.9.3): a silent 100x slowdown.
 CPU_FALLBACK_MARKER = "Using CPU instead"
 LOG_TAIL_LINES = 20
 # The router logs every request at info, and every line is forwarded to Modal's logs; warnings and errors (the CPU

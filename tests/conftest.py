@@ -1,4 +1,4 @@
-"""Shared fixtures: every test gets its own $VOLEMBED_HOME and never reaches the Hub."""
+"""Shared fixtures: each test gets its own $VOLEMBED_HOME and never reaches the Hub; `launched` fakes a Modal launch."""
 
 from __future__ import annotations
 
@@ -35,3 +35,20 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from tests.after_run import make_finished
 
     return make_finished(tmp_path_factory.mktemp("after"))
+
+
+@pytest.fixture
+def launched(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Runs that reached launch (faked), with Modal credentials set in the environment."""
+    from volembed_runner.backends.modal import launch
+
+    calls: list[str] = []
+
+    def fake_run(plan, *, until, detach, on_upload=None, prices=None) -> launch.Launched:
+        calls.append(plan.name)
+        return launch.Launched(plan.name, "ap-1", None, detached=False, summary={"ok": True, "stages": []})
+
+    monkeypatch.setattr(launch, "run", fake_run)
+    monkeypatch.setenv("MODAL_TOKEN_ID", "ak-test")  # credentials are checked before the estimate
+    monkeypatch.setenv("MODAL_TOKEN_SECRET", "as-test")
+    return calls

@@ -392,7 +392,7 @@ def test_calibrate_cli_on_modal_is_a_one_line_error(tmp_path: Path) -> None:
     spec.write_text(yaml.safe_dump(FINEWEB), encoding="utf-8")
     result = runner.invoke(app, ["calibrate", str(spec)])
     assert result.exit_code == 4
-    assert "calibrate on modal needs Modal credentials" in result.output
+    assert "no Modal credentials: run `modal setup`" in result.output and "Traceback" not in result.output
 
 
 def test_injected_modal_measurement_is_stored_and_used(plan_of, tmp_path: Path) -> None:

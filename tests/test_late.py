@@ -90,6 +90,12 @@ def test_dense_only_settings_are_refused_for_late_interaction(tmp_path: Path, ex
     assert f"embedding.{field}" in issue(spec) and "does not apply to late_interaction" in issue(spec)
 
 
+def test_the_gpu_probe_is_refused_for_late_interaction(tmp_path: Path) -> None:
+    spec = write(tmp_path, model="colbert-ir/colbertv2.0", backend="modal")
+    result = runner.invoke(app, ["calibrate", str(spec)])
+    assert result.exit_code != 0 and "late-interaction job runs PyLate" in result.output
+
+
 def test_the_dense_lancedb_index_is_refused_for_late_interaction(tmp_path: Path) -> None:
     assert "output.index" in issue(write(tmp_path, extra="output: {index: lancedb}\n"))  # it has its token index
 

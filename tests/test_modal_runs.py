@@ -32,7 +32,8 @@ from modal._utils.async_utils import synchronizer
 from tests.fake_modal import Recorder, fake_modal_server
 from volembed_runner import lease, store
 from volembed_runner.backends.modal import launch, render
-from volembed_runner.errors import BackendError, RunHeld, StageError
+from volembed_runner.budget import Budget, StagePrice
+from volembed_runner.errors import BackendError, BudgetExhausted, RunHeld, StageError
 from volembed_runner.lease import Holder, LeaseRecord
 from volembed_runner.loading import load_spec
 from volembed_runner.models import resolve_model_dir
@@ -347,3 +348,41 @@ def test_the_fake_refuses_a_timeout_outside_modals_limits() -> None:
 
     with fake_modal_server(), pytest.raises(modal.exception.Error, match="timeout"):
         app.deploy()
+
+
+@pytest.mark.slow
+def test_a_run_slower_than_its_estimate_stops_at_the_budget_keeps_its_units_and_resumes_when_raised(
+    live: LiveApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert live.orchestrate("chunk")["ok"]
+    # The estimate's rate makes a unit nearly free; each really keeps its GPU container ($1/s here) busy 0.4 s.
+    live.container.delay = 0.4
+    embed = StagePrice(usd_per_second=1.0, start_seconds=0.0, max_containers=2, inputs_per_container=2)
+    budget = Budget(max_cost=4.0, stages={"embed": embed}, tokens_per_second=1e9, source="test prices")
+    monkeypatch.setattr(live.module, "BUDGET", budget.to_dict())
+    summary = live.orchestrate()
+    assert not summary["ok"] and not summary["handover"] and summary["next_call"] is None  # stopped, not handed over
+    done = live.units_done()
+    manifest = json.loads(store.manifest_path(live.root, live.plan.name).read_text())
+    total = manifest["stages"]["embed"]["total"]
+    assert 0 < len(done) < total and manifest["status"] == "stopped"
+    assert sorted(a.args[0] for a in live.embed_attempts()) == done  # what was fed drained and was written
+    cost = manifest["cost"]
+    assert cost["stopped_at_budget"] and cost["remaining_embed_units"] == total - len(done)
+    assert cost["spent_usd"] > 0 and cost["would_reach_usd"] > cost["max_cost_usd"] == 4.0
+    assert summary["budget"] == cost
+    with pytest.raises(BudgetExhausted) as stopped:
+        launch._check(live.plan, summary)
+    message = str(stopped.value)
+    assert stopped.value.exit_code == 7 and "\n" not in message
+    assert "compute.max_cost $4.00" in message and f"{total - len(done)} embed unit(s) left" in message
+
+    raised = Budget(max_cost=1000.0, stages={"embed": embed}, tokens_per_second=1e9, source="test prices")
+    monkeypatch.setattr(live.module, "BUDGET", raised.to_dict())
+    assert live.orchestrate()["ok"]
+    assert set(done) <= set(live.units_done())  # the rest of the rows, cut into units around the finished ones
+    assert Counter(a.args for a in live.embed_attempts()).most_common(1)[0][1] == 1  # none redone
+    after = json.loads(store.manifest_path(live.root, live.plan.name).read_text())
+    assert after["status"] == "succeeded" and after["totals"]["vectors"] == after["totals"]["chunks"]
+    assert after["cost"]["spent_usd"] > cost["spent_usd"]  # the first pass's spend is carried into the second
+    assert not after["cost"]["stopped_at_budget"]

@@ -7,40 +7,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from tests.paid_run import SPEC
 from volembed_runner import cli
 from volembed_runner.backends.modal import launch
 from volembed_runner.cli import app
 
 runner = CliRunner()
 
-SPEC = """\
-version: 1
-name: paid
-backend: modal
-volume: v
-dataset:
-  hf: org/data
-  num_rows: 1000000
-  num_bytes: 2000000000
-chunking: {size: 256, overlap: 32}
-embedding: {model: BAAI/bge-base-en-v1.5}
-compute: {gpu: A10G, concurrency_limit: 10}
-"""
-
-
-@pytest.fixture
-def launched(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Runs that reached launch (faked), with Modal credentials set in the environment."""
-    calls: list[str] = []
-
-    def fake_run(plan, *, until, detach, on_upload=None) -> launch.Launched:
-        calls.append(plan.name)
-        return launch.Launched(plan.name, "ap-1", None, detached=False, summary={"ok": True, "stages": []})
-
-    monkeypatch.setattr(launch, "run", fake_run)
-    monkeypatch.setenv("MODAL_TOKEN_ID", "ak-test")
-    monkeypatch.setenv("MODAL_TOKEN_SECRET", "as-test")
-    return calls
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import click
 import typer
@@ -172,11 +172,12 @@ def _run_modal(plan: Plan, *, until: str | None, yes: bool, detach: bool, prices
     from volembed_runner.backends.modal.launch import require_credentials
     from volembed_runner.backends.modal.render import validate
     from volembed_runner.estimate import estimate
-    from volembed_runner.run import check_spend, run_modal
+    from volembed_runner.run import check_quality, check_spend, run_modal
     from volembed_runner.ui.estimate import summary_line
 
     validate(plan)  # a spec that cannot run well on Modal is refused before its estimate is shown
     require_credentials()  # before the question: a "y" must not be answered by "no Modal credentials"
+    check_quality(plan, yes=yes)
     err = err_console()
     est = estimate(plan, prices=prices)
     err.print(f"estimate: {plan.name} on Modal: {summary_line(est)} (details: --dry-run)", markup=False)
@@ -185,7 +186,7 @@ def _run_modal(plan: Plan, *, until: str | None, yes: bool, detach: bool, prices
     ask_first = _on_terminal() and not yes
     check_spend(plan, est, yes=yes,
                 confirm=(lambda _: ask(err, f"Start {plan.name} on Modal? [y/N] ")) if ask_first else None)
-    launched = run_modal(plan, until=until, detach=detach,
+    launched = run_modal(plan, until=until, detach=detach, prices=prices,
                          on_upload=lambda n, where: err.print(f"uploading {n} file(s) to Modal volume {where}",
                                                               markup=False))
     if launched.detached:
@@ -356,20 +357,62 @@ def calibrate_cmd(
         int, typer.Option("--chunks", metavar="N", help="Chunks of the job to embed for the measurement.")
     ] = 256,
     backend: Annotated[str | None, typer.Option(metavar="local|modal", help="Override the spec's backend.")] = None,
+    compare: Annotated[
+        list[str] | None, typer.Option("--compare", metavar="GPU", help="Modal: probe this GPU type too (repeatable).")
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Modal: do not ask before the probe; override max_cost.")]
+    = False,
+    prices: Annotated[
+        Path | None, typer.Option(metavar="FILE", help="A YAML/JSON price table overriding the catalog's.")
+    ] = None,
     sets: SetOpt = None,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Embed a small sample of the job's chunks and store the measured tokens/s for later --dry-run estimates."""
+    """Embed a small sample of the job's chunks and store the measured tokens/s for later --dry-run estimates (on
+    Modal: a GPU probe of the job's own TEI image, priced and confirmed before it starts)."""
     from volembed_runner.estimate.calibrate import calibrate
 
     with _one_line_errors(debug):
         plan = _load(spec, sets, backend)
-        entry = calibrate(plan, sample_chunks=chunks)
+        if plan.backend != "modal":
+            entries = [calibrate(plan, sample_chunks=chunks)]
+        else:
+            entries = _probe(spec, sets, plan, chunks=chunks, compare=compare or [], yes=yes, prices=prices)
     if as_json:
-        sys.stdout.write(json.dumps(entry) + "\n")
+        sys.stdout.write(json.dumps(entries[0] if len(entries) == 1 else entries) + "\n")
         return
-    print_calibration(entry, out_console())
+    for entry in entries:
+        print_calibration(entry, out_console())
+
+
+def _probe(spec: Path, sets: list[str] | None, plan: Plan, *, chunks: int, compare: list[str], yes: bool,
+           prices: Path | None) -> list[dict[str, Any]]:
+    """The GPU probe on the spec's GPU and each `--compare` GPU, priced and confirmed as a run is."""
+    from volembed_runner.backends.modal import launch
+    from volembed_runner.errors import BackendError
+    from volembed_runner.estimate.calibrate import ProbeSpend, probe_gpus, sample_of
+    from volembed_runner.estimate.prices import load_prices
+    from volembed_runner.run import check_spend
+    from volembed_runner.ui.console import print_probe_cost
+
+    if plan.late is not None:  # the probe times the TEI router; PyLate's Embedder has none
+        raise BackendError("calibrate: the GPU probe measures TEI, and a late-interaction job runs PyLate; use "
+                           "--backend local to measure the engine on this machine")
+    launch.require_credentials()  # before the sample is cut and priced
+    plans = [plan]
+    for gpu in compare:
+        other = _load(spec, [*(sets or []), f"compute.gpu={gpu}"], "modal")
+        if other.compute.gpu not in [p.compute.gpu for p in plans]:  # each GPU type once, aliases included
+            plans.append(other)
+    err = err_console()
+
+    def approve(spend: ProbeSpend) -> None:
+        print_probe_cost(spend, err)
+        check_spend(plan, spend, yes=yes, confirm=(lambda s: ask(err, "Start the GPU probe? [y/N] "))
+                    if _on_terminal() else None)
+
+    return probe_gpus(plans, sample_of(plan, chunks), launch.probe, prices=load_prices(prices), approve=approve)
 
 
 # ── After the run: files, gc, fetch, search, report, push ─────────────────────────────────────────────────────────────

@@ -12,7 +12,8 @@ VolembedError                 base; never raised itself
 ├── OutputError               an output cannot be written: disk full, quota, read-only (transient)      (exit 1)
 ├── BackendError              the backend cannot run the job (no Modal credentials, app failed)         (exit 4)
 ├── Declined                  the user answered no when asked to start a paid run                       (exit 5)
-└── RunHeld                   another writer holds the run's lease (one writer per run)                 (exit 6)
+├── RunHeld                   another writer holds the run's lease (one writer per run)                 (exit 6)
+└── BudgetExhausted           a Modal run stopped feeding work at compute.max_cost (it drained first)   (exit 7)
 
 Each class says whether its failure is `transient`: whether the same input may succeed on another attempt. Only
 transient failures are retried (by Modal, whose `Retries` retry whatever a function raises, so a stage returns a
@@ -185,3 +186,10 @@ class RunHeld(VolembedError):
     """Another run holds this run's lease (or took it over): one writer per run, so this one does not write."""
 
     exit_code = 6
+
+
+class BudgetExhausted(VolembedError):
+    """A run stopped feeding new work before an input that would pass `compute.max_cost`; what was in flight
+    finished, the rest is left for a rerun with a raised budget."""
+
+    exit_code = 7

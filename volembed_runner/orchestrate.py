@@ -4,7 +4,8 @@ A backend supplies a `Mapper` (a process pool locally; `Function.map` on Modal) 
 on, and the orchestrator decides what to map. It is the one place that checks done-markers: it skips finished work,
 cuts the embed stage's units to the fleet (`units.plan_units`), records every failure in the manifest with its
 cause, reports progress as typed events, and stops feeding before a deadline so a fresh orchestrator can pick up
-where it left off (resume makes that safe). Stage functions just do the work they are given.
+where it left off (resume makes that safe), or when the next input would pass the run's budget (`budget.py`: the run
+then ends, and a rerun with a raised `compute.max_cost` continues). Stage functions just do the work they are given.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from volembed_runner import sources, store
+from volembed_runner.budget import Budget, Meter
 from volembed_runner.errors import describe, is_transient
 from volembed_runner.lease import Holder, Keeper, LeaseStore, held
 from volembed_runner.plan import Plan
@@ -64,12 +66,16 @@ def drive(results: AsyncGenerator[T, None]) -> Iterator[T]:
 
 
 class Feed(Iterator[K]):
-    """The inputs of one stage, handed to the mapper one by one until `stop()` says no more (the deadline)."""
+    """The inputs of one stage, handed to the mapper one by one until `stop()` says no more (the deadline) or
+    `admit(item)` refuses the next one (the budget)."""
 
-    def __init__(self, items: list[K], stop: Callable[[], bool]) -> None:
+    def __init__(self, items: list[K], stop: Callable[[], bool],
+                 admit: Callable[[K], bool] | None = None) -> None:
         self._items = iter(items)
         self._stop = stop
+        self._admit = admit
         self.stopped = False
+        self.refused = False
         self.fed = 0
 
     def __next__(self) -> K:
@@ -77,6 +83,9 @@ class Feed(Iterator[K]):
             self.stopped = True
             raise StopIteration
         item = next(self._items)
+        if self._admit is not None and not self._admit(item):
+            self.stopped = self.refused = True
+            raise StopIteration
         self.fed += 1
         return item
 
@@ -122,11 +131,17 @@ class Outcome:
     stages_run: list[str] = field(default_factory=list)
     failed: dict[str, list[str]] = field(default_factory=dict)
     handover: bool = False
+    budget: dict[str, Any] | None = None  # the manifest's `cost` record, when the run has a budget
+
+    @property
+    def over_budget(self) -> bool:
+        """True when the pass stopped feeding because the next input would pass `compute.max_cost`."""
+        return bool(self.budget and self.budget.get("stopped_at_budget"))
 
     @property
     def ok(self) -> bool:
-        """True when no shard failed and the work is complete (no hand-over pending)."""
-        return not any(self.failed.values()) and not self.handover
+        """True when no shard failed and the work is complete (no hand-over pending, not stopped at the budget)."""
+        return not any(self.failed.values()) and not self.handover and not self.over_budget
 
 
 def orchestrate(
@@ -143,22 +158,31 @@ def orchestrate(
     fleet: Fleet | None = None,
     clock: Callable[[], float] = time.time,
     on_event: Callable[[Event], None] | None = None,
+    budget: Budget | None = None,
 ) -> Outcome:
     """Run download → chunk → embed (→ index) → finish over `root`, skipping finished work; stop feeding at `deadline`.
 
     The pass holds the run's lease (`lease.py`) from before it touches the manifest to its end, so a second run of
     the same spec is refused (RunHeld) without writing anything. `work_seconds` is how long one submitted input may
     run if this process dies (the lease then stays taken that long); `wait` how long to wait for a stopped holder's.
-    `fleet` is what the embed units are sized for (default: the plan's, its rate unknown).
+    `fleet` is what the embed units are sized for (default: the plan's, its rate unknown). With a `budget`, cost
+    so far is counted on `clock` (`budget.Meter`, carrying in earlier unfinished passes' spend) and feeding stops
+    before an input that would pass it.
     An error that ends the whole pass (an unlistable source, say) is recorded in the manifest before it propagates,
     so `status` never shows a dead run as running.
     """
     fleet = fleet or fleet_of(plan, None)
     with held(lease_store, holder, work_seconds=work_seconds, wait=wait) as keeper:
+        previous = store.read_json(store.manifest_path(root, plan.name)) or {}
         manifest = Manifest.open(root, plan)
+        meter = None
+        if budget is not None:
+            finished = previous.get("status") == "succeeded" and "embed" in (previous.get("stages") or {})
+            carried = None if finished else previous.get("cost")  # spend of this run's unfinished passes
+            meter = Meter(budget, clock, spent_before=float((carried or {}).get("spent_usd") or 0.0))
         try:
             return _passes(plan, root, mapper, manifest, keeper, until, deadline, fleet, clock,
-                           on_event or (lambda event: None))
+                           on_event or (lambda event: None), meter)
         except BaseException as exc:
             manifest.abort(describe(exc))
             raise
@@ -175,8 +199,10 @@ def _passes(
     fleet: Fleet,
     clock: Callable[[], float],
     emit: Callable[[Event], None],
+    meter: Meter | None,
 ) -> Outcome:
     outcome = Outcome()
+    run = _Shards(manifest, keeper, outcome, emit, meter)
 
     def out_of_time() -> bool:
         return deadline is not None and clock() >= deadline
@@ -190,8 +216,7 @@ def _passes(
         def download(todo: Iterator[SourceTask]) -> Iterable[tuple[str, list[str] | BaseException]]:
             return ((task.source, result) for task, result in mapper.download(todo))
 
-        if not _run_shards("download", todo_tasks, len(tasks), download, manifest, keeper, outcome, emit,
-                           out_of_time):
+        if not run("download", todo_tasks, len(tasks), download, out_of_time, lambda task: task.source):
             return outcome
         if outcome.failed:
             manifest.close(outcome_ok=False)
@@ -213,7 +238,7 @@ def _passes(
     already = set(store.done_shards(chunk_folder))
     store.repair_index(chunk_folder, sorted(already))
     todo = [(s, cap) for s, cap in index if s not in already]
-    if not _run_shards("chunk", todo, len(index), mapper.chunk, manifest, keeper, outcome, emit, out_of_time):
+    if not run("chunk", todo, len(index), mapper.chunk, out_of_time, lambda item: item[0]):
         return outcome
     store.remove_dead_temporaries(chunk_folder, "shard-")  # a killed pass's writers, gone by now
     if until == "chunk":
@@ -224,11 +249,13 @@ def _passes(
     embed_folder = store.embeddings_dir(root, plan.name, plan.embed.fingerprint)
     already = store.done_shards(embed_folder)
     store.repair_index(embed_folder, already)
-    todo_embed = [unit.key for unit in plan_units(chunk_sizes(plan, chunk_folder), fleet, already)]
-    if not _run_shards("embed", todo_embed, len(todo_embed) + len(already), mapper.embed, manifest, keeper, outcome,
-                       emit, out_of_time):
+    sizes = {size.shard: size for size in chunk_sizes(plan, chunk_folder)}
+    units = plan_units(list(sizes.values()), fleet, already)
+    run.tokens = {u.key: sizes[u.shard].tokens * (u.end - u.start) / max(1, u.rows) for u in units}
+    if not run("embed", [u.key for u in units], len(units) + len(already), mapper.embed, out_of_time, str):
         return outcome
     store.remove_dead_temporaries(embed_folder, "shard-")
+    run.record(0)
     if (plan.index is None and plan.late is None) or until == "embed" or not outcome.ok:
         manifest.close(outcome_ok=outcome.ok)
         return outcome
@@ -236,8 +263,7 @@ def _passes(
     # Index (output.index, or late interaction's token index): one input over the whole run's vectors, once every
     # unit is embedded.
     key, done = _index_input(root, plan)
-    if not _run_shards("index", [] if done else [key], 1, mapper.index, manifest, keeper, outcome, emit,
-                       out_of_time):
+    if not run("index", [] if done else [key], 1, mapper.index, out_of_time, str):
         return outcome
     manifest.close(outcome_ok=outcome.ok)
     return outcome
@@ -261,49 +287,81 @@ def _index_input(root: Path, plan: Plan) -> tuple[str, bool]:
     return index_stage.KEY, store.is_done_folder(index_stage.table_path(root, plan))
 
 
-def _run_shards(
-    stage: str,
-    todo: list[K],
-    total: int,
-    run: Callable[[Iterator[K]], Iterable[tuple[str, Any]]],
-    manifest: Manifest,
-    keeper: Keeper,
-    outcome: Outcome,
-    emit: Callable[[Event], None],
-    out_of_time: Callable[[], bool],
-) -> bool:
-    """Map one stage over its pending shards; False when the pass must end here (hand-over at the deadline).
+class _Shards:
+    """Maps one stage over its pending shards at a time, for one pass (its manifest, lease, outcome and budget)."""
 
-    At the deadline no new input is fed, and every input in flight is drained, so the successor never resubmits a
-    shard that is still running. While the map runs the lease says work is in flight, so a successor of a dead pass
-    waits for that work rather than redo it; a lease taken over by another run ends the pass at once (RunHeld).
-    """
-    keeper.check()
-    keeper.stage = stage
-    manifest.start_stage(stage, total=total, skipped=total - len(todo))
-    emit(StageStarted(stage, total, len(todo)))
-    failed: list[str] = []
-    feed = Feed(todo, out_of_time)
-    keeper.lease.busy = bool(todo)
-    for shard, result in run(feed) if todo else ():
+    def __init__(self, manifest: Manifest, keeper: Keeper, outcome: Outcome, emit: Callable[[Event], None],
+                 meter: Meter | None) -> None:
+        self.manifest = manifest
+        self.keeper = keeper
+        self.outcome = outcome
+        self.emit = emit
+        self.meter = meter
+        self.tokens: dict[str, float] = {}  # processed tokens of each embed unit (what the budget projects)
+
+    def record(self, remaining: int, remaining_tokens: float = 0.0) -> None:
+        """Keep the cost so far (and the projection for what remains) in the manifest and the outcome."""
+        if self.meter is not None:
+            self.outcome.budget = self.manifest.data["cost"] = self.meter.record(remaining, remaining_tokens)
+
+    def __call__(
+        self,
+        stage: str,
+        todo: list[K],
+        total: int,
+        run: Callable[[Iterator[K]], Iterable[tuple[str, Any]]],
+        out_of_time: Callable[[], bool],
+        key_of: Callable[[K], str],
+    ) -> bool:
+        """Map one stage over its pending shards; False when the pass must end here (hand-over at the deadline, or
+        the budget).
+
+        At the deadline, or before an input the budget cannot pay for, no new input is fed, and every input in
+        flight is drained, so the successor never resubmits a shard that is still running. While the map runs the
+        lease says work is in flight, so a successor of a dead pass waits for that work rather than redo it; a lease
+        taken over by another run ends the pass at once (RunHeld).
+        """
+        manifest, keeper, outcome, meter = self.manifest, self.keeper, self.outcome, self.meter
         keeper.check()
-        error = describe(result) if isinstance(result, BaseException) else None
-        if error:
-            failed.append(shard)
-        stats = None if error or not isinstance(result, dict) else result
-        final = (getattr(result, "exit_code", 1) if isinstance(result, BaseException) and not is_transient(result)
-                 else None)
-        manifest.shard_finished(stage, shard, error, stats, unretryable=final)
-        emit(ShardFinished(stage, shard, error, stats))
-    keeper.lease.busy = False
-    emit(StageFinished(stage, len(failed)))
-    if feed.stopped and feed.fed < len(todo):
-        outcome.handover = True
+        keeper.stage = stage
+        manifest.start_stage(stage, total=total, skipped=total - len(todo))
+        self.emit(StageStarted(stage, total, len(todo)))
+        failed: list[str] = []
+        admit = None
+        if meter is not None:
+            meter.start(stage)
+
+            def admit(item: K) -> bool:
+                key = key_of(item)
+                return meter.admit(key, self.tokens.get(key, 0.0) if stage == "embed" else 0.0)
+
+        feed = Feed(todo, out_of_time, admit)
+        keeper.lease.busy = bool(todo)
+        for shard, result in run(feed) if todo else ():
+            keeper.check()
+            error = describe(result) if isinstance(result, BaseException) else None
+            if error:
+                failed.append(shard)
+            stats = None if error or not isinstance(result, dict) else result
+            final = (getattr(result, "exit_code", 1) if isinstance(result, BaseException) and not is_transient(result)
+                     else None)
+            if meter is not None:
+                meter.finished(shard)
+                self.record(0)
+            manifest.shard_finished(stage, shard, error, stats, unretryable=final)
+            self.emit(ShardFinished(stage, shard, error, stats))
+        keeper.lease.busy = False
+        self.emit(StageFinished(stage, len(failed)))
+        if feed.stopped and feed.fed < len(todo):
+            left = todo[feed.fed:] if stage == "embed" else []
+            self.record(len(todo) - feed.fed if stage == "embed" else 0,
+                        sum(self.tokens.get(key_of(item), 0.0) for item in left))
+            outcome.handover = not feed.refused
+            manifest.finish_stage(stage)
+            manifest.close(outcome_ok=False, handover=outcome.handover, stopped=feed.refused)
+            return False
         manifest.finish_stage(stage)
-        manifest.close(outcome_ok=False, handover=True)
-        return False
-    manifest.finish_stage(stage)
-    outcome.stages_run.append(stage)
-    if failed:
-        outcome.failed[stage] = sorted(failed)
-    return True
+        outcome.stages_run.append(stage)
+        if failed:
+            outcome.failed[stage] = sorted(failed)
+        return True

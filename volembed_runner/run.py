@@ -6,7 +6,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from volembed_runner import store
 from volembed_runner.errors import BackendError, Declined, SourceError, StageError
@@ -15,7 +16,6 @@ from volembed_runner.plan import Plan
 
 if TYPE_CHECKING:
     from volembed_runner.backends.modal.launch import Launched
-    from volembed_runner.estimate import Estimate
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,17 @@ class RunSummary:
         return dict(self.__dict__)
 
 
-def check_spend(plan: Plan, est: Estimate, *, yes: bool, confirm: Callable[[Estimate], bool] | None) -> None:
+class Spend(Protocol):
+    """What `check_spend` weighs: a run's estimate, or the GPU probe's price."""
+
+    @property
+    def cost_usd(self) -> float | None: ...
+
+
+S = TypeVar("S", bound=Spend)
+
+
+def check_spend(plan: Plan, est: S, *, yes: bool, confirm: Callable[[S], bool] | None) -> None:
     """Refuse a run over `compute.max_cost` (or of unknown cost) unless `yes`; else ask `confirm` when given."""
     if yes:
         return
@@ -59,12 +69,30 @@ def check_spend(plan: Plan, est: Estimate, *, yes: bool, confirm: Callable[[Esti
         raise Declined(f"{plan.name} not started (answered no)")
 
 
+def check_quality(plan: Plan, *, yes: bool) -> None:
+    """Refuse (unless `yes`) a Modal run whose GPU probe found TEI's vectors off the reference library's."""
+    from volembed_runner import catalog
+    from volembed_runner.estimate.rates import calibration_key, load_calibrations, quality_line
+
+    model, gpu = plan.model.ref, plan.compute.gpu
+    entry = load_calibrations().get(calibration_key("modal", model, gpu, "tei"))
+    _, low = quality_line(model, gpu, entry)
+    if low and not yes:
+        q = (entry or {})["quality"]
+        known = catalog.find_model(model)
+        issues = f" (known issues: {', '.join(known.known_issues)})" if known and known.known_issues else ""
+        raise BackendError(f"the GPU probe found TEI's vectors for {model} on {gpu} at min cosine "
+                           f"{q['min_cosine']:.4f} (mean {q['mean_cosine']:.4f}) to {q['reference']}'s, under "
+                           f"{q['threshold']}{issues}; check the model and TEI version, or pass --yes to run anyway")
+
+
 def run_modal(plan: Plan, *, until: str | None, detach: bool,
-              on_upload: Callable[[int, str], None] | None = None) -> Launched:
-    """Run `plan` on Modal (after `check_spend`); raises StageError when shards failed."""
+              on_upload: Callable[[int, str], None] | None = None, prices: Path | None = None) -> Launched:
+    """Run `plan` on Modal (after `check_spend`); raises StageError when shards failed, BudgetExhausted when it
+    stopped at `compute.max_cost` (counted at `prices`)."""
     from volembed_runner.backends.modal import launch
 
-    return launch.run(plan, until=until, detach=detach, on_upload=on_upload)
+    return launch.run(plan, until=until, detach=detach, on_upload=on_upload, prices=prices)
 
 
 class _EmbedTokens:

@@ -138,6 +138,9 @@ INPUT_WORK_S = 14435
 # rest of its timeout records the manifest and spawns the next orchestrator.
 HANDOVER_AFTER_S = 70165
 MAX_PASSES = 60
+# compute.max_cost as the orchestrator holds it (volembed_runner/budget.py): each stage's containers at these prices,
+# per second; it stops feeding before an input that would pass it. None: no budget.
+BUDGET = None
 
 # The resolved job: settings, fingerprints and provenance (spec, its hash, the git commit) this container can't see.
 PLAN = {
@@ -361,6 +364,7 @@ with cpu_image.imports():
         shard_errors,
         sync_volume,
     )
+    from volembed_runner.budget import Budget
     from volembed_runner.estimate.cost import spend_per_second
     from volembed_runner.estimate.prices import load_prices
     from volembed_runner.lease import Holder
@@ -373,7 +377,7 @@ with cpu_image.imports():
     from volembed_runner.ui.progress import RunProgress
     from volembed_runner.units import fleet_of
 with tei_image.imports():
-    from volembed_runner.backends.modal.runtime import TEIRouter, shard_errors, sync_volume
+    from volembed_runner.backends.modal.runtime import TEIRouter, probe_sample, shard_errors, sync_volume
     from volembed_runner.embedders import InProcess
     from volembed_runner.plan import Plan
     from volembed_runner.stages import late
@@ -422,7 +426,10 @@ if ENGINE == "tei":
         @modal.enter()
         def start(self) -> None:
             """Start text-embeddings-router and wait until it accepts connections; fail fast if it exits."""
+            started = time.monotonic()
             self.router = TEIRouter.start(ROUTER_ARGS, port=TEI_PORT, timeout=ROUTER_READY_TIMEOUT_S)
+            # model load and TEI's warm-up, apart from the probe's rate
+            self.router_start_s = time.monotonic() - started
             self.plan = Plan.from_dict(PLAN)
             self.client = None
 
@@ -437,6 +444,15 @@ if ENGINE == "tei":
                 reply.result = await embed_shard_async(Path(ROOT), self.plan, unit, self.client)
                 sync_volume(volume)
             return reply.to_dict()
+
+        # The GPU probe (`volembed-run calibrate SPEC`): one input, a small sample of the job's chunks passed by
+        # value, embedded once to warm up and once timed; the first `keep` vectors come back for the quality check.
+        @modal.method()
+        async def probe(self, texts: list[str], n_tokens: list[int], keep: int) -> dict:
+            """Time this GPU on a sample of the job's chunks; returns the timings and a few vectors."""
+            async with tei_client(self.plan, TEI_URL, **TEI_CLIENT) as client:
+                result = await probe_sample(client, texts, n_tokens, keep)
+            return {**result, "router_start_seconds": self.router_start_s}
 
         @modal.exit()
         def stop(self) -> None:
@@ -544,10 +560,15 @@ def orchestrate(until: str = "", passes: int = 1) -> dict:
         outcome = run_pipeline(plan, Path(ROOT), mapper, lease_store=DictLeaseStore(leases, LEASE_RUN),
                                holder=Holder.here("modal"), work_seconds=INPUT_WORK_S, wait=INPUT_WORK_S,
                                until=until or None, deadline=deadline, fleet=fleet_of(plan, EMBED_TOKENS_PER_SECOND),
-                               on_event=log)
+                               on_event=log, budget=Budget.from_dict(BUDGET) if BUDGET else None)
     sync_volume(volume)
+    if outcome.over_budget:
+        cost = outcome.budget or {}
+        print(f"[budget] stopped feeding at ${cost.get('spent_usd', 0):,.2f} of compute.max_cost "
+              f"${cost.get('max_cost_usd', 0):,.2f}; {cost.get('remaining_embed_units')} embed unit(s) left",
+              flush=True)
     summary = {"ok": outcome.ok, "failed": outcome.failed, "stages": outcome.stages_run, "passes": passes,
-               "handover": outcome.handover, "next_call": None}
+               "handover": outcome.handover, "next_call": None, "budget": outcome.budget}
     if outcome.handover and passes < MAX_PASSES:
         summary["next_call"] = orchestrate.spawn(until, passes + 1).object_id
     return summary

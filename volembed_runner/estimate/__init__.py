@@ -26,7 +26,14 @@ from volembed_runner.estimate.cost import (
     time_cost_interval,
 )
 from volembed_runner.estimate.prices import load_prices
-from volembed_runner.estimate.rates import Rate, load_calibrations, local_rate, tei_rate
+from volembed_runner.estimate.rates import (
+    Rate,
+    calibration_key,
+    load_calibrations,
+    local_rate,
+    quality_line,
+    tei_rate,
+)
 from volembed_runner.estimate.sampling import (
     SAMPLE_CAP,
     CountingTokenizer,
@@ -76,6 +83,9 @@ class Estimate:
     prices: str
     gpu_usd_per_hour: float | None = None
     seconds_taken: float = 0.0
+    # With a calibrated rate: the same job at the rate the dry run would use without it (catalog table or scaled).
+    uncalibrated: dict[str, Any] | None = None
+    quality: str | None = None  # Modal: how TEI's vectors compared with the reference library's in the GPU probe
 
     @property
     def gpu_hours(self) -> float | None:
@@ -119,6 +129,7 @@ def estimate(plan: Plan, *, prices: Path | None = None, sample_cap: int = SAMPLE
 
     rate: Rate | None
     priced: Priced | None = None
+    quality = None
     if plan.backend == "local":
         rate = local_rate(plan, calibrations) if plan.embed.engine == "local" else None
         if rate is None:
@@ -131,6 +142,10 @@ def estimate(plan: Plan, *, prices: Path | None = None, sample_cap: int = SAMPLE
         assumptions.append(f"local run overhead: {local['overhead_seconds']} s ({local['overhead_source']})")
     else:
         rate = tei_rate(model, plan.compute.gpu, calibrations)
+        quality, low = quality_line(model, plan.compute.gpu,
+                                    calibrations.get(calibration_key("modal", model, plan.compute.gpu, "tei")))
+        if low:
+            warnings.append(quality)
         fleet = fleet_of(plan, rate.tokens_per_second)
         if job is not None:
             priced = price(plan, job, rate.tokens_per_second, rate, price_table, dim, sizes.remote)
@@ -150,6 +165,13 @@ def estimate(plan: Plan, *, prices: Path | None = None, sample_cap: int = SAMPLE
     interval = {k: [lo, hi] for k, (lo, hi) in counts.interval.items()}
     if priced is not None and rate is not None and job is not None and priced.wall_seconds is not None:
         interval.update(time_cost_interval(plan, job, counts, rate, price_table, dim, sizes.remote))
+    uncalibrated = None
+    if rate is not None and rate.kind == "calibrated" and job is not None:
+        base = local_rate(plan, {}) if plan.backend == "local" else tei_rate(model, plan.compute.gpu, {})
+        at_base = price(plan, job, base.tokens_per_second, base, price_table, dim, sizes.remote)
+        uncalibrated = {"tokens_per_second": base.tokens_per_second, "kind": base.kind, "source": base.source,
+                        "wall_seconds": at_base.wall_seconds, "gpu_seconds": at_base.gpu_seconds,
+                        "cost_usd": 0.0 if plan.backend == "local" else at_base.cost_usd}
     cost = 0.0 if plan.backend == "local" else (priced.cost_usd if priced else None)
     if plan.backend != "local" and cost is None and priced is not None:
         unknown.append("cost: a price is unknown (set it with --prices FILE)")
@@ -182,6 +204,8 @@ def estimate(plan: Plan, *, prices: Path | None = None, sample_cap: int = SAMPLE
         prices=price_table.source,
         gpu_usd_per_hour=None if price_table.gpu.get(plan.compute.gpu) is None
         else float(price_table.gpu[plan.compute.gpu] or 0.0) * 3600,
+        uncalibrated=uncalibrated,
+        quality=quality,
     )
     est.seconds_taken = time.monotonic() - started
     return est

@@ -1,43 +1,84 @@
 """`volembed-run calibrate`: measure tokens/s on the plan's backend over a sample of the job's own chunks, and store
 it where the dry run reads rates.
+
+On Modal the measurement is the GPU probe: the job's own Embedder (its TEI image for the GPU's architecture, weights
+baked in) runs once on the sample, on the spec's GPU and on any other GPU asked for (`probe_gpus`). Its cost is
+priced before it starts (`cost.probe_cost`) and confirmed under the run's rules; the backend's runner is passed in
+(`probe=`), so this module stays below the backends.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import islice
 from typing import Any
 
 from volembed_runner import chunking, sources
-from volembed_runner.errors import BackendError, SourceError, SpecError, SpecIssue
-from volembed_runner.estimate.rates import calibration_key, store_calibration
+from volembed_runner.errors import BackendError, SourceError, SpecError, SpecIssue, VolembedError, describe
+from volembed_runner.estimate.cost import ProbeCost, probe_cost
+from volembed_runner.estimate.prices import Prices
+from volembed_runner.estimate.rates import QUALITY_MIN_COSINE, calibration_key, store_calibration, tei_rate
 from volembed_runner.estimate.sampling import CountingTokenizer, added_tokens, counting_tokenizer
 from volembed_runner.estimate.sizes import text_readers
 from volembed_runner.plan import Plan
 
+PROBE_VECTORS = 16  # vectors the GPU probe sends back, of the sample's first chunks
 
-def calibrate(plan: Plan, *, sample_chunks: int = 256,
-              runner: Callable[[list[str], list[int]], float] | None = None) -> dict[str, Any]:
-    """Measure tokens/s on the plan's backend over a small sample of the job's own chunks and store it.
+# A GPU probe: (plan, texts, token counts, vectors to keep) -> its result (`backends.modal.launch.probe`).
+Probe = Callable[[Plan, list[str], list[int], int], dict[str, Any]]
 
-    Local: embeds the chunks with the in-process engine (model load timed separately). Modal: needs Modal
-    credentials, so only an injected `runner(texts, n_tokens) -> seconds` can measure it here.
-    """
+
+@dataclass(frozen=True)
+class Sample:
+    """The job's first chunks, cut by the real chunker, and the tokens a GPU processes for them."""
+
+    texts: list[str]
+    n_tokens: list[int]
+    processed: int  # chunk tokens + special and prefix tokens per chunk
+
+
+def sample_of(plan: Plan, sample_chunks: int) -> Sample:
+    """The first `sample_chunks` chunks of the job (SpecError for a count under 1)."""
     if sample_chunks < 1:
         raise SpecError([SpecIssue("", "--chunks", f"must be at least 1, got {sample_chunks}")])
-    if plan.backend == "modal" and runner is None:
-        raise BackendError("calibrate on modal needs Modal credentials (run it where `modal token` is set up)")
-    if plan.backend == "local" and plan.embed.engine != "local" and runner is None:
-        raise BackendError("calibrate measures the local engine; this spec embeds through embedding.endpoint")
     tok = counting_tokenizer(plan)
     if tok is None:
         raise BackendError(f"calibrate needs {plan.model.ref}'s tokenizer on this machine to cut sample chunks")
     texts, n_tokens = job_chunks(plan, tok, sample_chunks)
-    processed = sum(n_tokens) + len(texts) * sum(added_tokens(plan))
+    return Sample(texts, n_tokens, sum(n_tokens) + len(texts) * sum(added_tokens(plan)))
+
+
+def calibrate(plan: Plan, *, sample_chunks: int = 256,
+              runner: Callable[[list[str], list[int]], float] | None = None,
+              probe: Probe | None = None, sample: Sample | None = None) -> dict[str, Any]:
+    """Measure tokens/s on the plan's backend over a small sample of the job's own chunks and store it.
+
+    Local: embeds the chunks with the in-process engine (model load timed separately). Modal: runs the GPU `probe`
+    (or an injected `runner(texts, n_tokens) -> seconds`).
+    """
+    if plan.backend == "modal" and runner is None and probe is None:
+        raise BackendError("calibrate on modal needs Modal credentials (run it where `modal token` is set up)")
+    if plan.backend == "local" and plan.embed.engine != "local" and runner is None:
+        raise BackendError("calibrate measures the local engine; this spec embeds through embedding.endpoint")
+    sample = sample or sample_of(plan, sample_chunks)
+    texts, n_tokens, processed = sample.texts, sample.n_tokens, sample.processed
     load_seconds = None
-    if runner is None:
+    extra: dict[str, Any] = {}
+    if plan.backend == "modal" and runner is None and probe is not None:
+        result = probe(plan, texts, n_tokens, PROBE_VECTORS)
+        seconds = float(result["seconds"])
+        inside = float(result.get("router_start_seconds") or 0) + float(result.get("warmup_seconds") or 0) + seconds
+        extra = {"probe": True, "image": result.get("image"),
+                 "warmup_seconds": result.get("warmup_seconds"), "model_load_seconds": None,
+                 "router_start_seconds": result.get("router_start_seconds"),
+                 "cold_start_seconds": None if result.get("call_seconds") is None
+                 else max(0.0, float(result["call_seconds"]) - inside)}
+        extra["quality"] = quality(plan, texts[:PROBE_VECTORS], n_tokens[:PROBE_VECTORS], result.get("vectors"))
+        backend, device, engine_name = "modal", plan.compute.gpu, "tei"
+    elif runner is None:
         from volembed_runner.embedders.local import LocalEmbedder
 
         e, model = plan.embed, plan.model
@@ -72,9 +113,75 @@ def calibrate(plan: Plan, *, sample_chunks: int = 256,
         "cores": plan.machine.cores,
         "model_load_seconds": load_seconds,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        **extra,
     }
     entry["path"] = str(store_calibration(entry))
     return entry
+
+
+@dataclass(frozen=True)
+class ProbeSpend:
+    """The GPU probe's price over every GPU type it runs on (what `run.check_spend` weighs)."""
+
+    costs: list[ProbeCost]
+
+    @property
+    def cost_usd(self) -> float | None:
+        """The expected total; None when a price is unknown."""
+        values = [c.cost_usd for c in self.costs]
+        return None if any(v is None for v in values) else float(sum(v or 0.0 for v in values))
+
+
+def reference_vectors(plan: Plan, texts: list[str], n_tokens: list[int]) -> tuple[Any, str]:
+    """The reference library's vectors for `texts`: sentence-transformers in fp32 through the local engine, where
+    it and the model resolve on this machine (ImportError, OSError or VolembedError where they do not)."""
+    import importlib.metadata
+
+    from volembed_runner.embedders.local import LocalEmbedder
+
+    e, model = plan.embed, plan.model
+    # The model as this machine finds it (a package or the Hub cache), not the image's copy a Modal plan names.
+    engine = LocalEmbedder(model=model.ref, revision=model.revision, prefix=e.prefix, normalize=e.normalize,
+                           precision="fp32", dimensions=e.dimensions, threads=plan.machine.cores, download=False)
+    return engine.embed(texts, n_tokens), f"sentence-transformers {importlib.metadata.version('sentence-transformers')}"
+
+
+def quality(plan: Plan, texts: list[str], n_tokens: list[int], vectors: list[list[float]] | None) -> dict[str, Any]:
+    """Cosine between the probe's TEI vectors and the reference library's for the same chunks (min and mean), or
+    why it was not checked."""
+    import numpy as np
+
+    if not vectors:
+        return {"checked": False, "why": "the probe returned no vectors"}
+    try:
+        reference, library = reference_vectors(plan, texts[:len(vectors)], n_tokens[:len(vectors)])
+    except (ImportError, OSError, VolembedError) as exc:
+        return {"checked": False, "why": f"the reference library cannot encode {plan.model.ref} here: "
+                                         f"{describe(exc)}"}
+    tei = np.asarray(vectors, dtype=np.float64)
+    ref = np.asarray(reference, dtype=np.float64)
+    if tei.shape != ref.shape:
+        return {"checked": True, "min_cosine": 0.0, "mean_cosine": 0.0, "chunks": len(tei), "reference": library,
+                "threshold": QUALITY_MIN_COSINE, "note": f"TEI answered {tei.shape[1]}-dim vectors, "
+                                                          f"{library} {ref.shape[1]}-dim"}
+    cos = (tei * ref).sum(axis=1) / (np.linalg.norm(tei, axis=1) * np.linalg.norm(ref, axis=1))
+    return {"checked": True, "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()), "chunks": len(tei),
+            "reference": library, "threshold": QUALITY_MIN_COSINE}
+
+
+def probe_costs(plans: Sequence[Plan], sample: Sample, prices: Prices) -> list[ProbeCost]:
+    """What the GPU probe of each plan's GPU will cost, at the rate the dry run would use for it."""
+    return [probe_cost(p, sample.processed, tei_rate(p.model.ref, p.compute.gpu), prices) for p in plans]
+
+
+def probe_gpus(plans: Sequence[Plan], sample: Sample, probe: Probe, *, prices: Prices,
+               approve: Callable[[ProbeSpend], None]) -> list[dict[str, Any]]:
+    """Price the GPU probe of every plan (one per GPU type), let `approve` see (and refuse) it, then run each and
+    store its rate; the first plan is the job's own."""
+    costs = probe_costs(plans, sample, prices)
+    approve(ProbeSpend(costs))
+    return [{**calibrate(p, sample=sample, probe=probe), "cost": c.to_dict()} for p, c in zip(plans, costs,
+                                                                                               strict=True)]
 
 
 def job_chunks(plan: Plan, tok: CountingTokenizer, want: int) -> tuple[list[str], list[int]]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from volembed_runner import catalog
+from volembed_runner.budget import Budget, StagePrice
 from volembed_runner.estimate.prices import Prices
 from volembed_runner.estimate.rates import Rate, tei_rate
 from volembed_runner.estimate.sizes import Counts
@@ -58,6 +59,66 @@ class Priced:
     gpu_seconds: float | None
     effective_gpus: int
     units: int = 0
+
+
+@dataclass(frozen=True)
+class ProbeCost:
+    """The GPU probe on one GPU type: its expected container-seconds and cost, and the most it can cost."""
+
+    gpu: str
+    seconds: float
+    cost_usd: float | None
+    max_cost_usd: float | None
+    note: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return dict(self.__dict__)
+
+
+def probe_cost(plan: Plan, processed: float, rate: Rate, prices: Prices) -> ProbeCost:
+    """The GPU probe's cost model: one container of the plan's GPU, billed from its start until the ephemeral app
+    stops right after the call: start + model load + the sample twice (warm-up, then timed) at `rate`, at the
+    container's per-second price (GPU + cores + memory). At most: every attempt (compute.retries + 1) running to
+    its startup and execution timeouts."""
+    consts = catalog.throughput()["modal"]
+    c = plan.compute
+    start = float(consts["gpu_container_start_seconds"] + consts["tei_model_load_seconds"])
+    work = 2 * processed / rate.tokens_per_second
+    seconds = start + work
+    worst = (c.retries + 1) * float(c.embed_startup_timeout_s + c.timeout)
+    per_second = prices.container(1.0, c.embed.cpu, c.embed.memory_gib, c.gpu)
+    note = (f"1 × {c.gpu} ({describe_resources(c.embed.cpu, c.embed.memory_gib)}): start {start:g} s + 2 × "
+            f"{processed:,.0f} tokens at {rate.tokens_per_second:,.0f} tokens/s ({rate.kind}) ≈ {seconds:,.0f} s; "
+            f"at most {c.retries + 1} attempt(s) × (startup {c.embed_startup_timeout_s:,} s + timeout "
+            f"{c.timeout:,} s)")
+    return ProbeCost(c.gpu, seconds, None if per_second is None else seconds * per_second,
+                     None if per_second is None else worst * per_second, note)
+
+
+def budget_of(plan: Plan, prices: Prices, tokens_per_second: float) -> Budget | None:
+    """`compute.max_cost` as the orchestrator holds it: each stage's containers at their per-second prices, with the
+    starts `modal_job` counts (a GPU container: start, model load and scale-down idle), or None without a budget.
+    A stage whose price is unknown is not counted (the source says so)."""
+    if plan.compute.max_cost is None:
+        return None
+    consts = catalog.throughput()["modal"]
+    c = plan.compute
+    cpu_start = float(consts["cpu_container_start_seconds"])
+    gpu_start = float(consts["gpu_container_start_seconds"] + consts["tei_model_load_seconds"] + c.embed_scaledown_s)
+    shapes = {
+        "download": (c.download.cpu, c.download.memory_gib, None, cpu_start, c.download_max_containers, 1),
+        "chunk": (c.chunk.cpu, c.chunk.memory_gib, None, cpu_start, c.chunk_workers, 1),
+        "embed": (c.embed.cpu, c.embed.memory_gib, c.gpu, gpu_start, c.concurrency_limit, c.allow_concurrent_inputs),
+    }
+    stages: dict[str, StagePrice] = {}
+    for name, (cores, gib, gpu, start, containers, inputs) in shapes.items():
+        per_second = prices.container(1.0, cores, gib, gpu)
+        if per_second is not None:
+            stages[name] = StagePrice(per_second, start, containers, inputs)
+    missing = [name for name in shapes if name not in stages]
+    source = prices.source + (f"; not counted (price unknown): {', '.join(missing)}" if missing else "")
+    return Budget(float(c.max_cost), stages, tokens_per_second, source + "; the orchestrator and storage not counted")
 
 
 def total(values: list[float | None]) -> float | None:

@@ -16,6 +16,10 @@ from volembed_runner import catalog, store
 from volembed_runner.plan import Plan, volembed_home
 
 CALIBRATION_FILE = "calibration.json"
+# The least cosine between TEI's vector and the reference library's for one chunk that a run starts without --yes.
+# (assumption) fp16 TEI against fp32 sentence-transformers agrees to > 0.999 for BERT-class models; the failures
+# peers report are far below (TEI #642: Qwen3 embeddings under 0.2).
+QUALITY_MIN_COSINE = 0.99
 
 
 def calibration_path() -> Path:
@@ -74,8 +78,9 @@ def tei_rate(model: str, gpu: str, calibrations: dict[str, dict[str, Any]] | Non
     entry = calibrations.get(calibration_key("modal", model, gpu, "tei"))
     if entry:
         tps = float(entry["tokens_per_second"])
+        how = f"GPU probe of {entry['image']}, " if entry.get("image") else ""
         return Rate(tps, tps, tps, "calibrated", f"calibrated on Modal {entry.get('date')}: {tps:,.0f} tokens/s "
-                                                 f"over {entry.get('chunks', '?')} chunks ({calibration_path()})")
+                                                 f"over {entry.get('chunks', '?')} chunks ({how}{calibration_path()})")
     rows = catalog.throughput()["tei"]
     scaling = catalog.throughput()["scaling"]
     speed = catalog.throughput()["gpu_speed"]["factors"]
@@ -132,3 +137,17 @@ def local_rate(plan: Plan, calibrations: dict[str, dict[str, Any]] | None = None
                 f"cores) x params {ref['params_m']}M/{params:g}M x cores {cores}/{ref['cores']} = {tps:,.0f} tokens/s "
                 f"({ref['source']}){note}; run `volembed-run calibrate` to measure it (±30% until then)")
 
+
+def quality_line(model: str, gpu: str, entry: dict[str, Any] | None) -> tuple[str, bool]:
+    """How the estimate states TEI's agreement with the reference library for (model, GPU), and whether it is
+    below the threshold (a run then refuses to start without --yes)."""
+    q = (entry or {}).get("quality") or {}
+    if not q.get("checked"):
+        why = q.get("why") or "no GPU probe (`volembed-run calibrate SPEC`)"
+        return (f"quality: not checked: TEI's vectors for {model} on {gpu} were not compared with the reference "
+                f"library ({why})"), False
+    low = q["min_cosine"] < q.get("threshold", QUALITY_MIN_COSINE)
+    return (f"quality: TEI vs {q['reference']} for {model} on {gpu}: min cosine {q['min_cosine']:.4f}, mean "
+            f"{q['mean_cosine']:.4f} over {q['chunks']} chunks (GPU probe {entry.get('date') if entry else '?'})"
+            + (f", under {q.get('threshold', QUALITY_MIN_COSINE)}: a run refuses to start without --yes"
+               if low else ""), low)

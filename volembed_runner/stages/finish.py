@@ -245,9 +245,11 @@ class Manifest:
                 work[key] += int(done.get(key, 0))
         self.write(force=True)
 
-    def close(self, *, outcome_ok: bool, handover: bool = False) -> None:
-        """Final counts, status and stats.json; a run whose vectors are of several widths never succeeds."""
-        self.data["status"] = "handover" if handover else ("succeeded" if outcome_ok else "failed")
+    def close(self, *, outcome_ok: bool, handover: bool = False, stopped: bool = False) -> None:
+        """Final counts, status and stats.json; a run whose vectors are of several widths never succeeds. `stopped`:
+        the pass stopped feeding at the run's budget (`cost` says why and what remains)."""
+        self.data["status"] = ("handover" if handover else "stopped" if stopped
+                               else "succeeded" if outcome_ok else "failed")
         self.data["finished_at"] = _now()
         self.write(force=True)
         dims = self.data["totals"].get("dims") or []

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from volembed_runner.estimate.calibrate import ProbeSpend
     from volembed_runner.plan import Plan
     from volembed_runner.run import RunSummary
 
@@ -87,6 +88,13 @@ def print_status(manifest: dict[str, Any], console: Console) -> None:
     if totals:
         console.print("totals: " + ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}"
                                              for k, v in totals.items()), markup=False)
+    cost = manifest.get("cost")
+    if cost:
+        stopped = ("; stopped at the budget: raise compute.max_cost and rerun to continue"
+                   if cost.get("stopped_at_budget") else "")
+        console.print(f"cost: ${cost['spent_usd']:,.2f} so far of compute.max_cost ${cost['max_cost_usd']:,.2f} "
+                      f"(container-seconds × prices), projected total ${cost['projected_total_usd']:,.2f}{stopped}",
+                      markup=False)
     for key, where in (manifest.get("outputs") or {}).items():
         console.print(f"{key + ':':11} {where}", markup=False)
     for name, entry in stages.items():
@@ -122,15 +130,26 @@ def print_summary(summary: RunSummary, console: Console) -> None:
 
 def print_calibration(entry: dict[str, Any], console: Console) -> None:
     """A stored calibration in one line: the rate, over what, and where it was stored."""
-    load = entry.get("model_load_seconds")
+    starts = [f"{label} {entry[key]:.1f} s" for key, label in (
+        ("model_load_seconds", "model load"), ("cold_start_seconds", "cold start"),
+        ("router_start_seconds", "TEI start"), ("warmup_seconds", "warm-up")) if entry.get(key) is not None]
+    image = f" on {entry['image']}" if entry.get("image") else ""
     console.print(
-        f"calibrated {entry['model']} ({entry['backend']}, {entry['device']}, {entry['engine']} engine): "
+        f"calibrated {entry['model']} ({entry['backend']}, {entry['device']}, {entry['engine']} engine{image}): "
         f"{entry['tokens_per_second']:,.0f} tokens/s over {entry['chunks']} chunks "
         f"({entry['processed_tokens']:,} tokens in {entry['seconds']:.2f} s"
-        + (f"; model load {load:.1f} s" if load is not None else "")
+        + (f"; {', '.join(starts)}" if starts else "")
         + f"); stored in {entry['path']}",
         markup=False,
     )
+
+
+def print_probe_cost(spend: ProbeSpend, console: Console) -> None:
+    """What the GPU probe will cost, one line per GPU type, before it starts."""
+    for c in spend.costs:
+        shown = "unknown" if c.cost_usd is None else f"≈ ${c.cost_usd:,.4f}"
+        most = "" if c.max_cost_usd is None else f", at most ${c.max_cost_usd:,.2f}"
+        console.print(f"GPU probe on {c.gpu}: {shown}{most} ({c.note})", markup=False)
 
 
 def ask(console: Console, question: str) -> bool:

@@ -63,7 +63,8 @@ def summary_line(est: Estimate) -> str:
         line += fmt_range(iv.get("cost_usd"), fmt_usd, "range")
     if est.effective_gpus is not None:
         line += f"; {est.effective_gpus} × {est.gpu} at once"
-    return line
+    kind = (est.throughput or {}).get("kind")
+    return line + (f" ({kind} rate)" if kind else "")
 
 
 def render(est: Estimate, console: Console) -> None:
@@ -100,6 +101,17 @@ def render(est: Estimate, console: Console) -> None:
                    fmt_duration(est.wall_seconds), "$0" if local else fmt_usd(est.cost_usd), style="bold")
     console.print(stages)
     console.print(f"total: {summary_line(est)}", markup=False)
+    kind = (est.throughput or {}).get("kind")
+    base = est.uncalibrated
+    if base is not None:
+        console.print(f"uncalibrated: {fmt_duration(base['wall_seconds'])}, "
+                      f"{'$0' if local else fmt_usd(base['cost_usd'])} at the {base['kind']} rate "
+                      f"({base['tokens_per_second']:,.0f} tokens/s), which the calibrated one replaces", markup=False)
+    elif not local and kind is not None:
+        console.print(f"not calibrated: the {kind} rate is not measured on this job; `volembed-run calibrate SPEC` "
+                      "probes the GPU (priced before it starts)", markup=False)
+    if est.quality:
+        console.print(est.quality, markup=False)
     for reason in est.unknown:
         console.print(f"unknown: {reason}", markup=False)
 

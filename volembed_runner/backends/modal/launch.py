@@ -22,7 +22,7 @@ from typing import Any
 
 from volembed_runner import store
 from volembed_runner.backends.modal import render
-from volembed_runner.errors import BackendError, StageError
+from volembed_runner.errors import BackendError, BudgetExhausted, StageError
 from volembed_runner.lease import check_free
 from volembed_runner.plan import Plan, volembed_home
 
@@ -160,7 +160,7 @@ def check_not_running(plan: Plan) -> None:
 
 
 def run(plan: Plan, *, until: str | None, detach: bool,
-        on_upload: Callable[[int, str], None] | None = None) -> Launched:
+        on_upload: Callable[[int, str], None] | None = None, prices: Path | None = None) -> Launched:
     """Check, render `plan` into the build folder and run it on Modal.
 
     Attached, the app is ephemeral and this process follows the orchestrator (through its hand-overs) to the end.
@@ -178,7 +178,7 @@ def run(plan: Plan, *, until: str | None, detach: bool,
     folder = build_dir(plan)
     with _modal_errors("upload the dataset files"):
         upload_files(plan, on_upload)
-    path = render.write_app(plan, folder / "app.py")
+    path = render.write_app(plan, folder / "app.py", prices)
     module = import_app(path)
     if detach:
         with _modal_errors("deploy the app"), modal.enable_output():
@@ -192,6 +192,26 @@ def run(plan: Plan, *, until: str | None, detach: bool,
         summary = _follow(call.get())
     _check(plan, summary)
     return Launched(plan.name, module.app.app_id, call.object_id, detached=False, summary=summary)
+
+
+def probe(plan: Plan, texts: list[str], n_tokens: list[int], keep: int) -> dict[str, Any]:
+    """The GPU probe: the job's own app, run ephemerally, calls its Embedder once on the plan's GPU with a sample of
+    the job's chunks (`Embedder.probe`), so the image, router flags and client are the run's. The app stops as soon
+    as the call returns, which ends the container (no scale-down idle). Returns the container's timings, a few
+    vectors, the call's wall time seen from here and the TEI image."""
+    render.validate(plan)
+    require_credentials()
+    import modal
+
+    check_volume(plan)
+    path = render.write_app(plan, build_dir(plan) / f"probe-{plan.compute.gpu}.py")
+    module = import_app(path)
+    with _modal_errors(f"run the GPU probe on {plan.compute.gpu}"), modal.enable_output(), module.app.run():
+        started = time.monotonic()
+        result = module.Embedder().probe.remote(texts, n_tokens, keep)
+        wall = time.monotonic() - started
+    registry, tag = render.tei_image(plan)
+    return {**result, "call_seconds": wall, "image": f"{registry}:{tag}"}
 
 
 def _follow(summary: dict[str, Any]) -> dict[str, Any]:
@@ -210,6 +230,15 @@ def _check(plan: Plan, summary: dict[str, Any]) -> None:
                            f"{', …' if len(shards) > 5 else ''})" for stage, shards in failed.items())
         raise StageError(f"{plan.name}: failed shards — {listed}; causes in `volembed-run status`, "
                          "a rerun retries only them")
+    cost = summary.get("budget") or {}
+    if cost.get("stopped_at_budget"):
+        measured = cost.get("measured_tokens_per_second")
+        rate = f" at the measured {measured:,.0f} tokens/s per GPU" if measured else ""
+        raise BudgetExhausted(f"{plan.name}: stopped feeding at ${cost['spent_usd']:,.2f} spent: the next unit, with "
+                              f"those in flight, would have brought it to ${cost['would_reach_usd']:,.2f}{rate}, over "
+                              f"compute.max_cost ${cost['max_cost_usd']:,.2f}; {cost['remaining_embed_units']} embed "
+                              f"unit(s) left (projected total ${cost['projected_total_usd']:,.2f}); finished units are "
+                              "kept: raise compute.max_cost and rerun to continue")
     if summary.get("handover"):
         raise StageError(f"{plan.name}: stopped after {summary.get('passes')} orchestrator passes without finishing; "
                          "rerun the spec to continue")

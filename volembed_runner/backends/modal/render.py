@@ -22,6 +22,8 @@ from typing import Any
 
 from volembed_runner import catalog
 from volembed_runner.errors import BackendError, SpecError, SpecIssue
+from volembed_runner.estimate.cost import budget_of
+from volembed_runner.estimate.prices import load_prices
 from volembed_runner.estimate.rates import Rate, tei_rate
 from volembed_runner.models import MODEL_FILE_PATTERNS
 from volembed_runner.plan import MODAL_ROOT, Plan
@@ -299,9 +301,11 @@ def lease_run(plan: Plan) -> str:
     return f"{plan.volume}/{plan.name}"
 
 
-def render_app(plan: Plan) -> str:
-    """The generated app's source for `plan` (deterministic for a plan and this machine's calibrations)."""
+def render_app(plan: Plan, prices: Path | None = None) -> str:
+    """The generated app's source for `plan` (deterministic for a plan and this machine's calibrations); `prices`
+    overrides the catalog's prices `compute.max_cost` is counted at."""
     rate = validate(plan)
+    budget = budget_of(plan, load_prices(prices), rate.tokens_per_second)
     router = router_settings(plan)
     registry, tag = tei_image(plan)
     local = local_model_dir(plan)
@@ -363,6 +367,7 @@ def render_app(plan: Plan) -> str:
         "lease_run": lease_run(plan),
         "input_work_s": input_work_seconds(plan),
         "max_passes": MAX_PASSES,
+        "budget": None if budget is None else budget.to_dict(),
     }
     literals = {key: literal(value, lead=len(key) + 3) for key, value in values.items()}
     literals["router_args"] = _router_args_literal(router.args(model_dir, plan.model.ref, plan.model.revision))
@@ -371,9 +376,9 @@ def render_app(plan: Plan) -> str:
     return string.Template(template).substitute(literals)
 
 
-def write_app(plan: Plan, path: Path) -> Path:
+def write_app(plan: Plan, path: Path, prices: Path | None = None) -> Path:
     """Render `plan` into `path` (parents created); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_app(plan), encoding="utf-8")
+    path.write_text(render_app(plan, prices), encoding="utf-8")
     return path

@@ -11,6 +11,8 @@
   Modal reports without one (timeouts, lost containers) go to the inputs left without a result.
 * `TEIRouter` starts `text-embeddings-router` (logging at warn), forwards its log, waits until its port accepts and
   fails fast when it exits or falls back to CPU.
+* `probe_sample` is the GPU probe's body (`volembed-run calibrate` on Modal): a sample of the job's chunks embedded
+  once to warm up, then timed, so the rate excludes cold start, model load and first-batch compilation.
 """
 
 from __future__ import annotations
@@ -297,6 +299,30 @@ def sync_volume(volume: Any, *, reload: bool = False) -> None:
             volume.reload() if reload else volume.commit()
         except RuntimeError as exc:
             raise OSError(f"Volume {'reload' if reload else 'commit'} failed: {describe(exc)}") from exc
+
+
+class ProbeClient(Protocol):
+    """The TEI client as the probe uses it (`volembed_runner.embedders.tei.TEIClient`)."""
+
+    async def info(self) -> Any: ...
+
+    async def embed(self, texts: list[str], n_tokens: list[int]) -> Any: ...
+
+
+async def probe_sample(client: ProbeClient, texts: list[str], n_tokens: list[int], keep: int) -> dict[str, Any]:
+    """Embed `texts` once to warm up, then again timed; returns both timings and the first `keep` vectors.
+
+    The warm-up pass sends the same requests as the timed one, so every batch shape the router meets in the timed
+    pass has been run once (TEI's own start-up warm-up covers only its maximum batch)."""
+    started = time.perf_counter()
+    await client.info()
+    await client.embed(texts, n_tokens)
+    warmup = time.perf_counter() - started
+    started = time.perf_counter()
+    vectors = await client.embed(texts, n_tokens)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "warmup_seconds": warmup, "chunks": len(texts),
+            "vectors": [list(map(float, row)) for row in vectors[:keep]]}
 
 
 def cuda_driver_version(nvidia_smi_output: str) -> tuple[int, int] | None:

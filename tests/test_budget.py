@@ -1,0 +1,104 @@
+"""`compute.max_cost` held during a run (`budget.py`): cost so far from container-seconds, and when feeding stops."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from volembed_runner.backends.modal import launch, render
+from volembed_runner.budget import Budget, Meter, StagePrice
+from volembed_runner.estimate.prices import load_prices
+from volembed_runner.loading import load_spec
+from volembed_runner.plan import make_plan
+from volembed_runner.ui.console import print_status
+
+SPEC = """\
+version: 1
+name: budget-job
+backend: modal
+volume: vol-budget
+dataset: {files: [docs.jsonl]}
+chunking: {size: 128, overlap: 8}
+embedding: {model: sentence-transformers/all-MiniLM-L6-v2}
+compute: {gpu: L4, concurrency_limit: 2, allow_concurrent_inputs: 2}
+"""
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _budget(max_cost: float, start_seconds: float = 0.0) -> Budget:
+    # One GPU container at $1/s, one unit at a time; the plan says 100 tokens/s (a 100-token unit costs $1).
+    return Budget(max_cost, {"embed": StagePrice(1.0, start_seconds, 1, 1)}, 100.0, "test prices")
+
+
+def test_a_rate_below_the_estimate_stops_feeding_before_the_unit_that_would_pass_the_budget() -> None:
+    clock = Clock()
+    meter = Meter(_budget(10.0), clock)
+    meter.start("embed")
+    admitted = 0
+    while meter.admit(f"u{admitted}", 100.0):
+        clock.now += 2.0  # each unit takes 2 s: the GPU runs at 50 tokens/s, half the plan's rate
+        meter.finished(f"u{admitted}")
+        admitted += 1
+    assert admitted == 5  # at the plan's rate the budget would have let 10 units in
+    assert meter.stopped and meter.total == 10.0 and meter.rate() == 50.0
+    record = meter.record(remaining_units=3, remaining_tokens=300.0)
+    assert record["stopped_at_budget"] and record["spent_usd"] == 10.0 and record["would_reach_usd"] == 12.0
+    assert record["projected_total_usd"] == 16.0 and record["measured_tokens_per_second"] == 50.0
+
+
+def test_units_in_flight_and_a_new_containers_start_count_against_the_budget() -> None:
+    clock = Clock()
+    meter = Meter(_budget(5.0, start_seconds=2.0), clock, spent_before=1.0)  # $1 spent by an earlier pass
+    meter.start("embed")
+    assert meter.admit("a", 100.0)  # $1 before + $2 start + $1 of work = $4
+    assert not meter.admit("b", 200.0)  # + $2 more while "a" still runs: $6 > $5
+    assert meter.total == 3.0 and meter.in_flight == 1
+    clock.now = 1.0
+    meter.finished("a")
+    assert meter.total == 4.0
+
+
+def test_a_budget_survives_the_generated_apps_literal() -> None:
+    budget = _budget(7.5)
+    assert Budget.from_dict(budget.to_dict()) == budget
+
+
+def test_status_shows_cost_so_far_the_projection_and_why_the_run_stopped() -> None:
+    meter = Meter(_budget(10.0), Clock(), spent_before=10.0)
+    meter.start("embed")
+    assert not meter.admit("u0", 100.0)
+    manifest = {"name": "job", "status": "stopped", "passes": 2, "cost": meter.record(4, 400.0)}
+    console = Console(record=True, width=200)
+    print_status(manifest, console)
+    text = console.export_text()
+    assert "cost: $10.00 so far of compute.max_cost $10.00" in text and "projected total $14.00" in text
+    assert "stopped at the budget: raise compute.max_cost and rerun" in text
+
+
+def test_the_generated_app_holds_max_cost_at_the_prices_of_the_run(tmp_path: Path) -> None:
+    (tmp_path / "docs.jsonl").write_text('{"text": "hello"}\n')
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC)
+    plan = make_plan(load_spec(spec, ["compute.max_cost=25"]), spec)
+    prices = tmp_path / "prices.yaml"
+    prices.write_text("L4: 0.001\n")
+    module = launch.import_app(render.write_app(plan, tmp_path / "app.py", prices))
+    budget = Budget.from_dict(module.BUDGET)
+    c = plan.compute
+    assert budget.max_cost == 25.0 and budget.tokens_per_second == module.EMBED_TOKENS_PER_SECOND
+    assert budget.stages["embed"].usd_per_second == load_prices(prices).container(1.0, c.embed.cpu,
+                                                                                   c.embed.memory_gib, "L4")
+    assert budget.stages["embed"].max_containers == 2 and budget.stages["embed"].inputs_per_container == 2
+    assert f"prices from {prices}" in budget.source
+    unbudgeted = launch.import_app(render.write_app(make_plan(load_spec(spec), spec), tmp_path / "free.py"))
+    assert unbudgeted.BUDGET is None

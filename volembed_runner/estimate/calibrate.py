@@ -15,7 +15,7 @@ from volembed_runner.errors import BackendError, SourceError, SpecError, SpecIss
 from volembed_runner.estimate.rates import calibration_key, store_calibration
 from volembed_runner.estimate.sampling import CountingTokenizer, added_tokens, counting_tokenizer
 from volembed_runner.estimate.sizes import text_readers
-from volembed_runner.plan import Plan
+from volembed_runner.plan import Plan, volembed_home
 
 
 def calibrate(plan: Plan, *, sample_chunks: int = 256,
@@ -43,7 +43,8 @@ def calibrate(plan: Plan, *, sample_chunks: int = 256,
         e, model = plan.embed, plan.model
         t0 = time.perf_counter()
         engine = LocalEmbedder(model=model.location, revision=model.revision, prefix=e.prefix, normalize=e.normalize,
-                               precision=e.precision, dimensions=e.dimensions, threads=plan.machine.cores)
+                               precision=e.precision, dimensions=e.dimensions, threads=plan.machine.cores,
+                               cache_dir=volembed_home() / "openvino")
         load_seconds = time.perf_counter() - t0
         engine.embed(texts[:8], n_tokens[:8])
         t0 = time.perf_counter()

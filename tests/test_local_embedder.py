@@ -234,3 +234,20 @@ def test_unknown_runtime_is_an_embedder_error(model_dir):
 
     with pytest.raises(EmbedderError, match="runtime must be one of"):
         LocalEmbedder(MODEL, None, runtime="onnx")  # type: ignore[arg-type]
+
+
+def test_the_local_device_is_cuda_exactly_when_torch_sees_a_gpu(monkeypatch):
+    import torch
+
+    from volembed_runner.machine import local_device, resolve_device_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert local_device() == "cpu"
+    assert resolve_device_precision("auto", "cpu") == resolve_precision("auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert local_device() == "cuda"
+    assert resolve_device_precision("auto", "cuda") == "fp16"
+    assert resolve_device_precision("fp32", "cuda") == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_device_precision("auto", "cuda") == "bf16"

@@ -124,7 +124,7 @@ class LocalMapper(Mapper):
             yield InProcess(LocalEmbedder(model=model.location, revision=model.revision, prefix=e.prefix,
                                           normalize=e.normalize, precision=e.precision, dimensions=e.dimensions,
                                           threads=self.plan.machine.cores, truncate=e.truncate,
-                                          cache_dir=volembed_home() / "openvino"))
+                                          cache_dir=volembed_home() / "openvino", device=self.plan.machine.device))
 
         return engine()
 

@@ -12,7 +12,7 @@ from typing import Any
 
 from volembed_runner import chunking, sources
 from volembed_runner.errors import BackendError, SourceError, SpecError, SpecIssue
-from volembed_runner.estimate.rates import calibration_key, store_calibration
+from volembed_runner.estimate.rates import calibration_key, local_device_key, store_calibration
 from volembed_runner.estimate.sampling import CountingTokenizer, added_tokens, counting_tokenizer
 from volembed_runner.estimate.sizes import text_readers
 from volembed_runner.plan import Plan, volembed_home
@@ -44,13 +44,13 @@ def calibrate(plan: Plan, *, sample_chunks: int = 256,
         t0 = time.perf_counter()
         engine = LocalEmbedder(model=model.location, revision=model.revision, prefix=e.prefix, normalize=e.normalize,
                                precision=e.precision, dimensions=e.dimensions, threads=plan.machine.cores,
-                               cache_dir=volembed_home() / "openvino")
+                               cache_dir=volembed_home() / "openvino", device=plan.machine.device)
         load_seconds = time.perf_counter() - t0
         engine.embed(texts[:8], n_tokens[:8])
         t0 = time.perf_counter()
         engine.embed(texts, n_tokens)
         seconds = time.perf_counter() - t0
-        backend, device, engine_name = "local", engine.precision, "local"
+        backend, device, engine_name = "local", local_device_key(plan.machine.device, engine.precision), "local"
     else:
         seconds = float(runner(texts, n_tokens))
         backend = plan.backend

@@ -543,3 +543,36 @@ def test_the_plan_names_a_folder_and_counts_its_documents(tmp_path: Path) -> Non
     result = runner.invoke(app, [str(tmp_path / "spec.yaml"), "--dry-run"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "notes/ (50 document file(s))" in result.output and "1 file(s)" not in result.output
+
+
+def _fake_cuda(monkeypatch: pytest.MonkeyPatch, available: bool, bf16: bool = True) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+
+
+@pytest.mark.parametrize(("bf16", "precision"), [(True, "bf16"), (False, "fp16")])
+def test_a_visible_gpu_puts_the_local_engine_on_cuda_in_half_precision(
+    plan_of, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bf16: bool, precision: str
+) -> None:
+    _fake_cuda(monkeypatch, True, bf16)
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in make_texts(20)), "utf-8")
+    plan = plan_of(merged(local_spec(["docs.jsonl"]), embedding={"model": MINILM, "precision": "auto"}))
+    assert plan.machine.device == "cuda" and plan.embed.precision == precision
+    est = estimate.estimate(plan)
+    assert est.throughput["kind"] == "default" and f"on cuda ({precision})" in est.throughput["source"]
+    assert est.throughput["tokens_per_second"] == catalog.throughput()["local"]["rates"]["cuda"][precision][
+        "tokens_per_second"]
+
+
+def test_without_a_gpu_the_local_rate_is_the_measured_cpu_figure(plan_of, tmp_path: Path, monkeypatch) -> None:
+    _fake_cuda(monkeypatch, False)
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in make_texts(20)), "utf-8")
+    plan = plan_of(local_spec(["docs.jsonl"]))
+    assert plan.machine.device == "cpu" and plan.embed.precision == "fp32"
+    row = catalog.throughput()["local"]["rates"]["cpu"]["fp32"]
+    est = estimate.estimate(plan)
+    assert "on cpu (fp32)" in est.throughput["source"] and row["measured"] in est.throughput["source"]
+    cores = plan.machine.cores
+    assert est.throughput["tokens_per_second"] == pytest.approx(row["tokens_per_second"] * cores / 2)

@@ -203,3 +203,51 @@ def test_importing_the_engine_module_does_not_import_torch():
         """
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_torch_and_openvino_runtimes_give_the_same_vectors(fp32_engine, reference, texts, tmp_path):
+    n_tokens = _n_tokens(reference, texts)
+    torch_engine = LocalEmbedder(MODEL, None, precision="fp32", batch_tokens=700, runtime="torch")
+    assert fp32_engine.runtime == "openvino" and torch_engine.runtime == "torch"
+    assert _cosines(torch_engine.embed(texts, n_tokens), fp32_engine.embed(texts, n_tokens)).min() >= 0.99999
+
+
+def test_openvino_export_is_cached_and_reused(reference, texts, want, tmp_path):
+    first = LocalEmbedder(MODEL, None, precision="fp32", cache_dir=tmp_path)
+    exports = list(tmp_path.glob("*/model.xml"))
+    second = LocalEmbedder(MODEL, None, precision="fp32", cache_dir=tmp_path)
+    assert len(exports) == 1 and list(tmp_path.glob("*/model.xml")) == exports
+    assert not list(tmp_path.glob("*/model.tmp.*"))
+    got = second.embed(texts, _n_tokens(reference, texts))
+    assert first.runtime == "openvino" and _cosines(got, want).min() >= 0.99999
+
+
+def test_padding_is_counted_against_real_tokens(fp32_engine, reference, texts):
+    before_real, before_padded = fp32_engine.real_tokens, fp32_engine.padded_tokens
+    fp32_engine.embed(texts, _n_tokens(reference, texts))
+    real, padded = fp32_engine.real_tokens - before_real, fp32_engine.padded_tokens - before_padded
+    assert 0 < real <= padded
+
+
+def test_unknown_runtime_is_an_embedder_error(model_dir):
+    from volembed_runner.errors import EmbedderError
+
+    with pytest.raises(EmbedderError, match="runtime must be one of"):
+        LocalEmbedder(MODEL, None, runtime="onnx")  # type: ignore[arg-type]
+
+
+def test_the_local_device_is_cuda_exactly_when_torch_sees_a_gpu(monkeypatch):
+    import torch
+
+    from volembed_runner.machine import local_device, resolve_device_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert local_device() == "cpu"
+    assert resolve_device_precision("auto", "cpu") == resolve_precision("auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert local_device() == "cuda"
+    assert resolve_device_precision("auto", "cuda") == "fp16"
+    assert resolve_device_precision("fp32", "cuda") == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_device_precision("auto", "cuda") == "bf16"

@@ -110,6 +110,7 @@ def test_local_run_writes_vectors_every_reader_opens(tmp_path: Path) -> None:
     assert manifest["status"] == "succeeded" and manifest["spec"]["name"] == "e2e"
     assert manifest["totals"]["vectors"] == summary["vectors"]
     assert manifest["versions"]["volembed-runner"] is not None and "git" in manifest
+    assert manifest["engine"]["engine"] == "local" and manifest["engine"]["device"] in ("cpu", "cuda")
     stats = json.loads((Path(summary["manifest"]).parent / "stats.json").read_text())
     assert sum(stats["tokens_per_chunk"].values()) == summary["chunks"]
 

@@ -6,6 +6,7 @@ from the plan; they live here, below the plan, so nothing above has to import an
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Literal
@@ -41,3 +42,21 @@ def resolve_precision(precision: str) -> Literal["fp32", "bf16"]:
     if precision == "auto":
         return "bf16" if native_bf16() else "fp32"
     return precision  # type: ignore[return-value]
+
+
+def local_device() -> Literal["cpu", "cuda"]:
+    """Where the local engine runs: `cuda` when torch is installed and sees a CUDA device, else `cpu`."""
+    if importlib.util.find_spec("torch") is None:
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_device_precision(precision: str, device: str) -> Literal["fp32", "bf16", "fp16"]:
+    """The precision on `device`: on a GPU `auto` is bf16 where the GPU computes it natively, else fp16."""
+    if device != "cuda" or precision != "auto":
+        return resolve_precision(precision)
+    import torch
+
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"

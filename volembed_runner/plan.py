@@ -32,7 +32,7 @@ from volembed_runner.late import (
     PYLATE_VERSION,
     LateSettings,
 )
-from volembed_runner.machine import native_bf16, resolve_precision, usable_cores
+from volembed_runner.machine import local_device, native_bf16, resolve_device_precision, usable_cores
 from volembed_runner.redact import public_record, public_url
 from volembed_runner.spec import Spec, prefix_tokens
 
@@ -224,6 +224,7 @@ class MachineFacts:
 
     cores: int
     native_bf16: bool
+    device: str = "cpu"  # where the local engine runs: cuda when torch sees a GPU, else cpu
 
 
 @dataclass(frozen=True)
@@ -495,7 +496,8 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
     engine = "tei" if (backend == "modal" or emb.endpoint) else "local"
     if late:  # PyLate on both backends: in this process, or in Modal's GPU image (TEI serves no ColBERT)
         engine = "pylate" if backend == "modal" else "local"
-    precision = resolve_precision(emb.precision) if engine == "local" else "float16"
+    device = local_device() if engine == "local" else "cpu"
+    precision = resolve_device_precision(emb.precision, device) if engine == "local" else "float16"
     if emb.endpoint:
         server = public_url(emb.endpoint)
     else:
@@ -553,7 +555,7 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
         chunk=chunk,
         embed=embed,
         compute=compute,
-        machine=MachineFacts(cores=usable_cores(), native_bf16=native_bf16()),
+        machine=MachineFacts(cores=usable_cores(), native_bf16=native_bf16(), device=device),
         warnings=tuple(warnings),
         hub=HubSettings(**spec.output.hub.model_dump()) if spec.output.hub else None,
         index=resolve_index(spec, embed.fingerprint),

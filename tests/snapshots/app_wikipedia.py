@@ -271,7 +271,7 @@ PLAN = {
         'embed_scaledown_s': 60,
         'embed_startup_timeout_s': 1200,
     },
-    'machine': {'cores': 2, 'native_bf16': False},
+    'machine': {'cores': 2, 'native_bf16': False, 'device': 'cpu'},
     'warnings': [],
     'hub': None,
     'index': None,

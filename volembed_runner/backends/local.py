@@ -17,7 +17,7 @@ from volembed_runner import store
 from volembed_runner.embedders import AsyncEmbedder, InProcess
 from volembed_runner.lease import FileLeaseStore, Holder
 from volembed_runner.orchestrate import Event, Mapper, Outcome, Stats, drive, orchestrate
-from volembed_runner.plan import Plan
+from volembed_runner.plan import Plan, volembed_home
 from volembed_runner.sources import SourceTask
 from volembed_runner.stages import chunk as chunk_stage
 from volembed_runner.stages import download as download_stage
@@ -138,7 +138,8 @@ class LocalMapper(Mapper):
 
             yield InProcess(LocalEmbedder(model=model.location, revision=model.revision, prefix=e.prefix,
                                           normalize=e.normalize, precision=e.precision, dimensions=e.dimensions,
-                                          threads=self.plan.machine.cores, truncate=e.truncate))
+                                          threads=self.plan.machine.cores, truncate=e.truncate,
+                                          cache_dir=volembed_home() / "openvino", device=self.plan.machine.device))
 
         return engine()
 

@@ -1,4 +1,4 @@
-"""The in-process embedding engine: sentence-transformers on torch, CPU, for `backend: local`.
+"""The in-process embedding engine for `backend: local`: a sentence-transformers model run by OpenVINO or torch.
 
 It stands in for TEI and behaves like it: the spec's prefix is prepended once, the model's own Normalize module is
 skipped and vectors are L2-normalized only when `normalize` is set, `dimensions` keeps the leading (Matryoshka)
@@ -6,11 +6,19 @@ components. Texts are sorted by token count and packed into batches by a padded-
 input order. bf16 (autocast: matmuls in bf16, the rest in fp32) is ~1.7-2x faster than fp32 on CPUs with native
 bf16 at cosine >= 0.9999, so `precision: auto` picks it exactly there.
 
+Runtime: on a CPU the model's transformer runs under OpenVINO (`openvino`, in the `local` extra) when it is
+installed: the same weights, exported once from the resolved folder (offline) into `cache_dir` keyed by the weights'
+fingerprint and OpenVINO's version, compiled with bf16 or f32 inference precision; pooling and any later modules stay
+in torch. It was ~1.3-3x torch bf16 autocast on a 2-vCPU Zen 4 at the same cosine (`benchmarks/bench_local_engine.py`).
+`runtime="torch"` (or no openvino) keeps the torch path.
+
 torch and sentence-transformers are imported when an engine is built, never when this module is imported.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -18,7 +26,7 @@ import numpy as np
 
 from volembed_runner.embedders.vectors import check_vectors
 from volembed_runner.errors import EmbedderError, ModelError, TextsFailedError
-from volembed_runner.machine import Precision, resolve_precision, usable_cores
+from volembed_runner.machine import Precision, local_device, resolve_device_precision, usable_cores
 from volembed_runner.models import resolve_model_dir
 
 if TYPE_CHECKING:
@@ -28,6 +36,22 @@ if TYPE_CHECKING:
 # budget also bounds attention memory for long-context models (one 8,192-token text runs alone).
 DEFAULT_BATCH_TOKENS = 8192
 DEFAULT_MAX_BATCH_SIZE = 32
+# On a GPU: TEI's own default budget x 4 (16,384 max-batch-tokens; tei.md §1.3), enough rows to fill an A10-class GPU
+# with a BERT-base model while attention memory stays a few hundred MB.
+GPU_BATCH_TOKENS = 65536
+GPU_MAX_BATCH_SIZE = 512
+
+RUNTIMES = ("auto", "torch", "openvino")
+Runtime = Literal["auto", "torch", "openvino"]
+
+
+def resolve_runtime(runtime: str) -> Literal["torch", "openvino"]:
+    """What runs the transformer: `auto` is OpenVINO when it is installed, else torch."""
+    if runtime not in RUNTIMES:
+        raise EmbedderError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+    if runtime == "auto":
+        return "openvino" if importlib.util.find_spec("openvino") is not None else "torch"
+    return runtime  # type: ignore[return-value]
 
 
 def pack_batches(lengths: list[int], batch_tokens: int, max_batch_size: int) -> list[list[int]]:
@@ -60,19 +84,26 @@ class LocalEmbedder:
         normalize: bool = True,
         precision: Precision = "auto",
         dimensions: int | None = None,
-        batch_tokens: int = DEFAULT_BATCH_TOKENS,
-        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        batch_tokens: int | None = None,
+        max_batch_size: int | None = None,
         threads: int | None = None,
         download: bool = True,
         truncate: bool = True,
+        runtime: Runtime = "auto",
+        cache_dir: Path | None = None,
+        device: str | None = None,
     ) -> None:
+        self.device = device or local_device()
+        on_gpu = self.device == "cuda"
+        batch_tokens = batch_tokens or (GPU_BATCH_TOKENS if on_gpu else DEFAULT_BATCH_TOKENS)
+        max_batch_size = max_batch_size or (GPU_MAX_BATCH_SIZE if on_gpu else DEFAULT_MAX_BATCH_SIZE)
         if batch_tokens < 1 or max_batch_size < 1:
             raise EmbedderError(f"batch_tokens ({batch_tokens}) and max_batch_size ({max_batch_size}) must be >= 1")
         self.model = model
         self.revision = revision
         self.prefix = prefix
         self.normalize = normalize
-        self.precision: Literal["fp32", "bf16"] = resolve_precision(precision)
+        self.precision: Literal["fp32", "bf16", "fp16"] = resolve_device_precision(precision, self.device)
         self.truncate = truncate  # off: a text over the model's limit is an error (as TEI's 422), not cut
         self.batch_tokens = batch_tokens
         self.max_batch_size = max_batch_size
@@ -80,17 +111,24 @@ class LocalEmbedder:
         # Counters over the engine's lifetime; the embed stage reads them before and after a shard.
         self.truncated = 0
         self.texts_embedded = 0
+        self.real_tokens = 0  # tokens the model saw, specials included
+        self.padded_tokens = 0  # tokens it computed: batch rows x longest row
+        self.runtime = "torch" if on_gpu else resolve_runtime(runtime)  # OpenVINO here targets the CPU
 
         import torch
 
         self.threads = threads or usable_cores()
         torch.set_num_threads(self.threads)
-        self._st = _load(model, self.path)
+        self._st = _load(model, self.path, self.device)
+        if on_gpu and self.precision != "fp32":
+            self._st.to(torch.bfloat16 if self.precision == "bf16" else torch.float16)
         self._modules = _forward_modules(self._st)
         self._preprocess = getattr(self._st, "preprocess", None) or self._st.tokenize  # sentence-transformers 6 / 5
         tokenizer = self._st.tokenizer
         self.max_seq_length: int = self._st.max_seq_length or getattr(tokenizer, "model_max_length", None) or 512
         self._special_tokens = _special_tokens(tokenizer)
+        self._ov: Any = _openvino_transformer(self._st, self.path, self.precision, self.threads, cache_dir) \
+            if self.runtime == "openvino" else None
         self._prefix_tokens = len(tokenizer(prefix, add_special_tokens=False)["input_ids"]) if prefix else 0
         self.dimensions: int | None = None
         self.model_dim = self._probe_dim()
@@ -98,6 +136,7 @@ class LocalEmbedder:
             raise ModelError(f"embedding.dimensions={dimensions}: model {model} gives {self.model_dim}-dim vectors")
         self.dimensions = dimensions
         self.dim: int = dimensions or self.model_dim
+        self.real_tokens = self.padded_tokens = 0  # the probe does not count
 
     def embed(self, texts: list[str], n_tokens: list[int]) -> np.ndarray:
         """float32 vectors [len(texts), dim] in input order; `n_tokens` (tokens per text, no specials) packs them."""
@@ -130,17 +169,29 @@ class LocalEmbedder:
         import torch
 
         try:
-            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            autocast = self.device == "cpu" and self.precision == "bf16"
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 features = self._preprocess(texts)
-                self.truncated += self._count_truncated(texts, features["attention_mask"])
-                for module in self._modules:
+                if self.device != "cpu":
+                    features = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in features.items()}
+                mask = features["attention_mask"]
+                self.truncated += self._count_truncated(texts, mask)
+                self.real_tokens += int(mask.sum())
+                self.padded_tokens += mask.numel()
+                modules = self._modules
+                if self._ov is not None:
+                    names = [i.get_any_name() for i in self._ov.inputs]
+                    hidden = self._ov({n: features[n].numpy() for n in names})[0]
+                    features["token_embeddings"] = torch.from_numpy(hidden)
+                    modules = modules[1:]
+                for module in modules:
                     features = module(features)
                 vectors = features["sentence_embedding"].float()
             if self.dimensions is not None:
                 vectors = vectors[:, : self.dimensions]
             if self.normalize:
                 vectors = torch.nn.functional.normalize(vectors, p=2, dim=1)
-            return vectors.numpy()
+            return vectors.cpu().numpy()
         except (RuntimeError, MemoryError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             message = f"local engine failed on a batch of {len(texts)} texts ({self.model}): {reason}"
@@ -159,10 +210,12 @@ class LocalEmbedder:
         return int(self._embed_batch([""]).shape[1])
 
     def __repr__(self) -> str:
-        return f"LocalEmbedder({self.model!r}, precision={self.precision!r}, dim={self.dim}, threads={self.threads})"
+        return (f"LocalEmbedder({self.model!r}, device={self.device!r}, runtime={self.runtime!r}, "
+                f"precision={self.precision!r}, "
+                f"dim={self.dim}, threads={self.threads})")
 
 
-def _load(model: str, path: Path) -> SentenceTransformer:
+def _load(model: str, path: Path, device: str = "cpu") -> SentenceTransformer:
     """The model from its folder, with no network and no progress bars."""
     from sentence_transformers import SentenceTransformer
     from transformers.utils import logging as hf_logging
@@ -170,7 +223,7 @@ def _load(model: str, path: Path) -> SentenceTransformer:
     bar_was_on = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        st = SentenceTransformer(str(path), device="cpu", local_files_only=True)
+        st = SentenceTransformer(str(path), device=device, local_files_only=True)
     except Exception as exc:  # transformers/safetensors raise many types for a broken or unsupported folder
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelError(f"model {model} in {path} cannot be loaded by sentence-transformers: {reason}") from exc
@@ -195,3 +248,69 @@ def _special_tokens(tokenizer: Any) -> int:
         return int(tokenizer.num_special_tokens_to_add(pair=False))
     except (AttributeError, TypeError):
         return 2
+
+
+_EXPORTS: dict[str, Any] = {}  # this process's exports by key: engines built again reuse them
+
+
+def _openvino_transformer(st: SentenceTransformer, path: Path, precision: str, threads: int,
+                          cache_dir: Path | None) -> Any:
+    """The model's transformer compiled by OpenVINO for this CPU: token embeddings from the tokenizer's features.
+
+    The export (a few seconds) is cached under `cache_dir` by the weights' fingerprint and OpenVINO's version; the
+    precision is a compile setting, so one export serves both."""
+    import openvino as ov
+    import torch
+
+    core = ov.Core()
+    key = f"{_weights_fingerprint(path)}-ov{ov.__version__.split('-')[0]}"
+    cached = None if cache_dir is None else Path(cache_dir) / key / "model.xml"
+    if cached is not None and cached.is_file():
+        graph = core.read_model(str(cached))
+    else:
+        graph = _EXPORTS.get(key) or _EXPORTS.setdefault(key, _export(st, ov, torch))
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_name("model.tmp.xml")
+            ov.save_model(graph, str(tmp), compress_to_fp16=False)
+            tmp.with_suffix(".bin").replace(cached.with_suffix(".bin"))
+            tmp.replace(cached)  # the .xml last: a folder with model.xml holds a whole export
+    config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+              "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    try:
+        return core.compile_model(graph, "CPU", config)
+    except RuntimeError as exc:
+        raise ModelError(f"OpenVINO cannot compile {path} for this CPU: {str(exc).splitlines()[0]}") from exc
+
+
+def _export(st: SentenceTransformer, ov: Any, torch: Any) -> Any:
+    """Trace the Transformer module's model into an OpenVINO graph with dynamic batch and sequence axes."""
+    auto_model = st[0].auto_model.eval()
+    features = st.tokenizer(["an example", "a second example text"], return_tensors="pt", padding=True)
+    example = {k: features[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in features}
+
+    class TokenEmbeddings(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = auto_model
+
+        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> Any:
+            extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+
+    try:
+        with torch.no_grad():
+            return ov.convert_model(TokenEmbeddings().eval(), example_input=example)
+    except Exception as exc:  # the converter raises many types for a model it cannot trace
+        raise ModelError(f"OpenVINO cannot export this model ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}); use runtime torch") from exc
+
+
+def _weights_fingerprint(path: Path) -> str:
+    """A short hash of the model folder's weight and config files (names, sizes, mtimes)."""
+    h = hashlib.sha256(str(path.resolve()).encode())
+    for f in sorted(path.glob("*")):
+        if f.is_file() and f.suffix in {".safetensors", ".bin", ".json"}:
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]

@@ -20,10 +20,16 @@ from volembed_runner import chunking, sources
 from volembed_runner.errors import BackendError, SourceError, SpecError, SpecIssue, VolembedError, describe
 from volembed_runner.estimate.cost import ProbeCost, probe_cost
 from volembed_runner.estimate.prices import Prices
-from volembed_runner.estimate.rates import QUALITY_MIN_COSINE, calibration_key, store_calibration, tei_rate
+from volembed_runner.estimate.rates import (
+    QUALITY_MIN_COSINE,
+    calibration_key,
+    local_device_key,
+    store_calibration,
+    tei_rate,
+)
 from volembed_runner.estimate.sampling import CountingTokenizer, added_tokens, counting_tokenizer
 from volembed_runner.estimate.sizes import text_readers
-from volembed_runner.plan import Plan
+from volembed_runner.plan import Plan, volembed_home
 
 PROBE_VECTORS = 16  # vectors the GPU probe sends back, of the sample's first chunks
 
@@ -84,13 +90,14 @@ def calibrate(plan: Plan, *, sample_chunks: int = 256,
         e, model = plan.embed, plan.model
         t0 = time.perf_counter()
         engine = LocalEmbedder(model=model.location, revision=model.revision, prefix=e.prefix, normalize=e.normalize,
-                               precision=e.precision, dimensions=e.dimensions, threads=plan.machine.cores)
+                               precision=e.precision, dimensions=e.dimensions, threads=plan.machine.cores,
+                               cache_dir=volembed_home() / "openvino", device=plan.machine.device)
         load_seconds = time.perf_counter() - t0
         engine.embed(texts[:8], n_tokens[:8])
         t0 = time.perf_counter()
         engine.embed(texts, n_tokens)
         seconds = time.perf_counter() - t0
-        backend, device, engine_name = "local", engine.precision, "local"
+        backend, device, engine_name = "local", local_device_key(plan.machine.device, engine.precision), "local"
     else:
         seconds = float(runner(texts, n_tokens))
         backend = plan.backend

@@ -32,6 +32,11 @@ def calibration_key(backend: str, model: str, device: str, engine: str) -> str:
     return "|".join((backend, model, device, engine))
 
 
+def local_device_key(device: str, precision: str) -> str:
+    """The local engine's calibration `device`: its precision on a CPU, `cuda-<precision>` on a GPU."""
+    return precision if device == "cpu" else f"{device}-{precision}"
+
+
 def load_calibrations() -> dict[str, dict[str, Any]]:
     """Stored calibrations by key; an unreadable file counts as none."""
     try:
@@ -118,24 +123,31 @@ def local_rate(plan: Plan, calibrations: dict[str, dict[str, Any]] | None = None
     """Tokens/s of the in-process engine on this machine: a calibration, else the stated default scaled."""
     calibrations = load_calibrations() if calibrations is None else calibrations
     precision = plan.embed.precision  # resolved for this CPU by the plan
-    entry = calibrations.get(calibration_key("local", plan.model.ref, precision, "local"))
+    entry = calibrations.get(calibration_key("local", plan.model.ref, local_device_key(plan.machine.device, precision),
+                                             "local"))
     if entry:
         tps = float(entry["tokens_per_second"])
         load = entry.get("model_load_seconds")
         return Rate(tps, tps, tps, "calibrated",
-                    f"local engine calibrated {entry.get('date')}: {tps:,.0f} tokens/s ({precision}, "
+                    f"local engine calibrated {entry.get('date')}: {tps:,.0f} tokens/s ({plan.machine.device}, "
+                    f"{precision}, "
                     f"{entry.get('cores')} cores, {entry.get('chunks')} chunks of the job"
                     + (f", engine start {load:.1f} s" if load is not None else "") + f"; {calibration_path()})",
                     None if load is None else float(load))
     ref = catalog.throughput()["local"]
+    device = plan.machine.device
+    row = ref["rates"][device][precision]
     params, params_note = model_params(plan.model.ref)
     cores = plan.machine.cores
-    tps = float(ref[precision]) * ref["params_m"] / params * cores / ref["cores"]
+    per_core = cores / ref["cores"] if device == "cpu" else 1.0
+    tps = float(row["tokens_per_second"]) * ref["params_m"] / params * per_core
+    scale = f" x cores {cores}/{ref['cores']}" if device == "cpu" else ""
     note = f"; {params_note}" if params_note else ""
     return Rate(tps, tps * 0.7, tps * 1.3, "default",
-                f"local engine default: {ref[precision]:,} tokens/s for {ref['model']} ({precision}, {ref['cores']} "
-                f"cores) x params {ref['params_m']}M/{params:g}M x cores {cores}/{ref['cores']} = {tps:,.0f} tokens/s "
-                f"({ref['source']}){note}; run `volembed-run calibrate` to measure it (±30% until then)")
+                f"local engine default on {device} ({precision}): {row['tokens_per_second']:,} tokens/s for "
+                f"{ref['model']} x params {ref['params_m']}M/{params:g}M{scale} = {tps:,.0f} tokens/s "
+                f"({row['source']}; measured: {row['measured']}){note}; run `volembed-run calibrate` to measure it "
+                f"(±30% until then)")
 
 
 def quality_line(model: str, gpu: str, entry: dict[str, Any] | None) -> tuple[str, bool]:

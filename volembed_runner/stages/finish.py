@@ -173,6 +173,7 @@ class Manifest:
             "spec_hash": plan.spec_hash,
             "git": plan.git,
             "versions": library_versions(),
+            "engine": {"engine": plan.embed.engine, "device": plan.machine.device, "precision": plan.embed.precision},
             "fingerprints": {"data": plan.data.fingerprint, "chunks": plan.chunk.fingerprint,
                              "embeddings": plan.embed.fingerprint},
             "outputs": {

@@ -450,7 +450,7 @@ def test_calibrate_cli_with_the_real_local_engine(tmp_path: Path) -> None:
     spec.write_text(yaml.safe_dump(local_spec(["docs.jsonl"])), encoding="utf-8")
     result = runner.invoke(app, ["calibrate", str(spec), "--chunks", "16", "--json"])
     assert result.exit_code == 0, result.output
-    entry = json.loads(result.output)
+    entry = json.loads(result.stdout)  # --json: standard output holds the JSON alone
     assert entry["tokens_per_second"] > 0 and entry["model_load_seconds"] > 0
 
 

@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 # budget also bounds attention memory for long-context models (one 8,192-token text runs alone).
 DEFAULT_BATCH_TOKENS = 8192
 DEFAULT_MAX_BATCH_SIZE = 32
-# On a GPU: TEI's own default budget x 4 (16,384 max-batch-tokens; tei.md §1.3), enough rows to fill an A10-class GPU
-# with a BERT-base model while attention memory stays a few hundred MB.
+# On a GPU: TEI's default budget x 4 (16,384 max-batch-tokens: TEI's router/src/main.rs at v1.9.3), enough rows to
+# fill an A10 with a BERT-base model while attention memory stays a few hundred MB.
 GPU_BATCH_TOKENS = 65536
 GPU_MAX_BATCH_SIZE = 512
 
@@ -298,12 +298,18 @@ def _export(st: SentenceTransformer, ov: Any, torch: Any) -> Any:
             extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
             return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
 
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the trace's config warnings (e.g. `loss_type=None`) are not the user's concern
     try:
         with torch.no_grad():
             return ov.convert_model(TokenEmbeddings().eval(), example_input=example)
     except Exception as exc:  # the converter raises many types for a model it cannot trace
         raise ModelError(f"OpenVINO cannot export this model ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}); use runtime torch") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _weights_fingerprint(path: Path) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -303,7 +304,8 @@ def _export(st: SentenceTransformer, ov: Any, torch: Any) -> Any:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the trace's config warnings (e.g. `loss_type=None`) are not the user's concern
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's and transformers' warnings speak of their internals
             return ov.convert_model(TokenEmbeddings().eval(), example_input=example)
     except Exception as exc:  # the converter raises many types for a model it cannot trace
         raise ModelError(f"OpenVINO cannot export this model ({type(exc).__name__}: "

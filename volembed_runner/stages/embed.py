@@ -78,6 +78,25 @@ def _write(plan: Plan, chunks: pa.Table, vectors: np.ndarray, out: Path, unit: s
                            {"dim": int(column.type.list_size), **extra})
 
 
+def _write_late(plan: Plan, chunks: pa.Table, vectors: list[np.ndarray], out: Path, unit: str,
+                extra: dict[str, Any]) -> dict[str, Any]:
+    """Write one unit's token vectors (late interaction: one entry per chunk, in row order) and mark it done."""
+    if len(vectors) != chunks.num_rows:
+        raise StageError(f"embedding unit {unit}: got token vectors for {len(vectors)} of {chunks.num_rows} chunks; "
+                         "not written")
+    dim = plan.embed.dim or (int(vectors[0].shape[1]) if vectors else 0)
+    if dim < 1:
+        raise StageError(f"embedding unit {unit}: the vectors' width is unknown; not written")
+    wrong = next((i for i, v in enumerate(vectors) if v.ndim != 2 or v.shape[1] != dim), None)
+    if wrong is not None:
+        raise StageError(f"embedding unit {unit}: chunk {wrong} has vectors of shape {vectors[wrong].shape}, the "
+                         f"run's are {dim}-dim; not written")
+    column, counts = store.multivector_columns(vectors, dim)
+    return write_unit_file(plan, chunks, {"n_vectors": counts, "embedding": column}, out, unit,
+                           {"dim": dim, "vectors_total": int(pc.sum(counts).as_py() or 0), **extra},
+                           {b"volembed.kind": b"late_interaction"})
+
+
 def write_unit_file(plan: Plan, chunks: pa.Table, columns: dict[str, pa.Array], out: Path, unit: str,
                     stats: dict[str, Any], metadata: dict[bytes, bytes] | None = None) -> dict[str, Any]:
     """Write a unit's embedding file: its chunks' ids, kept columns (and text) plus `columns`, then mark it done."""
@@ -134,11 +153,8 @@ async def embed_shard_async(root: Path, plan: Plan, unit: str, embedder: AsyncEm
         vectors = await embedder.embed(texts, n_tokens) if texts else None
     except (TextsFailedError, VectorCheckError) as exc:
         raise _failed_chunk(chunks, unit, exc) from exc
-    if plan.late is not None:  # per-token vectors: the late-interaction layout (`stages/late.py`)
-        from volembed_runner.stages import late
-
-        return late.write_unit(plan, chunks, list(vectors or []), out, unit,
-                               {"truncated": embedder.truncations(n_tokens)})
+    if plan.late is not None:  # per-token vectors: the late-interaction layout
+        return _write_late(plan, chunks, list(vectors or []), out, unit, {"truncated": embedder.truncations(n_tokens)})
     if vectors is None:
         vectors = np.zeros((0, int(run_dim or embedder.dim or 0)), dtype=np.float32)
     if run_dim is not None and vectors.shape[1] != run_dim:

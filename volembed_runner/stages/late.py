@@ -25,13 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from volembed_runner import store
 from volembed_runner.errors import StageError
 from volembed_runner.plan import Plan, model_slug, volembed_home
-from volembed_runner.stages.embed import _read_chunks, paths, write_unit_file
+from volembed_runner.stages.embed import _read_chunks, paths
 from volembed_runner.units import parse_key
 
 if TYPE_CHECKING:
@@ -55,25 +54,6 @@ def engine(plan: Plan, *, threads: int | None = None, device: str = "cpu") -> Co
     build = (demo_model_dir(plan), late.build_base, late.build_seed or 0) if late.build_base else None
     return ColbertEmbedder(model.location, revision=model.revision, precision=plan.embed.precision,  # type: ignore[arg-type]
                            threads=threads, build=build, query_length=late.query_length, device=device)
-
-
-def write_unit(plan: Plan, chunks: pa.Table, vectors: list[np.ndarray], out: Path, unit: str,
-               extra: dict[str, Any]) -> dict[str, Any]:
-    """Write one unit's token vectors (one entry per chunk, in row order) and mark the file done."""
-    if len(vectors) != chunks.num_rows:
-        raise StageError(f"embedding unit {unit}: got token vectors for {len(vectors)} of {chunks.num_rows} chunks; "
-                         "not written")
-    dim = plan.embed.dim or (int(vectors[0].shape[1]) if vectors else 0)
-    if dim < 1:
-        raise StageError(f"embedding unit {unit}: the vectors' width is unknown; not written")
-    wrong = next((i for i, v in enumerate(vectors) if v.ndim != 2 or v.shape[1] != dim), None)
-    if wrong is not None:
-        raise StageError(f"embedding unit {unit}: chunk {wrong} has vectors of shape {vectors[wrong].shape}, the "
-                         f"run's are {dim}-dim; not written")
-    column, counts = store.multivector_columns(vectors, dim)
-    return write_unit_file(plan, chunks, {"n_vectors": counts, "embedding": column}, out, unit,
-                           {"dim": dim, "vectors_total": int(pc.sum(counts).as_py() or 0), **extra},
-                           {b"volembed.kind": b"late_interaction"})
 
 
 def index_folder(root: Path, plan: Plan) -> Path:

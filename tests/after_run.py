@@ -4,12 +4,15 @@ session by the `finished_run` fixture (conftest.py), copied by each test that us
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from volembed_runner.cli import app
+from volembed_runner.loading import load_spec
+from volembed_runner.plan import Plan, make_plan
 
 SPEC = """\
 version: 1
@@ -51,3 +54,12 @@ def make_finished(folder: Path) -> tuple[Path, Path]:
             result = CliRunner().invoke(app, [str(spec), *args])
             assert result.exit_code == 0, result.output
     return spec, home
+
+
+def own_copy(finished_run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Plan]:
+    """A test's own copy of the session's finished run, made its VOLEMBED_HOME and current folder: (spec, plan)."""
+    spec, home = finished_run
+    shutil.copytree(home, tmp_path / "home")
+    monkeypatch.setenv("VOLEMBED_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    return spec, make_plan(load_spec(spec), spec)

@@ -539,3 +539,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("content-length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
+
+
+class FakeRouter:
+    """Stands in for text-embeddings-router in a rendered app's Embedder: this server already listens."""
+
+    @classmethod
+    def start(cls, args: list[str], *, port: int, timeout: float) -> FakeRouter:
+        return cls()
+
+    def stop(self) -> None:
+        pass

@@ -32,7 +32,7 @@ from volembed_runner.estimate.rates import calibration_path
 from volembed_runner.loading import load_spec
 from volembed_runner.plan import make_plan
 
-from .tei_server import TEIServer, expected_vector
+from .tei_server import FakeRouter, TEIServer, expected_vector
 
 runner = CliRunner()
 
@@ -48,17 +48,6 @@ embedding: {model: sentence-transformers/all-MiniLM-L6-v2}
 compute: {gpu: L4, concurrency_limit: 2, allow_concurrent_inputs: 2, retries: 1, timeout: 600}
 """
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-
-
-class FakeRouter:
-    """Stands in for text-embeddings-router: the TEI stand-in already listens."""
-
-    @classmethod
-    def start(cls, args: list[str], *, port: int, timeout: float) -> FakeRouter:
-        return cls()
-
-    def stop(self) -> None:
-        pass
 
 
 class Probed:

@@ -40,7 +40,7 @@ from volembed_runner.models import resolve_model_dir
 from volembed_runner.plan import MODAL_ROOT, Plan, make_plan
 from volembed_runner.units import parse_key
 
-from .tei_server import TEIServer
+from .tei_server import FakeRouter, TEIServer
 
 SPEC = """\
 version: 1
@@ -54,17 +54,6 @@ chunking: {size: 32, overlap: 4, workers: 3}
 embedding: {model: sentence-transformers/all-MiniLM-L6-v2}
 compute: {gpu: L4, concurrency_limit: 2, allow_concurrent_inputs: 2, retries: 1, timeout: 600}
 """
-
-
-class FakeRouter:
-    """Stands in for text-embeddings-router: the TEI-protocol test server already listens."""
-
-    @classmethod
-    def start(cls, args: list[str], *, port: int, timeout: float) -> FakeRouter:
-        return cls()
-
-    def stop(self) -> None:
-        pass
 
 
 class Container:

@@ -30,7 +30,7 @@ from volembed_runner.models import resolve_model_dir
 from volembed_runner.plan import MODAL_ROOT, Plan, make_plan
 from volembed_runner.units import parse_key
 
-from .tei_server import TEIServer, expected_vector
+from .tei_server import FakeRouter, TEIServer, expected_vector
 
 SPEC = """\
 version: 1
@@ -79,17 +79,6 @@ class DictStandIn:
 
     def pop(self, key: str, default: Any = None) -> Any:
         return self.data.pop(key, default)
-
-
-class FakeRouter:
-    """Stands in for text-embeddings-router: the TEI-protocol test server already listens."""
-
-    @classmethod
-    def start(cls, args: list[str], *, port: int, timeout: float) -> FakeRouter:
-        return cls()
-
-    def stop(self) -> None:
-        pass
 
 
 LOOP = asyncio.new_event_loop()  # a container runs all its inputs on one event loop; so do these tests

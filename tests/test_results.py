@@ -24,10 +24,9 @@ from typer.testing import CliRunner
 
 from volembed_runner import store
 from volembed_runner.cli import app
-from volembed_runner.loading import load_spec
-from volembed_runner.plan import Plan, make_plan
+from volembed_runner.plan import Plan
 
-from .after_run import SPEC
+from .after_run import SPEC, own_copy
 
 runner = CliRunner()
 
@@ -40,11 +39,7 @@ def cli(*args: str) -> tuple[int, str]:
 @pytest.fixture
 def run(finished_run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Plan]:
     """This test's own copy of the finished run: (spec, plan)."""
-    spec, home = finished_run
-    shutil.copytree(home, tmp_path / "home")
-    monkeypatch.setenv("VOLEMBED_HOME", str(tmp_path / "home"))
-    monkeypatch.chdir(tmp_path)
-    return spec, make_plan(load_spec(spec), spec)
+    return own_copy(finished_run, tmp_path, monkeypatch)
 
 
 def chunk_table(plan: Plan) -> Any:

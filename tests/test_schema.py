@@ -107,7 +107,7 @@ def test_every_keyword_is_json_schema() -> None:
 
 def test_constraints_are_in_json_schema_terms() -> None:
     chunking = SCHEMA["$defs"]["Chunking"]["properties"]
-    assert chunking["size"]["minimum"] == 1
+    assert {"minimum": 1, "type": "integer"} in chunking["size"]["anyOf"]
     compute = SCHEMA["$defs"]["Compute"]["properties"]
     assert (compute["timeout"]["minimum"], compute["timeout"]["maximum"]) == (60, 86_400)
     assert "pattern" in compute["gpu"]

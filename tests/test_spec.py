@@ -124,6 +124,23 @@ def test_chunk_size_must_fit_the_models_real_limit(write_spec) -> None:
     assert "chunking.size: 255 tokens do not fit" in issue and "256 max input tokens" in issue
 
 
+def test_unset_chunk_size_is_512_or_what_the_model_takes(write_spec) -> None:
+    unset = VALID.replace("  size: 256\n", "")
+    assert load_spec(write_spec(unset)).chunking.size == 510  # bge-base: 512 input tokens minus [CLS] and [SEP]
+    minilm = unset.replace("BAAI/bge-base-en-v1.5", "sentence-transformers/all-MiniLM-L6-v2")
+    assert load_spec(write_spec(minilm)).chunking.size == 254
+    assert load_spec(write_spec(unset.replace("BAAI/bge-base-en-v1.5", "someone/new-model"))).chunking.size == 512
+    plan = make_plan(load_spec(write_spec(unset)), Path("spec.yaml"))
+    assert plan.chunk.size == 510
+
+
+def test_overlap_past_the_default_size_names_the_default(write_spec) -> None:
+    minilm = VALID.replace("  size: 256\n", "").replace("BAAI/bge-base-en-v1.5",
+                                                         "sentence-transformers/all-MiniLM-L6-v2")
+    (issue,) = issues_of(write_spec(minilm.replace("overlap: 32", "overlap: 300")))
+    assert "chunking.overlap: must be smaller than chunking.size (254, the default for" in issue
+
+
 def test_prefix_tokens_count_against_the_model_limit(write_spec) -> None:
     spec = VALID.replace("size: 256", "size: 510").replace("model: BAAI/bge-base-en-v1.5",
                                                              'model: BAAI/bge-base-en-v1.5\n  prefix: "query: "')

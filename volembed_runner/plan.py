@@ -475,7 +475,7 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
     model = resolve_model(ref, revision, backend, revision_source)
     chunk_key = {
         "data": data.fingerprint,
-        "size": spec.chunking.size,
+        "size": spec.chunking.chunk_size,
         "overlap": spec.chunking.overlap_tokens,
         "tokenizer": model.tokenizer_id,
         "keep_columns": ds.keep_columns,
@@ -484,7 +484,7 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
         chunk_key["prefix"] = spec.prefix
     chunk = ChunkSettings(
         data_fingerprint=data.fingerprint,
-        size=spec.chunking.size,
+        size=spec.chunking.chunk_size,
         overlap=spec.chunking.overlap_tokens,
         keep_columns=tuple(ds.keep_columns),
         prefix=spec.prefix,

@@ -16,6 +16,7 @@ from pydantic_core import PydanticCustomError
 from volembed_runner import catalog
 
 SPEC_VERSION = 1
+DEFAULT_CHUNK_SIZE = 512  # tokens per chunk when the spec sets none and the model takes that many
 # Columns the shards, chunks and vectors have of their own: a kept source column may not take one of these names.
 RESERVED_COLUMNS = ("id", "text", "doc_id", "chunk_index", "char_start", "char_end", "n_tokens", "embedding")
 
@@ -154,7 +155,10 @@ def template_fields(template: str) -> list[str]:
 class Chunking(_Section):
     """How documents are cut into token windows."""
 
-    size: Count = Field(512, description="Max tokens per chunk, in the embedding model's tokenizer")
+    size: Count | None = Field(
+        None, description="Max tokens per chunk, in the embedding model's tokenizer; unset: 512, or fewer where the "
+        "model takes fewer (its input limit minus its special tokens and the prefix's)"
+    )
     overlap: Overlap = Field(
         50, description="Tokens shared by neighbouring chunks: int >= 0, or a fraction of size in [0, 0.5)"
     )
@@ -163,13 +167,29 @@ class Chunking(_Section):
     @property
     def overlap_tokens(self) -> int:
         """The overlap in tokens (a fraction is taken of `size`, rounded down)."""
-        return int(self.overlap * self.size) if isinstance(self.overlap, float) else self.overlap
+        return int(self.overlap * self.chunk_size) if isinstance(self.overlap, float) else self.overlap
+
+    @property
+    def chunk_size(self) -> int:
+        """`size`, once the spec has resolved an unset one against its model (`resolve_size`)."""
+        return DEFAULT_CHUNK_SIZE if self.size is None else self.size
 
     @model_validator(mode="after")
     def _check(self) -> Chunking:
-        if self.overlap_tokens >= self.size:
+        if self.size is not None and self.overlap_tokens >= self.size:
             raise _cross("overlap", "must be smaller than chunking.size ({size})", size=self.size)
         return self
+
+    def resolve_size(self, embedding: Embedding) -> None:
+        """Give an unset `size` its default: 512, or the model's budget where that is smaller (bge-base takes 510),
+        so a spec that names only its model always fits it."""
+        if self.size is not None:
+            return
+        budget = model_budget(embedding)
+        self.size = DEFAULT_CHUNK_SIZE if budget is None else max(1, min(DEFAULT_CHUNK_SIZE, budget))
+        if self.overlap_tokens >= self.size:
+            raise _cross("chunking.overlap", "must be smaller than chunking.size ({size}, the default for {model})",
+                         size=self.size, model=embedding.model)
 
 
 class Embedding(_Section):
@@ -342,6 +362,7 @@ class Spec(BaseModel):
 
     @model_validator(mode="after")
     def _fits_model(self) -> Spec:
+        self.chunking.resolve_size(self.embedding)
         error = model_fit_error(self.chunking, self.embedding)
         if error is not None:
             raise error
@@ -376,6 +397,7 @@ class ModelFit(BaseModel):
 
     @model_validator(mode="after")
     def _fits_model(self) -> ModelFit:
+        self.chunking.resolve_size(self.embedding)
         error = model_fit_error(self.chunking, self.embedding)
         if error is not None:
             raise error
@@ -390,20 +412,26 @@ def applied_prefix(embedding: Embedding) -> str:
     return known.default_prefix if known else ""
 
 
-def model_fit_error(chunking: Chunking, embedding: Embedding) -> PydanticCustomError | None:
-    """Why `chunking.size` (with the prefix and special tokens) does not fit a known model's input, or None."""
+def model_budget(embedding: Embedding) -> int | None:
+    """The most chunk tokens a known model takes: its input limit minus its special tokens and the prefix's."""
     known = catalog.find_model(embedding.model)
     if known is None:
         return None
-    n_prefix = prefix_tokens(applied_prefix(embedding), embedding.model)
-    budget = known.max_input_tokens - known.special_tokens - n_prefix
-    if chunking.size <= budget:
+    return known.max_input_tokens - known.special_tokens - prefix_tokens(applied_prefix(embedding), embedding.model)
+
+
+def model_fit_error(chunking: Chunking, embedding: Embedding) -> PydanticCustomError | None:
+    """Why `chunking.size` (with the prefix and special tokens) does not fit a known model's input, or None."""
+    known = catalog.find_model(embedding.model)
+    budget = model_budget(embedding)
+    if known is None or budget is None or chunking.chunk_size <= budget:
         return None
+    n_prefix = known.max_input_tokens - known.special_tokens - budget
     return _cross(
         "chunking.size",
         "{size} tokens do not fit {model} ({limit} max input tokens, minus {special} special tokens and "
         "{prefix} prefix tokens = {budget})",
-        size=chunking.size,
+        size=chunking.chunk_size,
         model=known.id,
         limit=known.max_input_tokens,
         special=known.special_tokens,

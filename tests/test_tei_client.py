@@ -317,7 +317,9 @@ def test_bad_settings_raise_embedder_error() -> None:
 
 def test_concurrent_calls_queue_their_requests_one_call_after_another() -> None:
     # Embed units sharing one client finish one by one, so the next unit's requests are already queued while one
-    # unit's last requests run (no wave of units that all end, and all restart, at the same moment).
+    # unit's last requests run (no wave of units that all end, and all restart, at the same moment). The server
+    # takes one request of 8 texts at a time, so the order it sees is the order the client granted them: without
+    # the client's queue the two calls' requests would alternate.
     first, second = make_texts(64, seed=1), [f"second {t}" for t in make_texts(64, seed=2)]
 
     async def go() -> None:
@@ -325,7 +327,7 @@ def test_concurrent_calls_queue_their_requests_one_call_after_another() -> None:
             await asyncio.gather(client.embed(first, server.count_tokens(first)),
                                  client.embed(second, server.count_tokens(second)))
 
-    with TEIServer(max_client_batch_size=8, max_concurrent_requests=16, delay=0.01) as server:
+    with TEIServer(max_client_batch_size=8, max_concurrent_requests=8, delay=0.01) as server:
         asyncio.run(go())
     order = ["second" if t.startswith("second ") else "first" for t in server.embedded]
     assert order == ["first"] * 64 + ["second"] * 64

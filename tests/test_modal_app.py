@@ -870,13 +870,14 @@ def test_shard_errors_return_deterministic_failures_and_raise_transient_ones() -
                           EmbedderError("TEI rejected text 4: HTTP 422: too long"), ValueError("a bug")):
         with runtime.shard_errors("00007") as reply:
             raise deterministic
-        assert reply.to_dict() == {"key": "00007", "error": errors.describe(deterministic)}
+        assert reply.to_dict() == {"key": "00007", "error": errors.describe(deterministic),
+                                   "exit_code": getattr(deterministic, "exit_code", 1)}  # 3 for the bad row
     for transient in (OSError("volume busy"), TimeoutError("read timed out"),
                       EmbedderUnavailable("TEI failed text 0 after 7 attempts: HTTP 503")):
         with pytest.raises(ShardFailed) as caught, runtime.shard_errors("00007"):
             raise transient
         again = pickle.loads(pickle.dumps(caught.value))
-        assert (again.key, str(again)) == ("00007", errors.describe(transient))
+        assert (again.key, str(again), again.exit_code) == ("00007", errors.describe(transient), None)
     with runtime.shard_errors("00007") as reply:
         reply.result = {"rows": 3}
     assert reply.to_dict() == {"key": "00007", "result": {"rows": 3}}

@@ -33,7 +33,7 @@ from tests.fake_modal import Recorder, fake_modal_server
 from volembed_runner import lease, store
 from volembed_runner.backends.modal import launch, render
 from volembed_runner.budget import Budget, StagePrice
-from volembed_runner.errors import BackendError, BudgetExhausted, RunHeld, StageError
+from volembed_runner.errors import BackendError, BudgetExhausted, RunHeld, SourceError, StageError
 from volembed_runner.lease import Holder, LeaseRecord
 from volembed_runner.loading import load_spec
 from volembed_runner.models import resolve_model_dir
@@ -212,6 +212,27 @@ def test_a_deterministic_failure_fails_once_and_a_transient_one_is_retried(live:
     assert summary["failed"] == {"chunk": ["00000-0001"]}
     manifest = json.loads(store.manifest_path(live.root, live.plan.name).read_text())
     assert "rejects" in manifest["stages"]["chunk"]["failed"]["00000-0001"]
+
+
+def test_an_unreadable_row_fails_its_shard_once_and_the_run_exits_3_as_it_does_locally(
+    live: LiveApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = live.module.run_shard
+
+    def run_shard(root: Path, plan: Plan, shard: str, max_rows: int | None) -> dict[str, Any]:
+        if shard == "00000-0001":
+            raise SourceError(f"docs.jsonl line 9: invalid UTF-8 (shard {shard})")
+        return real(root, plan, shard, max_rows)
+
+    monkeypatch.setattr(live.module, "run_shard", run_shard)
+    summary = live.orchestrate()
+    assert Counter(a.args[0] for a in live.rec.attempts_of("chunk"))["00000-0001"] == 1
+    assert summary["failed"] == {"chunk": ["00000-0001"]} and summary["unretryable"] == {"chunk": {"00000-0001": 3}}
+    manifest = json.loads(store.manifest_path(live.root, live.plan.name).read_text())
+    assert manifest["stages"]["chunk"]["unretryable"] == {"00000-0001": 3}
+    with pytest.raises(SourceError, match="00000-0001.*a rerun cannot fix") as caught:
+        launch._check(live.plan, summary)
+    assert caught.value.exit_code == 3
 
 
 def test_an_input_the_tei_server_rejects_fails_once_with_its_cause(live: LiveApp) -> None:

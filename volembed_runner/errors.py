@@ -22,7 +22,7 @@ deterministic failure instead of raising it); `is_transient` extends the rule to
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 
@@ -55,6 +55,13 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, VolembedError):
         return exc.transient
     return isinstance(exc, OSError)
+
+
+def unfixable(failed: int, unretryable: Mapping[str, Mapping[str, int]] | None) -> bool:
+    """True when all `failed` shards failed on input a rerun cannot fix (an unreadable row: SourceError's exit 3),
+    as the manifest's `unretryable` records them per stage and shard."""
+    final = [status for stage in (unretryable or {}).values() for status in stage.values()]
+    return failed > 0 and len(final) == failed and SourceError.exit_code in final
 
 
 class VolembedError(Exception):

@@ -132,6 +132,7 @@ class Outcome:
     failed: dict[str, list[str]] = field(default_factory=dict)
     handover: bool = False
     budget: dict[str, Any] | None = None  # the manifest's `cost` record, when the run has a budget
+    unretryable: dict[str, dict[str, int]] = field(default_factory=dict)  # stage → failed shard → its exit status
 
     @property
     def over_budget(self) -> bool:
@@ -345,6 +346,8 @@ class _Shards:
             stats = None if error or not isinstance(result, dict) else result
             final = (getattr(result, "exit_code", 1) if isinstance(result, BaseException) and not is_transient(result)
                      else None)
+            if error and final is not None:
+                outcome.unretryable.setdefault(stage, {})[shard] = final
             if meter is not None:
                 meter.finished(shard)
                 self.record(0)

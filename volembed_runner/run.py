@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from volembed_runner import store
-from volembed_runner.errors import BackendError, Declined, SourceError, StageError
+from volembed_runner.errors import BackendError, Declined, SourceError, StageError, unfixable
 from volembed_runner.orchestrate import Event, ShardFinished
 from volembed_runner.plan import Plan
 
@@ -152,8 +152,7 @@ def failures(summary: RunSummary) -> StageError | SourceError | None:
     if not summary.failed:
         return StageError(f"{summary.name} failed: {summary.error}") if summary.error else None
     count = sum(len(v) for v in summary.failed.values())
-    final = [status for stage in (summary.unretryable or {}).values() for status in stage.values()]
-    if len(final) == count and SourceError.exit_code in final:  # unreadable input: a rerun fails the same way
+    if unfixable(count, summary.unretryable):  # unreadable input: a rerun fails the same way
         first = next(cause for stage in summary.failed.values() for cause in stage.values())
         return SourceError(f"{count} shard(s) failed on input a rerun cannot fix (listed in {summary.manifest}); "
                            f"fix it, then rerun. First: {first}")

@@ -567,7 +567,8 @@ def orchestrate(until: str = "", passes: int = 1) -> dict:
         print(f"[budget] stopped feeding at ${cost.get('spent_usd', 0):,.2f} of compute.max_cost "
               f"${cost.get('max_cost_usd', 0):,.2f}; {cost.get('remaining_embed_units')} embed unit(s) left",
               flush=True)
-    summary = {"ok": outcome.ok, "failed": outcome.failed, "stages": outcome.stages_run, "passes": passes,
+    summary = {"ok": outcome.ok, "failed": outcome.failed, "unretryable": outcome.unretryable,
+               "stages": outcome.stages_run, "passes": passes,
                "handover": outcome.handover, "next_call": None, "budget": outcome.budget}
     if outcome.handover and passes < MAX_PASSES:
         summary["next_call"] = orchestrate.spawn(until, passes + 1).object_id

@@ -22,7 +22,7 @@ from typing import Any
 
 from volembed_runner import store
 from volembed_runner.backends.modal import render
-from volembed_runner.errors import BackendError, BudgetExhausted, StageError
+from volembed_runner.errors import BackendError, BudgetExhausted, SourceError, StageError, unfixable
 from volembed_runner.lease import check_free
 from volembed_runner.plan import Plan, volembed_home
 
@@ -228,6 +228,9 @@ def _check(plan: Plan, summary: dict[str, Any]) -> None:
     if failed:
         listed = "; ".join(f"{stage}: {len(shards)} shard(s) ({', '.join(shards[:5])}"
                            f"{', …' if len(shards) > 5 else ''})" for stage, shards in failed.items())
+        if unfixable(sum(len(shards) for shards in failed.values()), summary.get("unretryable")):
+            raise SourceError(f"{plan.name}: failed shards — {listed}, on input a rerun cannot fix; causes in "
+                              "`volembed-run status`: fix the input, then rerun")
         raise StageError(f"{plan.name}: failed shards — {listed}; causes in `volembed-run status`, "
                          "a rerun retries only them")
     cost = summary.get("budget") or {}

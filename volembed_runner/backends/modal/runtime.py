@@ -54,12 +54,14 @@ MAX_INPUTS_OUTSTANDING = 1000
 
 
 class ShardFailed(Exception):
-    """A stage function failed on one input; carries the input's key so the result can be paired with it."""
+    """A stage function failed on one input; carries the input's key so the result can be paired with it, and, for
+    a failure another attempt cannot fix, the exit status its error has locally (3: an unreadable row)."""
 
-    def __init__(self, key: str, error: str) -> None:
-        super().__init__(key, error)
+    def __init__(self, key: str, error: str, exit_code: int | None = None) -> None:
+        super().__init__(key, error, exit_code)  # all three survive pickling (Exception re-creates from args)
         self.key = key
         self.error = error
+        self.exit_code = exit_code
 
     def __str__(self) -> str:
         return self.error
@@ -72,10 +74,13 @@ class Reply:
     key: str
     result: Any = None
     error: str | None = None
+    exit_code: int | None = None  # of the error, as the CLI would exit with it locally
 
     def to_dict(self) -> dict[str, Any]:
-        """`{"key", "result"}`, or `{"key", "error"}` for an input that failed for good."""
-        return {"key": self.key, "error": self.error} if self.error else {"key": self.key, "result": self.result}
+        """`{"key", "result"}`, or `{"key", "error", "exit_code"}` for an input that failed for good."""
+        if self.error:
+            return {"key": self.key, "error": self.error, "exit_code": self.exit_code}
+        return {"key": self.key, "result": self.result}
 
 
 @contextmanager
@@ -88,7 +93,7 @@ def shard_errors(key: str) -> Iterator[Reply]:
     except Exception as exc:
         if is_transient(exc):
             raise ShardFailed(key, describe(exc)) from exc
-        reply.error = describe(exc)
+        reply.error, reply.exit_code = describe(exc), getattr(exc, "exit_code", 1)
 
 
 def pair(inputs: MutableMapping[str, T], results: Iterable[Any]) -> Iterator[tuple[T, Any]]:
@@ -108,7 +113,8 @@ def pair(inputs: MutableMapping[str, T], results: Iterable[Any]) -> Iterator[tup
             if isinstance(item, BaseException):
                 yield value, item
             elif item.get("error"):
-                yield value, ShardFailed(key, str(item["error"]))
+                code = item.get("exit_code")
+                yield value, ShardFailed(key, str(item["error"]), code if isinstance(code, int) else 1)
             else:
                 yield value, item.get("result")
         elif isinstance(item, BaseException):

@@ -24,13 +24,16 @@ from modal._utils.async_utils import synchronizer
 from typer.testing import CliRunner
 
 from tests.fake_modal import Recorder, fake_modal_server
+from volembed_runner import catalog
 from volembed_runner.backends.modal import launch
 from volembed_runner.cli import app
+from volembed_runner.errors import BackendError
 from volembed_runner.estimate import calibrate as calibrate_module
 from volembed_runner.estimate import estimate
-from volembed_runner.estimate.rates import calibration_path
+from volembed_runner.estimate.rates import calibration_key, calibration_path, store_calibration
 from volembed_runner.loading import load_spec
 from volembed_runner.plan import make_plan
+from volembed_runner.run import check_quality
 
 from .tei_server import FakeRouter, TEIServer, expected_vector
 
@@ -188,3 +191,33 @@ def test_the_reference_is_sentence_transformers_where_the_model_resolves_here(sp
     assert same["checked"] and same["min_cosine"] > 0.9999
     off = calibrate_module.quality(plan, sample.texts, sample.n_tokens, (-reference).tolist())
     assert off["min_cosine"] < -0.99
+
+
+def _probed_at(plan: Any, min_cosine: float) -> None:
+    """A stored GPU probe of `plan`'s (model, GPU) whose vectors agreed with the reference to `min_cosine`."""
+    key = calibration_key("modal", plan.model.ref, plan.compute.gpu, "tei")
+    store_calibration({"key": key, "backend": "modal", "model": plan.model.ref, "device": plan.compute.gpu,
+                       "engine": "tei", "tokens_per_second": 50_000.0, "chunks": 16,
+                       "date": "2026-12-01T10:00:00+00:00",
+                       "quality": {"checked": True, "min_cosine": min_cosine, "mean_cosine": min_cosine + 0.0005,
+                                   "chunks": 16, "reference": "the reference"}})
+
+
+def test_the_quality_threshold_is_the_models_own_where_the_catalog_sets_one_else_the_default(spec: Path) -> None:
+    minilm = make_plan(load_spec(spec), spec)
+    bge = make_plan(load_spec(spec, ["embedding.model=BAAI/bge-base-en-v1.5"]), spec)
+    assert catalog.find_model("BAAI/bge-base-en-v1.5").min_probe_cosine == 0.999
+    assert catalog.find_model(MODEL).min_probe_cosine is None
+    for plan in (minilm, bge):
+        _probed_at(plan, 0.995)  # fp16 drift a BERT-class model shows under the default, over bge-base's own
+    check_quality(minilm, yes=False)  # 0.995 ≥ the default 0.99: starts
+    with pytest.raises(BackendError) as refused:
+        check_quality(bge, yes=False)
+    line = str(refused.value)
+    assert "\n" not in line and "BAAI/bge-base-en-v1.5 on L4 at min cosine 0.9950" in line
+    assert "under 0.999 (its min_probe_cosine in volembed_runner/catalog/models.yaml)" in line and "--yes" in line
+    check_quality(bge, yes=True)
+    _probed_at(minilm, 0.985)
+    with pytest.raises(BackendError, match=f"{MODEL} on L4 at min cosine 0.9850 .* under 0.99 \\(the default"):
+        check_quality(minilm, yes=False)
+    assert "under 0.999 for BAAI/bge-base-en-v1.5" in estimate(bge).quality

@@ -21,9 +21,9 @@ from volembed_runner.errors import BackendError, SourceError, SpecError, SpecIss
 from volembed_runner.estimate.cost import ProbeCost, probe_cost
 from volembed_runner.estimate.prices import Prices
 from volembed_runner.estimate.rates import (
-    QUALITY_MIN_COSINE,
     calibration_key,
     local_device_key,
+    quality_threshold,
     store_calibration,
     tei_rate,
 )
@@ -167,13 +167,14 @@ def quality(plan: Plan, texts: list[str], n_tokens: list[int], vectors: list[lis
                                          f"{describe(exc)}"}
     tei = np.asarray(vectors, dtype=np.float64)
     ref = np.asarray(reference, dtype=np.float64)
+    threshold, _ = quality_threshold(plan.model.ref)
     if tei.shape != ref.shape:
         return {"checked": True, "min_cosine": 0.0, "mean_cosine": 0.0, "chunks": len(tei), "reference": library,
-                "threshold": QUALITY_MIN_COSINE, "note": f"TEI answered {tei.shape[1]}-dim vectors, "
-                                                          f"{library} {ref.shape[1]}-dim"}
+                "threshold": threshold, "note": f"TEI answered {tei.shape[1]}-dim vectors, "
+                                                f"{library} {ref.shape[1]}-dim"}
     cos = (tei * ref).sum(axis=1) / (np.linalg.norm(tei, axis=1) * np.linalg.norm(ref, axis=1))
     return {"checked": True, "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()), "chunks": len(tei),
-            "reference": library, "threshold": QUALITY_MIN_COSINE}
+            "reference": library, "threshold": threshold}
 
 
 def probe_costs(plans: Sequence[Plan], sample: Sample, prices: Prices) -> list[ProbeCost]:

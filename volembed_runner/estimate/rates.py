@@ -16,7 +16,8 @@ from volembed_runner import catalog, store
 from volembed_runner.plan import Plan, volembed_home
 
 CALIBRATION_FILE = "calibration.json"
-# The least cosine between TEI's vector and the reference library's for one chunk that a run starts without --yes.
+# The least cosine between TEI's vector and the reference library's for one chunk that a run starts without --yes,
+# for a model whose catalog entry sets no `min_probe_cosine` of its own.
 # (assumption) fp16 TEI against fp32 sentence-transformers agrees to > 0.999 for BERT-class models; the failures
 # peers report are far below (TEI #642: Qwen3 embeddings under 0.2).
 QUALITY_MIN_COSINE = 0.99
@@ -150,16 +151,26 @@ def local_rate(plan: Plan, calibrations: dict[str, dict[str, Any]] | None = None
                 f"(±30% until then)")
 
 
+def quality_threshold(model: str) -> tuple[float, str]:
+    """The least probe cosine a run of `model` starts with (without --yes): the catalog's `min_probe_cosine` for
+    the model, else QUALITY_MIN_COSINE; with where the figure comes from."""
+    known = catalog.find_model(model)
+    if known is not None and known.min_probe_cosine is not None:
+        return float(known.min_probe_cosine), "its min_probe_cosine in volembed_runner/catalog/models.yaml"
+    return QUALITY_MIN_COSINE, "the default threshold"
+
+
 def quality_line(model: str, gpu: str, entry: dict[str, Any] | None) -> tuple[str, bool]:
     """How the estimate states TEI's agreement with the reference library for (model, GPU), and whether it is
-    below the threshold (a run then refuses to start without --yes)."""
+    below the model's threshold (`quality_threshold`, as the catalog says it now; a run then refuses to start
+    without --yes)."""
     q = (entry or {}).get("quality") or {}
     if not q.get("checked"):
         why = q.get("why") or "no GPU probe (`volembed-run calibrate SPEC`)"
         return (f"quality: not checked: TEI's vectors for {model} on {gpu} were not compared with the reference "
                 f"library ({why})"), False
-    low = q["min_cosine"] < q.get("threshold", QUALITY_MIN_COSINE)
+    threshold, _ = quality_threshold(model)
+    low = q["min_cosine"] < threshold
     return (f"quality: TEI vs {q['reference']} for {model} on {gpu}: min cosine {q['min_cosine']:.4f}, mean "
             f"{q['mean_cosine']:.4f} over {q['chunks']} chunks (GPU probe {entry.get('date') if entry else '?'})"
-            + (f", under {q.get('threshold', QUALITY_MIN_COSINE)}: a run refuses to start without --yes"
-               if low else ""), low)
+            + (f", under {threshold} for {model}: a run refuses to start without --yes" if low else ""), low)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +31,9 @@ from volembed_runner.cli import app
 from volembed_runner.errors import BackendError
 from volembed_runner.estimate import calibrate as calibrate_module
 from volembed_runner.estimate import estimate
-from volembed_runner.estimate.rates import calibration_key, calibration_path, store_calibration
+from volembed_runner.estimate.cost import PROBE_RETRIES, PROBE_TIMEOUT_FACTOR, PROBE_TIMEOUT_FLOOR_S
+from volembed_runner.estimate.prices import load_prices
+from volembed_runner.estimate.rates import calibration_key, calibration_path, store_calibration, tei_rate
 from volembed_runner.loading import load_spec
 from volembed_runner.plan import make_plan
 from volembed_runner.run import check_quality
@@ -221,3 +224,35 @@ def test_the_quality_threshold_is_the_models_own_where_the_catalog_sets_one_else
     with pytest.raises(BackendError, match=f"{MODEL} on L4 at min cosine 0.9850 .* under 0.99 \\(the default"):
         check_quality(minilm, yes=False)
     assert "under 0.999 for BAAI/bge-base-en-v1.5" in estimate(bge).quality
+
+
+def test_the_probe_call_runs_under_its_own_short_limits_and_its_at_most_is_priced_from_them(
+    spec: Path, fake: tuple[Recorder, TEIServer]
+) -> None:
+    rec, _ = fake
+    plan = make_plan(load_spec(spec, ["compute.timeout=3600", "compute.retries=3"]), spec)
+    sample = calibrate_module.sample_of(plan, 8)
+    (cost,) = calibrate_module.probe_costs([plan], sample, load_prices(None))
+    rate = tei_rate(MODEL, "L4")
+    assert cost.retries == PROBE_RETRIES == 0
+    work = 2 * sample.processed / rate.low
+    assert cost.timeout_s == max(PROBE_TIMEOUT_FLOOR_S, math.ceil(PROBE_TIMEOUT_FACTOR * work))
+    per_second = load_prices(None).container(1.0, plan.compute.embed.cpu, plan.compute.embed.memory_gib, "L4")
+    assert cost.max_cost_usd == pytest.approx((plan.compute.embed_startup_timeout_s + cost.timeout_s) * per_second)
+    job_worst = 4 * (plan.compute.embed_startup_timeout_s + 3600) * per_second  # the job's limits, as before
+    assert cost.max_cost_usd < job_worst / 10
+
+    result = runner.invoke(app, ["calibrate", str(spec), "--chunks", "8", "--yes", "--set", "compute.timeout=3600",
+                                 "--set", "compute.retries=3"])
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if line.startswith("GPU probe on L4"))
+    assert f"at most ${cost.max_cost_usd:,.2f}" in line
+    assert f"at most 1 attempt(s) × (startup 1,200 s + the probe's timeout {cost.timeout_s:,} s)" in line
+    # The call went to a variant of the Embedder with the probe's options (Cls.with_options → FunctionBindParams).
+    (bound,) = rec.requests("FunctionBindParams")
+    assert bound.function_options.timeout_secs == cost.timeout_s
+    assert bound.function_options.retry_policy.retries == 0
+    (attempt,) = rec.attempts_of("Embedder.probe")
+    fn = rec.functions()["Embedder.*"]
+    assert fn.timeout_secs == 3600 and fn.retry_policy.retries == 3  # the run's own Embedder keeps the job's
+    assert attempt.status is not None

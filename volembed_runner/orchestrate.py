@@ -346,7 +346,7 @@ class _Shards:
             final = (getattr(result, "exit_code", 1) if isinstance(result, BaseException) and not is_transient(result)
                      else None)
             if meter is not None:
-                meter.finished(shard)
+                meter.finished(shard, ok=error is None)
                 self.record(0)
             manifest.shard_finished(stage, shard, error, stats, unretryable=final)
             self.emit(ShardFinished(stage, shard, error, stats))

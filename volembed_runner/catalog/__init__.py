@@ -108,6 +108,12 @@ def gpus() -> dict[str, Gpu]:
     }
 
 
+def tei_image(gpu: str) -> tuple[str, str]:
+    """(registry, tag) of the TEI image for a GPU's architecture, pinned to the table's patch release."""
+    table = gpu_table()
+    return str(table["tei_registry"]), f"{gpus()[gpu].tei_prefix}{table['tei_version']}"
+
+
 def find_gpu(name: str) -> Gpu | None:
     """The GPU a spec names, by Modal name or alias, case-insensitively (Modal upper-cases GPU types)."""
     wanted = name.strip().upper()

@@ -116,12 +116,17 @@ def probe_cost(plan: Plan, processed: float, rate: Rate, prices: Prices) -> Prob
                      None if per_second is None else worst * per_second, note, timeout, PROBE_RETRIES)
 
 
-def budget_of(plan: Plan, prices: Prices, tokens_per_second: float) -> Budget | None:
-    """`compute.max_cost` as the orchestrator holds it: each stage's containers at their per-second prices, with the
-    starts `modal_job` counts (a GPU container: start, model load and scale-down idle), or None without a budget.
-    A stage whose price is unknown is not counted (the source says so)."""
-    if plan.compute.max_cost is None:
-        return None
+# (assumption) a rate measured once (a probe's sample, an earlier run) holds within 25% on the next run: the budget
+# commits units at this share of a point figure that has no interval of its own.
+POINT_RATE_FACTOR = 0.75
+
+
+def budget_of(plan: Plan, prices: Prices, rate: Rate, image: str | None = None) -> Budget:
+    """`compute.max_cost` as the orchestrator holds it (None: counted, never refused): each stage's containers at
+    their per-second prices, with the starts `modal_job` counts (a GPU container: start, model load and scale-down
+    idle); units committed at the low end of `rate`'s interval (at most POINT_RATE_FACTOR of its figure); and, for
+    a TEI run, the (model, GPU, `image`) its measured rate is of. A stage whose price is unknown is counted at $0
+    (the source says so), so its containers are still timed."""
     consts = catalog.throughput()["modal"]
     c = plan.compute
     cpu_start = float(consts["cpu_container_start_seconds"])
@@ -132,13 +137,17 @@ def budget_of(plan: Plan, prices: Prices, tokens_per_second: float) -> Budget | 
         "embed": (c.embed.cpu, c.embed.memory_gib, c.gpu, gpu_start, c.concurrency_limit, c.allow_concurrent_inputs),
     }
     stages: dict[str, StagePrice] = {}
+    missing = []
     for name, (cores, gib, gpu, start, containers, inputs) in shapes.items():
         per_second = prices.container(1.0, cores, gib, gpu)
-        if per_second is not None:
-            stages[name] = StagePrice(per_second, start, containers, inputs)
-    missing = [name for name in shapes if name not in stages]
+        if per_second is None:
+            missing.append(name)
+        stages[name] = StagePrice(per_second or 0.0, start, containers, inputs)
     source = prices.source + (f"; not counted (price unknown): {', '.join(missing)}" if missing else "")
-    return Budget(float(c.max_cost), stages, tokens_per_second, source + "; the orchestrator and storage not counted")
+    low = min(rate.low, POINT_RATE_FACTOR * rate.tokens_per_second)
+    rate_of = None if image is None else {"model": plan.model.ref, "gpu": c.gpu, "image": image}
+    return Budget(None if c.max_cost is None else float(c.max_cost), stages, rate.tokens_per_second,
+                  source + "; the orchestrator and storage not counted", low, rate_of)
 
 
 def total(values: list[float | None]) -> float | None:

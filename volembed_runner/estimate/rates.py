@@ -1,14 +1,17 @@
 """Throughput: processed tokens/s per GPU under TEI, or of the local engine, and where each figure came from.
 
-A stored calibration (`volembed-run calibrate`) wins; else the catalog's table of measured and derived rates
-(`catalog/throughput.yaml`); else the stated scaling rule, marked "scaled". Calibrations live in
-`$VOLEMBED_HOME/calibration.json`.
+A stored calibration wins: `volembed-run calibrate` (locally, or the GPU probe on Modal), or the rate a finished
+Modal run measured (`store_run_rate`, "measured on run NAME DATE"); else the catalog's table of measured and derived
+rates (`catalog/throughput.yaml`); else the stated scaling rule, marked "scaled". Calibrations live in
+`$VOLEMBED_HOME/calibration.json`, one per (backend, model, GPU or local precision, engine); a Modal one is used only
+for the TEI image it was measured on (the catalog's pin for that GPU today).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +72,61 @@ class Rate:
     load_seconds: float | None = None  # the local engine's measured start (imports + model load)
 
 
+def current_image(gpu: str) -> str | None:
+    """The TEI image a Modal run on `gpu` gets now (`registry:tag`, the catalog's pin), or None for an unknown GPU."""
+    try:
+        registry, tag = catalog.tei_image(gpu)
+    except KeyError:
+        return None
+    return f"{registry}:{tag}"
+
+
+def run_calibration(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The calibration a finished Modal run's manifest yields: the embed rate its orchestrator measured (the finished
+    units' processed tokens ÷ their GPU-seconds, `budget.Meter`) on the (model, GPU, TEI image) it ran, with the
+    run's name and end; None while it runs, or where no embed unit finished (a failed or budget-stopped run)."""
+    if manifest.get("backend") != "modal" or manifest.get("status") not in ("succeeded", "failed", "stopped"):
+        return None
+    measured = (manifest.get("cost") or {}).get("measured") or {}
+    if not measured.get("tokens_per_second") or not measured.get("units") or not measured.get("image"):
+        return None
+    model, gpu = str(measured["model"]), str(measured["gpu"])
+    return {"key": calibration_key("modal", model, gpu, "tei"), "backend": "modal", "model": model, "device": gpu,
+            "engine": "tei", "tokens_per_second": float(measured["tokens_per_second"]), "image": measured["image"],
+            "run": manifest.get("name"), "date": manifest.get("finished_at"), "units": int(measured["units"]),
+            "processed_tokens": measured.get("processed_tokens"), "gpu_seconds": measured.get("gpu_seconds")}
+
+
+def _measured_at(entry: dict[str, Any]) -> datetime:
+    try:
+        when = datetime.fromisoformat(str(entry.get("date")))
+    except ValueError:
+        return datetime.min.replace(tzinfo=UTC)
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def store_run_rate(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """Keep a finished Modal run's measured rate (`run_calibration`) under the key the dry run reads; returns the
+    stored entry, or None where there is none or a newer measurement holds the key.
+
+    The newest measurement of a (model, GPU) wins, whether a GPU probe's or a run's: a probe after a run is made
+    because something changed (the TEI pin, router flags, the chunks), and a run after a probe measured the whole
+    job on its real fleet, so the later figure is the one the next run meets. A probe's quality check of the same
+    image is kept with the run's rate (it is about TEI's vectors, which the run did not check).
+    """
+    entry = run_calibration(manifest)
+    if entry is None:
+        return None
+    current = load_calibrations().get(entry["key"])
+    if current is not None:
+        if _measured_at(current) > _measured_at(entry):
+            return None
+        if current.get("quality") and current.get("image") == entry["image"]:
+            entry["quality"] = current["quality"]
+    entry["path"] = str(store_calibration(entry))
+    return entry
+
+
 def model_params(model: str) -> tuple[float, str | None]:
     """Millions of parameters of a catalog model, or the scaling rule's stated default (with its source)."""
     known = catalog.find_model(model)
@@ -82,6 +140,13 @@ def tei_rate(model: str, gpu: str, calibrations: dict[str, dict[str, Any]] | Non
     """Tokens/s per GPU for (model, GPU) under TEI: a calibration, the table, or the stated scaling rule."""
     calibrations = load_calibrations() if calibrations is None else calibrations
     entry = calibrations.get(calibration_key("modal", model, gpu, "tei"))
+    if entry and entry.get("image") and entry["image"] != current_image(gpu):
+        entry = None  # measured on another TEI build than the one a run gets now
+    if entry and entry.get("run"):
+        tps = float(entry["tokens_per_second"])
+        return Rate(tps, tps, tps, "calibrated", f"measured on run {entry['run']} {entry.get('date')}: "
+                                                 f"{tps:,.0f} tokens/s per {gpu} over {entry.get('units', '?')} "
+                                                 f"embed unit(s) ({entry.get('image')}; {calibration_path()})")
     if entry:
         tps = float(entry["tokens_per_second"])
         how = f"GPU probe of {entry['image']}, " if entry.get("image") else ""

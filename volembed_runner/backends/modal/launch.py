@@ -193,6 +193,7 @@ def run(plan: Plan, *, until: str | None, detach: bool,
         call = module.orchestrate.spawn(until or "")
         _record_run(folder, plan, app_id=module.app.app_id, deployed=False, call_id=call.object_id)
         summary = _follow(call.get())
+    keep_measured_rate(plan)
     _check(plan, summary)
     return Launched(plan.name, module.app.app_id, call.object_id, detached=False, summary=summary)
 
@@ -262,6 +263,20 @@ def _read_run(plan: Plan) -> dict[str, Any] | None:
         return store.read_json(build_dir(plan) / RUN_RECORD)
     except (OSError, ValueError):  # unreadable: `stop` falls back to the app's name
         return None
+
+
+def keep_measured_rate(plan: Plan, manifest: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Store the embed rate a finished run measured (its manifest on the Volume, or `manifest` as read) where later
+    dry runs read rates (`rates.store_run_rate`); returns the entry stored. An unreadable manifest stores nothing:
+    the run's own outcome is what its caller reports."""
+    from volembed_runner.estimate.rates import store_run_rate
+
+    if manifest is None:
+        try:
+            manifest = status(plan)
+        except BackendError:
+            return None
+    return store_run_rate(manifest)
 
 
 def status(plan: Plan) -> dict[str, Any]:

@@ -30,10 +30,16 @@ from volembed_runner.backends.modal import launch
 from volembed_runner.cli import app
 from volembed_runner.errors import BackendError
 from volembed_runner.estimate import calibrate as calibrate_module
-from volembed_runner.estimate import estimate
+from volembed_runner.estimate import estimate, rates
 from volembed_runner.estimate.cost import PROBE_RETRIES, PROBE_TIMEOUT_FACTOR, PROBE_TIMEOUT_FLOOR_S
 from volembed_runner.estimate.prices import load_prices
-from volembed_runner.estimate.rates import calibration_key, calibration_path, store_calibration, tei_rate
+from volembed_runner.estimate.rates import (
+    calibration_key,
+    calibration_path,
+    load_calibrations,
+    store_calibration,
+    tei_rate,
+)
 from volembed_runner.loading import load_spec
 from volembed_runner.plan import make_plan
 from volembed_runner.run import check_quality
@@ -200,7 +206,8 @@ def _probed_at(plan: Any, min_cosine: float) -> None:
     """A stored GPU probe of `plan`'s (model, GPU) whose vectors agreed with the reference to `min_cosine`."""
     key = calibration_key("modal", plan.model.ref, plan.compute.gpu, "tei")
     store_calibration({"key": key, "backend": "modal", "model": plan.model.ref, "device": plan.compute.gpu,
-                       "engine": "tei", "tokens_per_second": 50_000.0, "chunks": 16,
+                       "engine": "tei", "tokens_per_second": 50_000.0, "chunks": 16, "probe": True,
+                       "image": rates.current_image(plan.compute.gpu),
                        "date": "2026-12-01T10:00:00+00:00",
                        "quality": {"checked": True, "min_cosine": min_cosine, "mean_cosine": min_cosine + 0.0005,
                                    "chunks": 16, "reference": "the reference"}})
@@ -256,3 +263,40 @@ def test_the_probe_call_runs_under_its_own_short_limits_and_its_at_most_is_price
     fn = rec.functions()["Embedder.*"]
     assert fn.timeout_secs == 3600 and fn.retry_policy.retries == 3  # the run's own Embedder keeps the job's
     assert attempt.status is not None
+
+
+def _finished_run(status: str, tokens_per_second: float | None, finished_at: str, image: str) -> dict[str, Any]:
+    """A Modal run's manifest as its orchestrator leaves it (`budget.Meter.record` under `cost`)."""
+    measured = None if tokens_per_second is None else {
+        "model": MODEL, "gpu": "L4", "image": image, "tokens_per_second": tokens_per_second, "units": 12,
+        "processed_tokens": 120_000, "gpu_seconds": 120_000 / tokens_per_second}
+    return {"name": "probe-job", "backend": "modal", "status": status, "finished_at": finished_at,
+            "cost": {"spent_usd": 1.0, "measured": measured}}
+
+
+def test_the_newest_of_a_probe_and_a_runs_measured_rate_wins_and_a_run_without_one_records_nothing(
+    spec: Path,
+) -> None:
+    plan = make_plan(load_spec(spec), spec)
+    image = rates.current_image("L4")
+    key = calibration_key("modal", MODEL, "L4", "tei")
+    for status, tps in (("running", 9_000.0), ("failed", None), ("stopped", None), ("handover", 9_000.0)):
+        assert rates.store_run_rate(_finished_run(status, tps, "2026-12-02T10:00:00Z", image)) is None
+    assert not calibration_path().exists()
+
+    _probed_at(plan, 0.9999)  # a GPU probe on 2026-12-01T10:00
+    stored = rates.store_run_rate(_finished_run("succeeded", 12_345.0, "2026-12-02T10:00:00Z", image))
+    assert stored is not None and load_calibrations()[key]["quality"]["min_cosine"] == 0.9999  # the probe's check
+    rate = tei_rate(MODEL, "L4")
+    assert rate.tokens_per_second == 12_345.0 and rate.kind == "calibrated"
+    assert rate.source.startswith("measured on run probe-job 2026-12-02T10:00:00Z: 12,345 tokens/s per L4 over 12")
+    # An older run read later (`status` of a detached run) does not displace the newer measurement ...
+    assert rates.store_run_rate(_finished_run("stopped", 999.0, "2026-11-30T10:00:00Z", image)) is None
+    assert tei_rate(MODEL, "L4").tokens_per_second == 12_345.0
+    # ... a later probe does, and a figure measured on another TEI image is not used.
+    store_calibration({**load_calibrations()[key], "run": None, "tokens_per_second": 20_000.0,
+                       "date": "2026-12-03T10:00:00+00:00"})
+    assert rates.store_run_rate(_finished_run("succeeded", 12_345.0, "2026-12-02T10:00:00Z", image)) is None
+    assert tei_rate(MODEL, "L4").tokens_per_second == 20_000.0
+    store_calibration({**load_calibrations()[key], "image": "ghcr.io/huggingface/text-embeddings-inference:89-0.1"})
+    assert tei_rate(MODEL, "L4").kind != "calibrated"

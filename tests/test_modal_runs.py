@@ -28,12 +28,16 @@ import modal
 import pyarrow.parquet as pq
 import pytest
 from modal._utils.async_utils import synchronizer
+from typer.testing import CliRunner
 
 from tests.fake_modal import Recorder, fake_modal_server
 from volembed_runner import lease, store
 from volembed_runner.backends.modal import launch, render
 from volembed_runner.budget import Budget, StagePrice
+from volembed_runner.cli import app
 from volembed_runner.errors import BackendError, BudgetExhausted, RunHeld, StageError
+from volembed_runner.estimate import estimate
+from volembed_runner.estimate.rates import calibration_key, load_calibrations
 from volembed_runner.lease import Holder, LeaseRecord
 from volembed_runner.loading import load_spec
 from volembed_runner.models import resolve_model_dir
@@ -394,3 +398,56 @@ def test_a_run_slower_than_its_estimate_stops_at_the_budget_keeps_its_units_and_
     assert after["status"] == "succeeded" and after["totals"]["vectors"] == after["totals"]["chunks"]
     assert after["cost"]["spent_usd"] > cost["spent_usd"]  # the first pass's spend is carried into the second
     assert not after["cost"]["stopped_at_budget"]
+
+
+# ── The measured rate fed back into the estimator ─────────────────────────────────────────────────────────────────
+def _spec_plan(live: LiveApp) -> Plan:
+    """The job as the CLI plans it from its spec file (what a dry run estimates)."""
+    spec = Path(live.plan.spec_path)
+    return make_plan(load_spec(spec), spec)
+
+
+def test_a_finished_runs_measured_rate_lands_in_the_calibrations_and_changes_the_next_dry_run(
+    live: LiveApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plan = _spec_plan(live)
+    before = estimate(plan)
+    assert before.throughput["kind"] != "calibrated"
+    live.container.rate = 2_000.0  # a "GPU" far slower than the catalog's rate for this model
+    assert live.orchestrate()["ok"]
+    manifest = json.loads(store.manifest_path(live.root, live.plan.name).read_text())
+    measured = manifest["cost"]["measured"]
+    image = f"{live.module.TEI_REGISTRY}:{live.module.TEI_TAG}"
+    assert measured["model"] == plan.model.ref and measured["gpu"] == "L4" and measured["image"] == image
+    assert measured["units"] == len(live.units_done()) and 0 < measured["tokens_per_second"] < 2 * 2_000.0
+    assert manifest["cost"]["max_cost_usd"] is None  # no max_cost: metered all the same
+
+    # `volembed-run status` of the finished run (the manifest as read from the Volume) keeps the rate.
+    monkeypatch.setattr(launch, "status", lambda p: manifest)
+    monkeypatch.setattr(launch, "require_credentials", lambda: None)
+    shown = CliRunner().invoke(app, ["status", plan.spec_path])
+    assert shown.exit_code == 0, shown.output
+    stored = load_calibrations()[calibration_key("modal", plan.model.ref, "L4", "tei")]
+    assert stored["run"] == "modal-runs" and stored["image"] == image and stored["date"] == manifest["finished_at"]
+
+    after = estimate(plan)
+    assert after.throughput["tokens_per_second"] == pytest.approx(measured["tokens_per_second"])
+    assert after.throughput["source"].startswith(f"measured on run modal-runs {manifest['finished_at']}: ")
+    assert after.cost_usd > before.cost_usd and after.uncalibrated["kind"] == before.throughput["kind"]
+    dry = CliRunner().invoke(app, [plan.spec_path, "--dry-run"])
+    assert "measured on run modal-runs" in dry.output and "(calibrated rate)" in dry.output
+
+
+def test_a_run_stopped_at_the_budget_before_any_unit_finished_records_no_rate(
+    live: LiveApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert live.orchestrate("chunk")["ok"]
+    embed = StagePrice(usd_per_second=1.0, start_seconds=0.0, max_containers=2, inputs_per_container=2)
+    budget = Budget(max_cost=0.001, stages={"embed": embed}, tokens_per_second=1e9, source="test prices",
+                    low_tokens_per_second=50.0, rate_of={"model": live.plan.model.ref, "gpu": "L4", "image": "x"})
+    monkeypatch.setattr(live.module, "BUDGET", budget.to_dict())
+    summary = live.orchestrate()
+    manifest = json.loads(store.manifest_path(live.root, live.plan.name).read_text())
+    assert manifest["status"] == "stopped" and summary["budget"]["stopped_at_budget"] and not live.units_done()
+    assert manifest["cost"]["measured"] is None and launch.keep_measured_rate(live.plan, manifest) is None
+    assert not load_calibrations()

@@ -18,6 +18,9 @@ modal-labs/modal-client `py/test/conftest.py`) and held to what the real service
   function's retry policy. `FunctionMap` hands that policy back with `sync_client_retries_enabled`, so the client
   retries each failed input of a `.map` on its own (`parallel_map.py`), and ASYNC calls (`.spawn()`) are retried
   here, server-side, by the same policy.
+* `FunctionBindParams` (what `Cls.with_options(...)` sends before its first call: modal 1.6.4
+  `_function_variants.py` `_make_function_variant`) answers a variant of the function: an id of its own, the base's
+  name and methods, the options' retry policy in place of the base's, and their timeout held to the same range.
 * An app's log stream stays open until its client disconnects or it is stopped, then ends with `app_done` (as the
   mock's `AppGetLogs`), so the client does not poll for logs.
 * Inputs run on the server's side: a worker registered for the function (`Recorder.workers`, e.g. the rendered
@@ -108,6 +111,7 @@ class Recorder:
         self.dict_names: dict[str, str] = {}  # name → dict id
         self.function_names: dict[str, str] = {}  # function id → name
         self.retry_policies: dict[str, A.FunctionRetryPolicy] = {}  # function id → policy (when it has one)
+        self.handles: dict[str, A.FunctionHandleMetadata] = {}  # function id → its handle metadata, as answered
         self.workers: dict[str, Callable[..., Any]] = {}  # "chunk", "Embedder.embed", ... → what runs an input
         self.attempts: list[Attempt] = []
         self.max_inputs_outstanding = 1000
@@ -235,8 +239,8 @@ class Recorder:
     def FunctionPrecreate(self, req: Any) -> Any:
         fid = req.existing_function_id or self.new_id("fu")
         self.function_names[fid] = req.function_name
-        return A.FunctionPrecreateResponse(
-            function_id=fid, handle_metadata=_handle_metadata(req.function_name, req.method_definitions))
+        self.handles[fid] = _handle_metadata(req.function_name, req.method_definitions)
+        return A.FunctionPrecreateResponse(function_id=fid, handle_metadata=self.handles[fid])
 
     def FunctionCreate(self, req: Any) -> Any:
         fn = _function_of(req)
@@ -249,9 +253,22 @@ class Recorder:
             self.retry_policies[fid] = fn.retry_policy
         data = req.function_data if not req.HasField("function") else A.FunctionData(
             ranked_functions=[A.FunctionData.RankedFunction(function=fn)])
-        return A.FunctionCreateResponse(
-            function_id=fid, handle_metadata=_handle_metadata(fn.function_name, fn.method_definitions),
-            function_data=data)
+        self.handles[fid] = _handle_metadata(fn.function_name, fn.method_definitions)
+        return A.FunctionCreateResponse(function_id=fid, handle_metadata=self.handles[fid], function_data=data)
+
+    def FunctionBindParams(self, req: Any) -> Any:
+        options = req.function_options
+        if options.HasField("timeout_secs") and not 1 <= options.timeout_secs <= MAX_TIMEOUT_S:
+            raise GRPCError(Status.INVALID_ARGUMENT,
+                            f"timeout must be between 1 and {MAX_TIMEOUT_S} seconds, got {options.timeout_secs}")
+        base = req.function_id
+        fid = self.new_id("fu")
+        self.function_names[fid] = self.function_names[base]
+        policy = options.retry_policy if options.HasField("retry_policy") else self.retry_policies.get(base)
+        if policy is not None:
+            self.retry_policies[fid] = policy
+        self.handles[fid] = self.handles[base]
+        return A.FunctionBindParamsResponse(bound_function_id=fid, handle_metadata=self.handles[fid])
 
     def FunctionMap(self, req: Any) -> Any:
         fc = self.new_id("fc")

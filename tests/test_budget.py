@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from volembed_runner.backends.modal import launch, render
 from volembed_runner.budget import Budget, Meter, StagePrice
+from volembed_runner.estimate.cost import POINT_RATE_FACTOR
 from volembed_runner.estimate.prices import load_prices
 from volembed_runner.loading import load_spec
 from volembed_runner.plan import make_plan
@@ -100,5 +103,82 @@ def test_the_generated_app_holds_max_cost_at_the_prices_of_the_run(tmp_path: Pat
                                                                                    c.embed.memory_gib, "L4")
     assert budget.stages["embed"].max_containers == 2 and budget.stages["embed"].inputs_per_container == 2
     assert f"prices from {prices}" in budget.source
+    rate = render.embed_rate(plan)
+    assert budget.low_tokens_per_second == min(rate.low, POINT_RATE_FACTOR * rate.tokens_per_second)
+    assert budget.rate_of == {"model": plan.model.ref, "gpu": "L4", "image": f"{module.TEI_REGISTRY}:{module.TEI_TAG}"}
+    # Without a max_cost the run is still metered (cost so far, the measured rate), and never stopped.
     unbudgeted = launch.import_app(render.write_app(make_plan(load_spec(spec), spec), tmp_path / "free.py"))
-    assert unbudgeted.BUDGET is None
+    assert unbudgeted.BUDGET["max_cost"] is None and unbudgeted.BUDGET["rate_of"] == budget.rate_of
+
+
+def test_without_a_max_cost_the_meter_counts_and_measures_but_never_refuses() -> None:
+    clock = Clock()
+    meter = Meter(Budget(None, {"embed": StagePrice(1.0, 0.0, 1, 1)}, 100.0, "test prices"), clock)
+    meter.start("embed")
+    for i in range(20):
+        assert meter.admit(f"u{i}", 100.0)
+        clock.now += 4.0
+        meter.finished(f"u{i}")
+    assert meter.total == 80.0 and meter.rate() == 25.0 and not meter.record(0, 0.0)["stopped_at_budget"]
+
+
+def _gpus_at(budget: Budget, sizes: list[float], rate: float) -> tuple[Meter, int]:
+    """Feed units of `sizes` tokens through the budget's embed containers, whose GPUs each run at `rate` tokens/s
+    shared by the units in them (2 containers × 2 inputs here), on a fake clock; the meter and the units done."""
+    clock = Clock()
+    meter = Meter(budget, clock)
+    meter.start("embed")
+    running: dict[str, float] = {}  # unit → tokens left
+    queue = [(f"u{i}", t) for i, t in enumerate(sizes)]
+    done = 0
+    while queue or running:
+        while queue and len(running) < 4:
+            key, tokens = queue[0]
+            if not meter.admit(key, tokens):
+                queue = []
+                break
+            queue.pop(0)
+            running[key] = tokens
+        if not running:
+            break
+        per_unit = rate * math.ceil(len(running) / 2) / len(running)
+        step = min(running.values()) / per_unit
+        clock.now += step
+        for key in list(running):
+            running[key] -= per_unit * step
+            if running[key] <= 1e-9:
+                del running[key]
+                meter.finished(key)
+                done += 1
+    return meter, done
+
+
+@pytest.mark.parametrize("max_cost", [3.0, 10.0])
+@pytest.mark.parametrize("sizes", [[200.0] * 12, [50.0, 400.0, 150.0, 300.0] * 4])
+def test_with_the_true_rate_at_the_low_end_spend_never_passes_max_cost_even_before_a_unit_finishes(
+    max_cost: float, sizes: list[float]
+) -> None:
+    # Two GPU containers at $1/s; the plan's rate, 1e9 tokens/s, makes a unit nearly free, and the low end of its
+    # interval is 100: the GPUs really run at 100 tokens/s. The first window of four units costs $4 or more.
+    stages = {"embed": StagePrice(1.0, 0.0, 2, 2)}
+    meter, done = _gpus_at(Budget(max_cost, stages, 1e9, "test prices", low_tokens_per_second=100.0), sizes, 100.0)
+    assert meter.stopped and 0 < done < len(sizes)
+    assert meter.total <= max_cost + 1e-9
+    assert meter.rate() == pytest.approx(100.0)  # measured: the finished units' tokens ÷ their GPU-seconds
+    # Committed at the plan's rate until a unit finishes (no pessimistic rate), the first window passes a $3 budget.
+    optimistic, _ = _gpus_at(Budget(max_cost, stages, 1e9, "test prices"), sizes, 100.0)
+    assert (optimistic.total > max_cost) == (max_cost < 4.0)
+
+
+def test_a_failed_unit_leaves_the_measured_rate_and_its_tokens_leave_the_commitment() -> None:
+    clock = Clock()
+    meter = Meter(_budget(100.0), clock)
+    meter.start("embed")
+    assert meter.admit("ok", 100.0)
+    clock.now = 1.0
+    meter.finished("ok")
+    assert meter.admit("bad", 100.0)
+    clock.now = 11.0
+    meter.finished("bad", ok=False)
+    assert meter.rate() == 100.0 and meter.measured_tokens == 100.0 and meter.fed_tokens == meter.done_tokens
+    assert meter.record(0, 0.0)["measured"] is None  # no rate_of: nothing a dry run could use it for

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,13 +25,24 @@ from modal._utils.async_utils import synchronizer
 from typer.testing import CliRunner
 
 from tests.fake_modal import Recorder, fake_modal_server
+from volembed_runner import catalog
 from volembed_runner.backends.modal import launch
 from volembed_runner.cli import app
+from volembed_runner.errors import BackendError
 from volembed_runner.estimate import calibrate as calibrate_module
-from volembed_runner.estimate import estimate
-from volembed_runner.estimate.rates import calibration_path
+from volembed_runner.estimate import estimate, rates
+from volembed_runner.estimate.cost import PROBE_RETRIES, PROBE_TIMEOUT_FACTOR, PROBE_TIMEOUT_FLOOR_S
+from volembed_runner.estimate.prices import load_prices
+from volembed_runner.estimate.rates import (
+    calibration_key,
+    calibration_path,
+    load_calibrations,
+    store_calibration,
+    tei_rate,
+)
 from volembed_runner.loading import load_spec
 from volembed_runner.plan import make_plan
+from volembed_runner.run import check_quality
 
 from .tei_server import FakeRouter, TEIServer, expected_vector
 
@@ -188,3 +200,103 @@ def test_the_reference_is_sentence_transformers_where_the_model_resolves_here(sp
     assert same["checked"] and same["min_cosine"] > 0.9999
     off = calibrate_module.quality(plan, sample.texts, sample.n_tokens, (-reference).tolist())
     assert off["min_cosine"] < -0.99
+
+
+def _probed_at(plan: Any, min_cosine: float) -> None:
+    """A stored GPU probe of `plan`'s (model, GPU) whose vectors agreed with the reference to `min_cosine`."""
+    key = calibration_key("modal", plan.model.ref, plan.compute.gpu, "tei")
+    store_calibration({"key": key, "backend": "modal", "model": plan.model.ref, "device": plan.compute.gpu,
+                       "engine": "tei", "tokens_per_second": 50_000.0, "chunks": 16, "probe": True,
+                       "image": rates.current_image(plan.compute.gpu),
+                       "date": "2026-12-01T10:00:00+00:00",
+                       "quality": {"checked": True, "min_cosine": min_cosine, "mean_cosine": min_cosine + 0.0005,
+                                   "chunks": 16, "reference": "the reference"}})
+
+
+def test_the_quality_threshold_is_the_models_own_where_the_catalog_sets_one_else_the_default(spec: Path) -> None:
+    minilm = make_plan(load_spec(spec), spec)
+    bge = make_plan(load_spec(spec, ["embedding.model=BAAI/bge-base-en-v1.5"]), spec)
+    assert catalog.find_model("BAAI/bge-base-en-v1.5").min_probe_cosine == 0.999
+    assert catalog.find_model(MODEL).min_probe_cosine is None
+    for plan in (minilm, bge):
+        _probed_at(plan, 0.995)  # fp16 drift a BERT-class model shows under the default, over bge-base's own
+    check_quality(minilm, yes=False)  # 0.995 ≥ the default 0.99: starts
+    with pytest.raises(BackendError) as refused:
+        check_quality(bge, yes=False)
+    line = str(refused.value)
+    assert "\n" not in line and "BAAI/bge-base-en-v1.5 on L4 at min cosine 0.9950" in line
+    assert "under 0.999 (its min_probe_cosine in volembed_runner/catalog/models.yaml)" in line and "--yes" in line
+    check_quality(bge, yes=True)
+    _probed_at(minilm, 0.985)
+    with pytest.raises(BackendError, match=f"{MODEL} on L4 at min cosine 0.9850 .* under 0.99 \\(the default"):
+        check_quality(minilm, yes=False)
+    assert "under 0.999 for BAAI/bge-base-en-v1.5" in estimate(bge).quality
+
+
+def test_the_probe_call_runs_under_its_own_short_limits_and_its_at_most_is_priced_from_them(
+    spec: Path, fake: tuple[Recorder, TEIServer]
+) -> None:
+    rec, _ = fake
+    plan = make_plan(load_spec(spec, ["compute.timeout=3600", "compute.retries=3"]), spec)
+    sample = calibrate_module.sample_of(plan, 8)
+    (cost,) = calibrate_module.probe_costs([plan], sample, load_prices(None))
+    rate = tei_rate(MODEL, "L4")
+    assert cost.retries == PROBE_RETRIES == 0
+    work = 2 * sample.processed / rate.low
+    assert cost.timeout_s == max(PROBE_TIMEOUT_FLOOR_S, math.ceil(PROBE_TIMEOUT_FACTOR * work))
+    per_second = load_prices(None).container(1.0, plan.compute.embed.cpu, plan.compute.embed.memory_gib, "L4")
+    assert cost.max_cost_usd == pytest.approx((plan.compute.embed_startup_timeout_s + cost.timeout_s) * per_second)
+    job_worst = 4 * (plan.compute.embed_startup_timeout_s + 3600) * per_second  # the job's limits, as before
+    assert cost.max_cost_usd < job_worst / 10
+
+    result = runner.invoke(app, ["calibrate", str(spec), "--chunks", "8", "--yes", "--set", "compute.timeout=3600",
+                                 "--set", "compute.retries=3"])
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.output.splitlines() if line.startswith("GPU probe on L4"))
+    assert f"at most ${cost.max_cost_usd:,.2f}" in line
+    assert f"at most 1 attempt(s) × (startup 1,200 s + the probe's timeout {cost.timeout_s:,} s)" in line
+    # The call went to a variant of the Embedder with the probe's options (Cls.with_options → FunctionBindParams).
+    (bound,) = rec.requests("FunctionBindParams")
+    assert bound.function_options.timeout_secs == cost.timeout_s
+    assert bound.function_options.retry_policy.retries == 0
+    (attempt,) = rec.attempts_of("Embedder.probe")
+    fn = rec.functions()["Embedder.*"]
+    assert fn.timeout_secs == 3600 and fn.retry_policy.retries == 3  # the run's own Embedder keeps the job's
+    assert attempt.status is not None
+
+
+def _finished_run(status: str, tokens_per_second: float | None, finished_at: str, image: str) -> dict[str, Any]:
+    """A Modal run's manifest as its orchestrator leaves it (`budget.Meter.record` under `cost`)."""
+    measured = None if tokens_per_second is None else {
+        "model": MODEL, "gpu": "L4", "image": image, "tokens_per_second": tokens_per_second, "units": 12,
+        "processed_tokens": 120_000, "gpu_seconds": 120_000 / tokens_per_second}
+    return {"name": "probe-job", "backend": "modal", "status": status, "finished_at": finished_at,
+            "cost": {"spent_usd": 1.0, "measured": measured}}
+
+
+def test_the_newest_of_a_probe_and_a_runs_measured_rate_wins_and_a_run_without_one_records_nothing(
+    spec: Path,
+) -> None:
+    plan = make_plan(load_spec(spec), spec)
+    image = rates.current_image("L4")
+    key = calibration_key("modal", MODEL, "L4", "tei")
+    for status, tps in (("running", 9_000.0), ("failed", None), ("stopped", None), ("handover", 9_000.0)):
+        assert rates.store_run_rate(_finished_run(status, tps, "2026-12-02T10:00:00Z", image)) is None
+    assert not calibration_path().exists()
+
+    _probed_at(plan, 0.9999)  # a GPU probe on 2026-12-01T10:00
+    stored = rates.store_run_rate(_finished_run("succeeded", 12_345.0, "2026-12-02T10:00:00Z", image))
+    assert stored is not None and load_calibrations()[key]["quality"]["min_cosine"] == 0.9999  # the probe's check
+    rate = tei_rate(MODEL, "L4")
+    assert rate.tokens_per_second == 12_345.0 and rate.kind == "calibrated"
+    assert rate.source.startswith("measured on run probe-job 2026-12-02T10:00:00Z: 12,345 tokens/s per L4 over 12")
+    # An older run read later (`status` of a detached run) does not displace the newer measurement ...
+    assert rates.store_run_rate(_finished_run("stopped", 999.0, "2026-11-30T10:00:00Z", image)) is None
+    assert tei_rate(MODEL, "L4").tokens_per_second == 12_345.0
+    # ... a later probe does, and a figure measured on another TEI image is not used.
+    store_calibration({**load_calibrations()[key], "run": None, "tokens_per_second": 20_000.0,
+                       "date": "2026-12-03T10:00:00+00:00"})
+    assert rates.store_run_rate(_finished_run("succeeded", 12_345.0, "2026-12-02T10:00:00Z", image)) is None
+    assert tei_rate(MODEL, "L4").tokens_per_second == 20_000.0
+    store_calibration({**load_calibrations()[key], "image": "ghcr.io/huggingface/text-embeddings-inference:89-0.1"})
+    assert tei_rate(MODEL, "L4").kind != "calibrated"

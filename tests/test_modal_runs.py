@@ -28,15 +28,20 @@ import modal
 import pyarrow.parquet as pq
 import pytest
 from modal._utils.async_utils import synchronizer
+from typer.testing import CliRunner
 
 from tests.fake_modal import Recorder, fake_modal_server
 from volembed_runner import lease, store
 from volembed_runner.backends.modal import launch, render
 from volembed_runner.budget import Budget, StagePrice
+from volembed_runner.cli import app
 from volembed_runner.errors import BackendError, BudgetExhausted, RunHeld, SourceError, StageError
+from volembed_runner.estimate import estimate
+from volembed_runner.estimate.rates import calibration_key, load_calibrations
 from volembed_runner.lease import Holder, LeaseRecord
 from volembed_runner.loading import load_spec
 from volembed_runner.models import resolve_model_dir
+from volembed_runner.orchestrate import chunk_sizes
 from volembed_runner.plan import MODAL_ROOT, Plan, make_plan
 from volembed_runner.units import parse_key
 
@@ -66,15 +71,28 @@ class Container:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
+        self.module = module
         self.delay = 0.0  # how long each unit takes on the "GPU" (so a deadline can pass while units are in flight)
         self.first_delay: float | None = None  # the first unit's, when it differs
+        self.rate: float | None = None  # else: the "GPU" runs at this many processed tokens/s (a unit's tokens ÷ it)
         self._started = 0
         self._lock = threading.Lock()
+
+    def tokens(self, unit: str) -> float:
+        """A unit's processed tokens, as the orchestrator counts them (`orchestrate.chunk_sizes`)."""
+        plan = Plan.from_dict(self.module.PLAN)
+        shard, start, end = parse_key(unit)
+        folder = store.chunks_dir(Path(self.module.ROOT), plan.name, plan.chunk.fingerprint)
+        size = next(s for s in chunk_sizes(plan, folder) if s.shard == shard)
+        rows = size.rows if start is None or end is None else end - start
+        return size.tokens * rows / max(1, size.rows)
 
     def embed(self, unit: str) -> Any:
         with self._lock:
             first, self._started = self._started == 0, self._started + 1
         time.sleep(self.first_delay if first and self.first_delay is not None else self.delay)
+        if self.rate is not None:
+            time.sleep(self.tokens(unit) / self.rate)
         return asyncio.run_coroutine_threadsafe(self.embedder.embed.local(unit), self.loop).result(timeout=120)
 
     def close(self) -> None:
@@ -365,10 +383,13 @@ def test_a_run_slower_than_its_estimate_stops_at_the_budget_keeps_its_units_and_
     live: LiveApp, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert live.orchestrate("chunk")["ok"]
-    # The estimate's rate makes a unit nearly free; each really keeps its GPU container ($1/s here) busy 0.4 s.
-    live.container.delay = 0.4
+    # The estimate's rate makes a unit nearly free, and the low end of its interval is 50 tokens/s; the "GPU" (a
+    # container at $1/s) really runs at 200: the first window of units alone would cost more than the $4 budget
+    # (committed at the estimate's rate until a unit finished, this run spent $5.49-5.62).
+    live.container.rate = 200.0
     embed = StagePrice(usd_per_second=1.0, start_seconds=0.0, max_containers=2, inputs_per_container=2)
-    budget = Budget(max_cost=4.0, stages={"embed": embed}, tokens_per_second=1e9, source="test prices")
+    budget = Budget(max_cost=4.0, stages={"embed": embed}, tokens_per_second=1e9, source="test prices",
+                    low_tokens_per_second=50.0)
     monkeypatch.setattr(live.module, "BUDGET", budget.to_dict())
     summary = live.orchestrate()
     assert not summary["ok"] and not summary["handover"] and summary["next_call"] is None  # stopped, not handed over
@@ -379,7 +400,8 @@ def test_a_run_slower_than_its_estimate_stops_at_the_budget_keeps_its_units_and_
     assert sorted(a.args[0] for a in live.embed_attempts()) == done  # what was fed drained and was written
     cost = manifest["cost"]
     assert cost["stopped_at_budget"] and cost["remaining_embed_units"] == total - len(done)
-    assert cost["spent_usd"] > 0 and cost["would_reach_usd"] > cost["max_cost_usd"] == 4.0
+    assert 0 < cost["spent_usd"] <= cost["max_cost_usd"] == 4.0  # the true rate is above the low end: never over
+    assert cost["would_reach_usd"] > cost["max_cost_usd"]
     assert summary["budget"] == cost
     with pytest.raises(BudgetExhausted) as stopped:
         launch._check(live.plan, summary)
@@ -387,7 +409,8 @@ def test_a_run_slower_than_its_estimate_stops_at_the_budget_keeps_its_units_and_
     assert stopped.value.exit_code == 7 and "\n" not in message
     assert "compute.max_cost $4.00" in message and f"{total - len(done)} embed unit(s) left" in message
 
-    raised = Budget(max_cost=1000.0, stages={"embed": embed}, tokens_per_second=1e9, source="test prices")
+    raised = Budget(max_cost=1000.0, stages={"embed": embed}, tokens_per_second=1e9, source="test prices",
+                    low_tokens_per_second=50.0)
     monkeypatch.setattr(live.module, "BUDGET", raised.to_dict())
     assert live.orchestrate()["ok"]
     assert set(done) <= set(live.units_done())  # the rest of the rows, cut into units around the finished ones
@@ -396,3 +419,56 @@ def test_a_run_slower_than_its_estimate_stops_at_the_budget_keeps_its_units_and_
     assert after["status"] == "succeeded" and after["totals"]["vectors"] == after["totals"]["chunks"]
     assert after["cost"]["spent_usd"] > cost["spent_usd"]  # the first pass's spend is carried into the second
     assert not after["cost"]["stopped_at_budget"]
+
+
+# ── The measured rate fed back into the estimator ─────────────────────────────────────────────────────────────────
+def _spec_plan(live: LiveApp) -> Plan:
+    """The job as the CLI plans it from its spec file (what a dry run estimates)."""
+    spec = Path(live.plan.spec_path)
+    return make_plan(load_spec(spec), spec)
+
+
+def test_a_finished_runs_measured_rate_lands_in_the_calibrations_and_changes_the_next_dry_run(
+    live: LiveApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plan = _spec_plan(live)
+    before = estimate(plan)
+    assert before.throughput["kind"] != "calibrated"
+    live.container.rate = 2_000.0  # a "GPU" far slower than the catalog's rate for this model
+    assert live.orchestrate()["ok"]
+    manifest = json.loads(store.manifest_path(live.root, live.plan.name).read_text())
+    measured = manifest["cost"]["measured"]
+    image = f"{live.module.TEI_REGISTRY}:{live.module.TEI_TAG}"
+    assert measured["model"] == plan.model.ref and measured["gpu"] == "L4" and measured["image"] == image
+    assert measured["units"] == len(live.units_done()) and 0 < measured["tokens_per_second"] < 2 * 2_000.0
+    assert manifest["cost"]["max_cost_usd"] is None  # no max_cost: metered all the same
+
+    # `volembed-run status` of the finished run (the manifest as read from the Volume) keeps the rate.
+    monkeypatch.setattr(launch, "status", lambda p: manifest)
+    monkeypatch.setattr(launch, "require_credentials", lambda: None)
+    shown = CliRunner().invoke(app, ["status", plan.spec_path])
+    assert shown.exit_code == 0, shown.output
+    stored = load_calibrations()[calibration_key("modal", plan.model.ref, "L4", "tei")]
+    assert stored["run"] == "modal-runs" and stored["image"] == image and stored["date"] == manifest["finished_at"]
+
+    after = estimate(plan)
+    assert after.throughput["tokens_per_second"] == pytest.approx(measured["tokens_per_second"])
+    assert after.throughput["source"].startswith(f"measured on run modal-runs {manifest['finished_at']}: ")
+    assert after.cost_usd > before.cost_usd and after.uncalibrated["kind"] == before.throughput["kind"]
+    dry = CliRunner().invoke(app, [plan.spec_path, "--dry-run"])
+    assert "measured on run modal-runs" in dry.output and "(calibrated rate)" in dry.output
+
+
+def test_a_run_stopped_at_the_budget_before_any_unit_finished_records_no_rate(
+    live: LiveApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert live.orchestrate("chunk")["ok"]
+    embed = StagePrice(usd_per_second=1.0, start_seconds=0.0, max_containers=2, inputs_per_container=2)
+    budget = Budget(max_cost=0.001, stages={"embed": embed}, tokens_per_second=1e9, source="test prices",
+                    low_tokens_per_second=50.0, rate_of={"model": live.plan.model.ref, "gpu": "L4", "image": "x"})
+    monkeypatch.setattr(live.module, "BUDGET", budget.to_dict())
+    summary = live.orchestrate()
+    manifest = json.loads(store.manifest_path(live.root, live.plan.name).read_text())
+    assert manifest["status"] == "stopped" and summary["budget"]["stopped_at_budget"] and not live.units_done()
+    assert manifest["cost"]["measured"] is None and launch.keep_measured_rate(live.plan, manifest) is None
+    assert not load_calibrations()

@@ -313,6 +313,7 @@ def status_cmd(
             from volembed_runner.backends.modal.volume_files import lease_store
 
             manifest = launch.status(plan)
+            launch.keep_measured_rate(plan, manifest)  # a finished run's rate, for later dry runs
             try:
                 record, known = current(lease_store(plan)), True
             except Exception:  # the lease Dict unreadable: show the manifest as written, not a guess

@@ -349,7 +349,7 @@ class _Shards:
             if error and final is not None:
                 outcome.unretryable.setdefault(stage, {})[shard] = final
             if meter is not None:
-                meter.finished(shard)
+                meter.finished(shard, ok=error is None)
                 self.record(0)
             manifest.shard_finished(stage, shard, error, stats, unretryable=final)
             self.emit(ShardFinished(stage, shard, error, stats))

@@ -72,7 +72,7 @@ def check_spend(plan: Plan, est: S, *, yes: bool, confirm: Callable[[S], bool] |
 def check_quality(plan: Plan, *, yes: bool) -> None:
     """Refuse (unless `yes`) a Modal run whose GPU probe found TEI's vectors off the reference library's."""
     from volembed_runner import catalog
-    from volembed_runner.estimate.rates import calibration_key, load_calibrations, quality_line
+    from volembed_runner.estimate.rates import calibration_key, load_calibrations, quality_line, quality_threshold
 
     model, gpu = plan.model.ref, plan.compute.gpu
     entry = load_calibrations().get(calibration_key("modal", model, gpu, "tei"))
@@ -81,9 +81,11 @@ def check_quality(plan: Plan, *, yes: bool) -> None:
         q = (entry or {})["quality"]
         known = catalog.find_model(model)
         issues = f" (known issues: {', '.join(known.known_issues)})" if known and known.known_issues else ""
+        threshold, source = quality_threshold(model)
         raise BackendError(f"the GPU probe found TEI's vectors for {model} on {gpu} at min cosine "
                            f"{q['min_cosine']:.4f} (mean {q['mean_cosine']:.4f}) to {q['reference']}'s, under "
-                           f"{q['threshold']}{issues}; check the model and TEI version, or pass --yes to run anyway")
+                           f"{threshold} ({source}){issues}; check the model and TEI version, or pass --yes to run "
+                           "anyway")
 
 
 def run_modal(plan: Plan, *, until: str | None, detach: bool,

@@ -139,8 +139,42 @@ INPUT_WORK_S = 14435
 HANDOVER_AFTER_S = 70165
 MAX_PASSES = 60
 # compute.max_cost as the orchestrator holds it (volembed_runner/budget.py): each stage's containers at these prices,
-# per second; it stops feeding before an input that would pass it. None: no budget.
-BUDGET = None
+# per second, embed units committed at the pessimistic rate; it stops feeding before an input that would pass it
+# (max_cost None: it counts and measures the embed rate, and never stops).
+BUDGET = {
+    'max_cost': None,
+    'stages': {
+        'download': {
+            'usd_per_second': 3.5079999999999996e-05,
+            'start_seconds': 5.0,
+            'max_containers': 32,
+            'inputs_per_container': 1,
+        },
+        'chunk': {
+            'usd_per_second': 3.5079999999999996e-05,
+            'start_seconds': 5.0,
+            'max_containers': 100,
+            'inputs_per_container': 1,
+        },
+        'embed': {
+            'usd_per_second': 0.00037616,
+            'start_seconds': 105.0,
+            'max_containers': 50,
+            'inputs_per_container': 40,
+        },
+    },
+    'tokens_per_second': 45900,
+    'source': (
+        "catalog prices (Modal's list prices, https://modal.com/pricing, 2026-07-01); the orchestrator and storage "
+        'not counted'
+    ),
+    'low_tokens_per_second': 28700,
+    'rate_of': {
+        'model': 'BAAI/bge-base-en-v1.5',
+        'gpu': 'A10',
+        'image': 'ghcr.io/huggingface/text-embeddings-inference:86-1.9.3',
+    },
+}
 
 # The resolved job: settings, fingerprints and provenance (spec, its hash, the git commit) this container can't see.
 PLAN = {
@@ -560,7 +594,7 @@ def orchestrate(until: str = "", passes: int = 1) -> dict:
         outcome = run_pipeline(plan, Path(ROOT), mapper, lease_store=DictLeaseStore(leases, LEASE_RUN),
                                holder=Holder.here("modal"), work_seconds=INPUT_WORK_S, wait=INPUT_WORK_S,
                                until=until or None, deadline=deadline, fleet=fleet_of(plan, EMBED_TOKENS_PER_SECOND),
-                               on_event=log, budget=Budget.from_dict(BUDGET) if BUDGET else None)
+                               on_event=log, budget=Budget.from_dict(BUDGET))
     sync_volume(volume)
     if outcome.over_budget:
         cost = outcome.budget or {}

@@ -60,6 +60,10 @@ class Model:
     query_length: int | None = None  # late interaction: tokens a query is padded/cut to, markers included
     markers: tuple[str, ...] = ()  # late interaction: the query and document marker tokens PyLate inserts
     build: BuiltModel | None = None  # a model made on this machine from a packaged one (the offline demo)
+    # The least cosine between TEI's vectors and the reference library's in the GPU probe that a run starts with
+    # (without --yes), where this model's differs from the default; with the public source of that figure.
+    min_probe_cosine: float | None = None
+    min_probe_cosine_source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,12 @@ def gpus() -> dict[str, Gpu]:
         name: Gpu(name=name, **{**g, "aliases": tuple(g.get("aliases", []))})
         for name, g in gpu_table()["gpus"].items()
     }
+
+
+def tei_image(gpu: str) -> tuple[str, str]:
+    """(registry, tag) of the TEI image for a GPU's architecture, pinned to the table's patch release."""
+    table = gpu_table()
+    return str(table["tei_registry"]), f"{gpus()[gpu].tei_prefix}{table['tei_version']}"
 
 
 def find_gpu(name: str) -> Gpu | None:

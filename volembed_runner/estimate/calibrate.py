@@ -18,12 +18,12 @@ from typing import Any
 
 from volembed_runner import chunking, sources
 from volembed_runner.errors import BackendError, SourceError, SpecError, SpecIssue, VolembedError, describe
-from volembed_runner.estimate.cost import ProbeCost, probe_cost
+from volembed_runner.estimate.cost import PROBE_RETRIES, ProbeCost, probe_cost, probe_timeout
 from volembed_runner.estimate.prices import Prices
 from volembed_runner.estimate.rates import (
-    QUALITY_MIN_COSINE,
     calibration_key,
     local_device_key,
+    quality_threshold,
     store_calibration,
     tei_rate,
 )
@@ -33,8 +33,18 @@ from volembed_runner.plan import Plan, volembed_home
 
 PROBE_VECTORS = 16  # vectors the GPU probe sends back, of the sample's first chunks
 
-# A GPU probe: (plan, texts, token counts, vectors to keep) -> its result (`backends.modal.launch.probe`).
-Probe = Callable[[Plan, list[str], list[int], int], dict[str, Any]]
+
+@dataclass(frozen=True)
+class ProbeLimits:
+    """The probe call's own timeout and retries, as priced (`cost.probe_cost`)."""
+
+    timeout_s: int
+    retries: int
+
+
+# A GPU probe: (plan, texts, token counts, vectors to keep, its call's limits) -> its result
+# (`backends.modal.launch.probe`).
+Probe = Callable[[Plan, list[str], list[int], int, ProbeLimits], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -59,11 +69,13 @@ def sample_of(plan: Plan, sample_chunks: int) -> Sample:
 
 def calibrate(plan: Plan, *, sample_chunks: int = 256,
               runner: Callable[[list[str], list[int]], float] | None = None,
-              probe: Probe | None = None, sample: Sample | None = None) -> dict[str, Any]:
+              probe: Probe | None = None, sample: Sample | None = None,
+              limits: ProbeLimits | None = None) -> dict[str, Any]:
     """Measure tokens/s on the plan's backend over a small sample of the job's own chunks and store it.
 
     Local: embeds the chunks with the in-process engine (model load timed separately). Modal: runs the GPU `probe`
-    (or an injected `runner(texts, n_tokens) -> seconds`).
+    (or an injected `runner(texts, n_tokens) -> seconds`) under `limits` (by default those `cost.probe_cost`
+    prices at the dry run's rate).
     """
     if plan.backend == "modal" and runner is None and probe is None:
         raise BackendError("calibrate on modal needs Modal credentials (run it where `modal token` is set up)")
@@ -74,10 +86,13 @@ def calibrate(plan: Plan, *, sample_chunks: int = 256,
     load_seconds = None
     extra: dict[str, Any] = {}
     if plan.backend == "modal" and runner is None and probe is not None:
-        result = probe(plan, texts, n_tokens, PROBE_VECTORS)
+        if limits is None:
+            limits = ProbeLimits(probe_timeout(processed, tei_rate(plan.model.ref, plan.compute.gpu)), PROBE_RETRIES)
+        result = probe(plan, texts, n_tokens, PROBE_VECTORS, limits)
         seconds = float(result["seconds"])
         inside = float(result.get("router_start_seconds") or 0) + float(result.get("warmup_seconds") or 0) + seconds
-        extra = {"probe": True, "image": result.get("image"),
+        extra = {"probe": True, "image": result.get("image"), "timeout_s": limits.timeout_s,
+                 "retries": limits.retries,
                  "warmup_seconds": result.get("warmup_seconds"), "model_load_seconds": None,
                  "router_start_seconds": result.get("router_start_seconds"),
                  "cold_start_seconds": None if result.get("call_seconds") is None
@@ -167,13 +182,14 @@ def quality(plan: Plan, texts: list[str], n_tokens: list[int], vectors: list[lis
                                          f"{describe(exc)}"}
     tei = np.asarray(vectors, dtype=np.float64)
     ref = np.asarray(reference, dtype=np.float64)
+    threshold, _ = quality_threshold(plan.model.ref)
     if tei.shape != ref.shape:
         return {"checked": True, "min_cosine": 0.0, "mean_cosine": 0.0, "chunks": len(tei), "reference": library,
-                "threshold": QUALITY_MIN_COSINE, "note": f"TEI answered {tei.shape[1]}-dim vectors, "
-                                                          f"{library} {ref.shape[1]}-dim"}
+                "threshold": threshold, "note": f"TEI answered {tei.shape[1]}-dim vectors, "
+                                                f"{library} {ref.shape[1]}-dim"}
     cos = (tei * ref).sum(axis=1) / (np.linalg.norm(tei, axis=1) * np.linalg.norm(ref, axis=1))
     return {"checked": True, "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()), "chunks": len(tei),
-            "reference": library, "threshold": QUALITY_MIN_COSINE}
+            "reference": library, "threshold": threshold}
 
 
 def probe_costs(plans: Sequence[Plan], sample: Sample, prices: Prices) -> list[ProbeCost]:
@@ -187,8 +203,8 @@ def probe_gpus(plans: Sequence[Plan], sample: Sample, probe: Probe, *, prices: P
     store its rate; the first plan is the job's own."""
     costs = probe_costs(plans, sample, prices)
     approve(ProbeSpend(costs))
-    return [{**calibrate(p, sample=sample, probe=probe), "cost": c.to_dict()} for p, c in zip(plans, costs,
-                                                                                               strict=True)]
+    return [{**calibrate(p, sample=sample, probe=probe, limits=ProbeLimits(c.timeout_s, c.retries)),
+             "cost": c.to_dict()} for p, c in zip(plans, costs, strict=True)]
 
 
 def job_chunks(plan: Plan, tok: CountingTokenizer, want: int) -> tuple[list[str], list[int]]:

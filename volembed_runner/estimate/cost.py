@@ -61,47 +61,72 @@ class Priced:
     units: int = 0
 
 
+# The GPU probe's own limits (`Cls.with_options` on its one call), so its worst case is that of a small sample, not of
+# the job's units: one attempt (a failed probe is rerun by hand), and a timeout of PROBE_TIMEOUT_FACTOR x the sample's
+# two passes at the low end of the rate, at least PROBE_TIMEOUT_FLOOR_S.
+PROBE_RETRIES = 0
+PROBE_TIMEOUT_FACTOR = 10.0
+PROBE_TIMEOUT_FLOOR_S = 300  # (assumption) the call's own overhead and TEI's first batches of a small sample fit
+
+
 @dataclass(frozen=True)
 class ProbeCost:
-    """The GPU probe on one GPU type: its expected container-seconds and cost, and the most it can cost."""
+    """The GPU probe on one GPU type: its expected container-seconds and cost, the most it can cost, and the limits
+    its call runs under (what bounds that most)."""
 
     gpu: str
     seconds: float
     cost_usd: float | None
     max_cost_usd: float | None
     note: str
+    timeout_s: int = PROBE_TIMEOUT_FLOOR_S
+    retries: int = PROBE_RETRIES
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
         return dict(self.__dict__)
 
 
+def probe_timeout(processed: float, rate: Rate) -> int:
+    """The probe call's timeout: PROBE_TIMEOUT_FACTOR x the sample's two passes at the rate's low end, at least
+    PROBE_TIMEOUT_FLOOR_S and at most Modal's 24 h."""
+    work = 2 * processed / max(rate.low, 1.0)
+    return min(86_400, max(PROBE_TIMEOUT_FLOOR_S, math.ceil(PROBE_TIMEOUT_FACTOR * work)))
+
+
 def probe_cost(plan: Plan, processed: float, rate: Rate, prices: Prices) -> ProbeCost:
     """The GPU probe's cost model: one container of the plan's GPU, billed from its start until the ephemeral app
     stops right after the call: start + model load + the sample twice (warm-up, then timed) at `rate`, at the
-    container's per-second price (GPU + cores + memory). At most: every attempt (compute.retries + 1) running to
-    its startup and execution timeouts."""
+    container's per-second price (GPU + cores + memory). At most: every attempt of the probe's own limits
+    (PROBE_RETRIES + 1) running to the Embedder's startup timeout and the probe's timeout (`probe_timeout`)."""
     consts = catalog.throughput()["modal"]
     c = plan.compute
     start = float(consts["gpu_container_start_seconds"] + consts["tei_model_load_seconds"])
     work = 2 * processed / rate.tokens_per_second
     seconds = start + work
-    worst = (c.retries + 1) * float(c.embed_startup_timeout_s + c.timeout)
+    timeout = probe_timeout(processed, rate)
+    attempts = PROBE_RETRIES + 1
+    worst = attempts * float(c.embed_startup_timeout_s + timeout)
     per_second = prices.container(1.0, c.embed.cpu, c.embed.memory_gib, c.gpu)
     note = (f"1 × {c.gpu} ({describe_resources(c.embed.cpu, c.embed.memory_gib)}): start {start:g} s + 2 × "
             f"{processed:,.0f} tokens at {rate.tokens_per_second:,.0f} tokens/s ({rate.kind}) ≈ {seconds:,.0f} s; "
-            f"at most {c.retries + 1} attempt(s) × (startup {c.embed_startup_timeout_s:,} s + timeout "
-            f"{c.timeout:,} s)")
+            f"at most {attempts} attempt(s) × (startup {c.embed_startup_timeout_s:,} s + the probe's timeout "
+            f"{timeout:,} s)")
     return ProbeCost(c.gpu, seconds, None if per_second is None else seconds * per_second,
-                     None if per_second is None else worst * per_second, note)
+                     None if per_second is None else worst * per_second, note, timeout, PROBE_RETRIES)
 
 
-def budget_of(plan: Plan, prices: Prices, tokens_per_second: float) -> Budget | None:
-    """`compute.max_cost` as the orchestrator holds it: each stage's containers at their per-second prices, with the
-    starts `modal_job` counts (a GPU container: start, model load and scale-down idle), or None without a budget.
-    A stage whose price is unknown is not counted (the source says so)."""
-    if plan.compute.max_cost is None:
-        return None
+# (assumption) a rate measured once (a probe's sample, an earlier run) holds within 25% on the next run: the budget
+# commits units at this share of a point figure that has no interval of its own.
+POINT_RATE_FACTOR = 0.75
+
+
+def budget_of(plan: Plan, prices: Prices, rate: Rate, image: str | None = None) -> Budget:
+    """`compute.max_cost` as the orchestrator holds it (None: counted, never refused): each stage's containers at
+    their per-second prices, with the starts `modal_job` counts (a GPU container: start, model load and scale-down
+    idle); units committed at the low end of `rate`'s interval (at most POINT_RATE_FACTOR of its figure); and, for
+    a TEI run, the (model, GPU, `image`) its measured rate is of. A stage whose price is unknown is counted at $0
+    (the source says so), so its containers are still timed."""
     consts = catalog.throughput()["modal"]
     c = plan.compute
     cpu_start = float(consts["cpu_container_start_seconds"])
@@ -112,13 +137,17 @@ def budget_of(plan: Plan, prices: Prices, tokens_per_second: float) -> Budget | 
         "embed": (c.embed.cpu, c.embed.memory_gib, c.gpu, gpu_start, c.concurrency_limit, c.allow_concurrent_inputs),
     }
     stages: dict[str, StagePrice] = {}
+    missing = []
     for name, (cores, gib, gpu, start, containers, inputs) in shapes.items():
         per_second = prices.container(1.0, cores, gib, gpu)
-        if per_second is not None:
-            stages[name] = StagePrice(per_second, start, containers, inputs)
-    missing = [name for name in shapes if name not in stages]
+        if per_second is None:
+            missing.append(name)
+        stages[name] = StagePrice(per_second or 0.0, start, containers, inputs)
     source = prices.source + (f"; not counted (price unknown): {', '.join(missing)}" if missing else "")
-    return Budget(float(c.max_cost), stages, tokens_per_second, source + "; the orchestrator and storage not counted")
+    low = min(rate.low, POINT_RATE_FACTOR * rate.tokens_per_second)
+    rate_of = None if image is None else {"model": plan.model.ref, "gpu": c.gpu, "image": image}
+    return Budget(None if c.max_cost is None else float(c.max_cost), stages, rate.tokens_per_second,
+                  source + "; the orchestrator and storage not counted", low, rate_of)
 
 
 def total(values: list[float | None]) -> float | None:

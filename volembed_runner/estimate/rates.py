@@ -1,14 +1,17 @@
 """Throughput: processed tokens/s per GPU under TEI, or of the local engine, and where each figure came from.
 
-A stored calibration (`volembed-run calibrate`) wins; else the catalog's table of measured and derived rates
-(`catalog/throughput.yaml`); else the stated scaling rule, marked "scaled". Calibrations live in
-`$VOLEMBED_HOME/calibration.json`.
+A stored calibration wins: `volembed-run calibrate` (locally, or the GPU probe on Modal), or the rate a finished
+Modal run measured (`store_run_rate`, "measured on run NAME DATE"); else the catalog's table of measured and derived
+rates (`catalog/throughput.yaml`); else the stated scaling rule, marked "scaled". Calibrations live in
+`$VOLEMBED_HOME/calibration.json`, one per (backend, model, GPU or local precision, engine); a Modal one is used only
+for the TEI image it was measured on (the catalog's pin for that GPU today).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,8 @@ from volembed_runner import catalog, store
 from volembed_runner.plan import Plan, volembed_home
 
 CALIBRATION_FILE = "calibration.json"
-# The least cosine between TEI's vector and the reference library's for one chunk that a run starts without --yes.
+# The least cosine between TEI's vector and the reference library's for one chunk that a run starts without --yes,
+# for a model whose catalog entry sets no `min_probe_cosine` of its own.
 # (assumption) fp16 TEI against fp32 sentence-transformers agrees to > 0.999 for BERT-class models; the failures
 # peers report are far below (TEI #642: Qwen3 embeddings under 0.2).
 QUALITY_MIN_COSINE = 0.99
@@ -68,6 +72,61 @@ class Rate:
     load_seconds: float | None = None  # the local engine's measured start (imports + model load)
 
 
+def current_image(gpu: str) -> str | None:
+    """The TEI image a Modal run on `gpu` gets now (`registry:tag`, the catalog's pin), or None for an unknown GPU."""
+    try:
+        registry, tag = catalog.tei_image(gpu)
+    except KeyError:
+        return None
+    return f"{registry}:{tag}"
+
+
+def run_calibration(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The calibration a finished Modal run's manifest yields: the embed rate its orchestrator measured (the finished
+    units' processed tokens ÷ their GPU-seconds, `budget.Meter`) on the (model, GPU, TEI image) it ran, with the
+    run's name and end; None while it runs, or where no embed unit finished (a failed or budget-stopped run)."""
+    if manifest.get("backend") != "modal" or manifest.get("status") not in ("succeeded", "failed", "stopped"):
+        return None
+    measured = (manifest.get("cost") or {}).get("measured") or {}
+    if not measured.get("tokens_per_second") or not measured.get("units") or not measured.get("image"):
+        return None
+    model, gpu = str(measured["model"]), str(measured["gpu"])
+    return {"key": calibration_key("modal", model, gpu, "tei"), "backend": "modal", "model": model, "device": gpu,
+            "engine": "tei", "tokens_per_second": float(measured["tokens_per_second"]), "image": measured["image"],
+            "run": manifest.get("name"), "date": manifest.get("finished_at"), "units": int(measured["units"]),
+            "processed_tokens": measured.get("processed_tokens"), "gpu_seconds": measured.get("gpu_seconds")}
+
+
+def _measured_at(entry: dict[str, Any]) -> datetime:
+    try:
+        when = datetime.fromisoformat(str(entry.get("date")))
+    except ValueError:
+        return datetime.min.replace(tzinfo=UTC)
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def store_run_rate(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """Keep a finished Modal run's measured rate (`run_calibration`) under the key the dry run reads; returns the
+    stored entry, or None where there is none or a newer measurement holds the key.
+
+    The newest measurement of a (model, GPU) wins, whether a GPU probe's or a run's: a probe after a run is made
+    because something changed (the TEI pin, router flags, the chunks), and a run after a probe measured the whole
+    job on its real fleet, so the later figure is the one the next run meets. A probe's quality check of the same
+    image is kept with the run's rate (it is about TEI's vectors, which the run did not check).
+    """
+    entry = run_calibration(manifest)
+    if entry is None:
+        return None
+    current = load_calibrations().get(entry["key"])
+    if current is not None:
+        if _measured_at(current) > _measured_at(entry):
+            return None
+        if current.get("quality") and current.get("image") == entry["image"]:
+            entry["quality"] = current["quality"]
+    entry["path"] = str(store_calibration(entry))
+    return entry
+
+
 def model_params(model: str) -> tuple[float, str | None]:
     """Millions of parameters of a catalog model, or the scaling rule's stated default (with its source)."""
     known = catalog.find_model(model)
@@ -81,6 +140,13 @@ def tei_rate(model: str, gpu: str, calibrations: dict[str, dict[str, Any]] | Non
     """Tokens/s per GPU for (model, GPU) under TEI: a calibration, the table, or the stated scaling rule."""
     calibrations = load_calibrations() if calibrations is None else calibrations
     entry = calibrations.get(calibration_key("modal", model, gpu, "tei"))
+    if entry and entry.get("image") and entry["image"] != current_image(gpu):
+        entry = None  # measured on another TEI build than the one a run gets now
+    if entry and entry.get("run"):
+        tps = float(entry["tokens_per_second"])
+        return Rate(tps, tps, tps, "calibrated", f"measured on run {entry['run']} {entry.get('date')}: "
+                                                 f"{tps:,.0f} tokens/s per {gpu} over {entry.get('units', '?')} "
+                                                 f"embed unit(s) ({entry.get('image')}; {calibration_path()})")
     if entry:
         tps = float(entry["tokens_per_second"])
         how = f"GPU probe of {entry['image']}, " if entry.get("image") else ""
@@ -150,16 +216,26 @@ def local_rate(plan: Plan, calibrations: dict[str, dict[str, Any]] | None = None
                 f"(±30% until then)")
 
 
+def quality_threshold(model: str) -> tuple[float, str]:
+    """The least probe cosine a run of `model` starts with (without --yes): the catalog's `min_probe_cosine` for
+    the model, else QUALITY_MIN_COSINE; with where the figure comes from."""
+    known = catalog.find_model(model)
+    if known is not None and known.min_probe_cosine is not None:
+        return float(known.min_probe_cosine), "its min_probe_cosine in volembed_runner/catalog/models.yaml"
+    return QUALITY_MIN_COSINE, "the default threshold"
+
+
 def quality_line(model: str, gpu: str, entry: dict[str, Any] | None) -> tuple[str, bool]:
     """How the estimate states TEI's agreement with the reference library for (model, GPU), and whether it is
-    below the threshold (a run then refuses to start without --yes)."""
+    below the model's threshold (`quality_threshold`, as the catalog says it now; a run then refuses to start
+    without --yes)."""
     q = (entry or {}).get("quality") or {}
     if not q.get("checked"):
         why = q.get("why") or "no GPU probe (`volembed-run calibrate SPEC`)"
         return (f"quality: not checked: TEI's vectors for {model} on {gpu} were not compared with the reference "
                 f"library ({why})"), False
-    low = q["min_cosine"] < q.get("threshold", QUALITY_MIN_COSINE)
+    threshold, _ = quality_threshold(model)
+    low = q["min_cosine"] < threshold
     return (f"quality: TEI vs {q['reference']} for {model} on {gpu}: min cosine {q['min_cosine']:.4f}, mean "
             f"{q['mean_cosine']:.4f} over {q['chunks']} chunks (GPU probe {entry.get('date') if entry else '?'})"
-            + (f", under {q.get('threshold', QUALITY_MIN_COSINE)}: a run refuses to start without --yes"
-               if low else ""), low)
+            + (f", under {threshold} for {model}: a run refuses to start without --yes" if low else ""), low)

@@ -92,7 +92,9 @@ def print_status(manifest: dict[str, Any], console: Console) -> None:
     if cost:
         stopped = ("; stopped at the budget: raise compute.max_cost and rerun to continue"
                    if cost.get("stopped_at_budget") else "")
-        console.print(f"cost: ${cost['spent_usd']:,.2f} so far of compute.max_cost ${cost['max_cost_usd']:,.2f} "
+        cap = cost.get("max_cost_usd")
+        of = "(no compute.max_cost)" if cap is None else f"of compute.max_cost ${cap:,.2f}"
+        console.print(f"cost: ${cost['spent_usd']:,.2f} so far {of} "
                       f"(container-seconds × prices), projected total ${cost['projected_total_usd']:,.2f}{stopped}",
                       markup=False)
     for key, where in (manifest.get("outputs") or {}).items():

@@ -18,13 +18,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from volembed_runner import store
 from volembed_runner.backends.modal import render
 from volembed_runner.errors import BackendError, BudgetExhausted, SourceError, StageError, unfixable
 from volembed_runner.lease import check_free
 from volembed_runner.plan import Plan, volembed_home
+
+if TYPE_CHECKING:
+    from volembed_runner.estimate.calibrate import ProbeLimits
 
 CREDENTIALS_HINT = ("no Modal credentials: run `modal setup` (or `modal token new`), "
                     "or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET")
@@ -190,15 +193,18 @@ def run(plan: Plan, *, until: str | None, detach: bool,
         call = module.orchestrate.spawn(until or "")
         _record_run(folder, plan, app_id=module.app.app_id, deployed=False, call_id=call.object_id)
         summary = _follow(call.get())
+    keep_measured_rate(plan)
     _check(plan, summary)
     return Launched(plan.name, module.app.app_id, call.object_id, detached=False, summary=summary)
 
 
-def probe(plan: Plan, texts: list[str], n_tokens: list[int], keep: int) -> dict[str, Any]:
+def probe(plan: Plan, texts: list[str], n_tokens: list[int], keep: int, limits: ProbeLimits) -> dict[str, Any]:
     """The GPU probe: the job's own app, run ephemerally, calls its Embedder once on the plan's GPU with a sample of
-    the job's chunks (`Embedder.probe`), so the image, router flags and client are the run's. The app stops as soon
-    as the call returns, which ends the container (no scale-down idle). Returns the container's timings, a few
-    vectors, the call's wall time seen from here and the TEI image."""
+    the job's chunks (`Embedder.probe`), so the image, router flags and client are the run's. The call runs under
+    the probe's own `limits` (`Cls.with_options(timeout=, retries=)`, modal 1.6.4 `cls.py`: a variant of the class
+    with those options), not the job's, so its worst case is the one priced. The app stops as soon as the call
+    returns, which ends the container (no scale-down idle). Returns the container's timings, a few vectors, the
+    call's wall time seen from here and the TEI image."""
     render.validate(plan)
     require_credentials()
     import modal
@@ -208,7 +214,8 @@ def probe(plan: Plan, texts: list[str], n_tokens: list[int], keep: int) -> dict[
     module = import_app(path)
     with _modal_errors(f"run the GPU probe on {plan.compute.gpu}"), modal.enable_output(), module.app.run():
         started = time.monotonic()
-        result = module.Embedder().probe.remote(texts, n_tokens, keep)
+        embedder = module.Embedder.with_options(timeout=limits.timeout_s, retries=limits.retries)
+        result = embedder().probe.remote(texts, n_tokens, keep)
         wall = time.monotonic() - started
     registry, tag = render.tei_image(plan)
     return {**result, "call_seconds": wall, "image": f"{registry}:{tag}"}
@@ -259,6 +266,20 @@ def _read_run(plan: Plan) -> dict[str, Any] | None:
         return store.read_json(build_dir(plan) / RUN_RECORD)
     except (OSError, ValueError):  # unreadable: `stop` falls back to the app's name
         return None
+
+
+def keep_measured_rate(plan: Plan, manifest: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Store the embed rate a finished run measured (its manifest on the Volume, or `manifest` as read) where later
+    dry runs read rates (`rates.store_run_rate`); returns the entry stored. An unreadable manifest stores nothing:
+    the run's own outcome is what its caller reports."""
+    from volembed_runner.estimate.rates import store_run_rate
+
+    if manifest is None:
+        try:
+            manifest = status(plan)
+        except BackendError:
+            return None
+    return store_run_rate(manifest)
 
 
 def status(plan: Plan) -> dict[str, Any]:

@@ -212,8 +212,7 @@ def validate(plan: Plan) -> Rate:
 
 def tei_image(plan: Plan) -> tuple[str, str]:
     """(registry, tag) of the TEI image for the plan's GPU architecture, pinned to the catalog's patch release."""
-    table = catalog.gpu_table()
-    return str(table["tei_registry"]), f"{catalog.gpus()[plan.compute.gpu].tei_prefix}{table['tei_version']}"
+    return catalog.tei_image(plan.compute.gpu)
 
 
 def local_model_dir(plan: Plan) -> str | None:
@@ -305,9 +304,9 @@ def render_app(plan: Plan, prices: Path | None = None) -> str:
     """The generated app's source for `plan` (deterministic for a plan and this machine's calibrations); `prices`
     overrides the catalog's prices `compute.max_cost` is counted at."""
     rate = validate(plan)
-    budget = budget_of(plan, load_prices(prices), rate.tokens_per_second)
     router = router_settings(plan)
     registry, tag = tei_image(plan)
+    budget = budget_of(plan, load_prices(prices), rate, None if plan.late is not None else f"{registry}:{tag}")
     local = local_model_dir(plan)
     model_dir = str(plan.model.files_dir)
     compute = plan.compute
@@ -367,7 +366,7 @@ def render_app(plan: Plan, prices: Path | None = None) -> str:
         "lease_run": lease_run(plan),
         "input_work_s": input_work_seconds(plan),
         "max_passes": MAX_PASSES,
-        "budget": None if budget is None else budget.to_dict(),
+        "budget": budget.to_dict(),
     }
     literals = {key: literal(value, lead=len(key) + 3) for key, value in values.items()}
     literals["router_args"] = _router_args_literal(router.args(model_dir, plan.model.ref, plan.model.revision))

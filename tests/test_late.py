@@ -21,6 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 from volembed_runner import catalog, store
+from volembed_runner import late as late_facts
 from volembed_runner.cli import app
 from volembed_runner.errors import SpecError
 from volembed_runner.loading import load_spec
@@ -107,6 +108,87 @@ def test_chunks_must_fit_the_colbert_document_length_with_its_markers(tmp_path: 
 
 def test_the_built_demo_model_is_refused_on_modal(tmp_path: Path) -> None:
     assert "built on this machine" in issue(write(tmp_path, backend="modal"))
+
+
+@pytest.mark.parametrize("how", [["--backend", "modal"], ["--set", "backend=modal"]])
+def test_the_local_only_demo_model_is_refused_with_backend_modal_from_the_command_line(tmp_path: Path,
+                                                                                        how: list[str]) -> None:
+    spec = write(tmp_path)
+    for command in (["run", str(spec), "--dry-run", *how], ["validate", str(spec), *how]):
+        if command[0] == "validate" and how[0] == "--backend":
+            continue  # validate takes no --backend
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and "embedding.model" in lines[0] and "local only" in lines[0], result.output
+    result = runner.invoke(app, ["render", str(spec), "-o", str(tmp_path / "app.py")])  # render is Modal's
+    assert result.exit_code == 2 and "local only" in result.output
+    assert not (tmp_path / "app.py").exists()
+
+
+@pytest.mark.parametrize("model", ["answerdotai/answerai-colbert-small-v1", "lightonai/GTE-ModernColBERT-v1"])
+def test_the_catalogs_colbert_models_resolve_with_their_own_dimension_and_document_length(tmp_path: Path,
+                                                                                          model: str) -> None:
+    known = catalog.find_model(model)
+    assert known is not None and known.kind == "late_interaction" and known.files and known.source
+    fits = known.max_input_tokens - known.special_tokens
+    plan = plan_of(write(tmp_path, model=model, backend="modal", size=fits))
+    assert plan.late is not None and plan.model.dim == known.dim and plan.embed.dim == known.dim
+    assert plan.late.query_length == known.query_length and plan.late.markers == known.markers
+    assert plan.late.index_bytes_per_token == known.dim * 4 + plan.late.index_m * 8 + late_facts.INDEX_OVERHEAD_BYTES
+    refused = issue(write(tmp_path, model=model, backend="modal", size=fits + 1))
+    assert "chunking.size" in refused and f"= {fits})" in refused
+    dense = write(tmp_path, model=model, backend="modal", size=fits)
+    dense.write_text(dense.read_text().replace("  kind: late_interaction\n", ""))
+    assert "embedding.kind" in issue(dense)
+    assert "embedding.dimensions" in issue(write(tmp_path, model=model, backend="modal", size=fits,
+                                                 extra="  dimensions: 64\n"))
+
+
+def test_answerai_colbert_small_gives_96_dim_token_vectors_not_128() -> None:
+    known = catalog.find_model("answerdotai/answerai-colbert-small-v1")
+    assert known is not None and known.dim == 96 and "96" in (known.source or "")
+
+
+def test_the_modal_image_bakes_the_files_pylate_loads_for_each_colbert_model(tmp_path: Path) -> None:
+    from volembed_runner.backends.modal import render
+
+    stanford = render.late_model_files(plan_of(write(tmp_path, model="colbert-ir/colbertv2.0", backend="modal")))
+    assert {"artifact.metadata", "model.safetensors", "vocab.txt"} <= set(stanford)
+    assert "pytorch_model.bin" not in stanford  # PyLate reads model.safetensors first; the .bin is 438 MB more
+    answerai = render.late_model_files(plan_of(write(tmp_path, model="answerdotai/answerai-colbert-small-v1",
+                                                     backend="modal", size=297)))
+    assert {"0_Transformer/*", "1_Dense/*"} <= set(answerai)  # its modules.json loads these folders
+    assert render.late_model_files(plan_of(write(tmp_path, model=str(tmp_path), backend="modal"))) \
+        == render.LATE_MODEL_FILES  # a model the catalog does not know: every layout PyLate reads
+
+
+def test_the_index_shard_bound_is_derived_from_the_index_containers_memory(tmp_path: Path) -> None:
+    spec = write(tmp_path)
+    plan = plan_of(spec)
+    late = plan.late
+    assert late is not None and late.index_memory_mib == plan.compute.embed.memory_mib
+    assert late.index_shard_tokens == late_facts.max_index_shard_tokens(late.index_memory_mib, 128)
+    assert late.index_shard_tokens * late.index_bytes_per_token <= late.index_memory_mib * 2**20 * 0.5
+    bounded = tmp_path / "bounded.yaml"
+    bounded.write_text(spec.read_text() + "output:\n  late:\n    index_shard_tokens: 500\n")
+    small = plan_of(bounded)
+    assert small.late and small.late.index_shard_tokens == 500 and small.late.fingerprint != late.fingerprint
+    assert small.embed.fingerprint == plan.embed.fingerprint  # only the index is rebuilt for a new bound
+
+
+@pytest.mark.parametrize(("value", "words"), [(100, "cannot hold one chunk"), (10**9, "GiB of RAM"),
+                                              (0, "greater than or equal to 1")])
+def test_an_index_shard_bound_that_cannot_work_is_refused(tmp_path: Path, value: int, words: str) -> None:
+    found = issue(write(tmp_path, extra=f"output:\n  late:\n    index_shard_tokens: {value}\n"))
+    assert "output.late.index_shard_tokens" in found and words in found
+
+
+def test_output_late_is_refused_for_a_dense_job(tmp_path: Path) -> None:
+    spec = write(tmp_path, model="sentence-transformers/all-MiniLM-L6-v2",
+                 extra="output:\n  late:\n    index_shard_tokens: 500\n")
+    spec.write_text(spec.read_text().replace("  kind: late_interaction\n", ""))
+    assert "output.late" in issue(spec) and "late_interaction only" in issue(spec)
 
 
 def test_the_plan_carries_the_query_side_and_an_index_fingerprint(tmp_path: Path) -> None:
@@ -268,7 +350,7 @@ def test_the_modal_app_runs_pylate_on_its_gpu_image_and_builds_the_index_there(t
     assert all(pkg in installs[0].split() for pkg in render.LATE_PACKAGES) and "torch==2.13.0" in installs[0]
     assert "--no-deps" in installs[1] and render.PYLATE_PACKAGE in installs[1]
     (weights,) = build_steps(rec, "Embedder.*")
-    assert build_kwargs(weights)["allow_patterns"] == render.LATE_MODEL_FILES
+    assert build_kwargs(weights)["allow_patterns"] == list(catalog.find_model("colbert-ir/colbertv2.0").files)
     assert "torch" not in " ".join(rec.dockerfile(fns["chunk"].image_id))  # CPU stages stay light
 
 

@@ -192,9 +192,9 @@ PLAN = {
             'timeout': 3600,
             'retries': 3,
         },
-        'output': {'include_text': False, 'index': None, 'hub': None},
+        'output': {'include_text': False, 'index': None, 'hub': None, 'late': None},
     },
-    'spec_hash': 'd088f9258be23e6f',
+    'spec_hash': '1cf39004b779b876',
     'git': {'commit': None, 'dirty': None},
     'data': {
         'kind': 'hf',

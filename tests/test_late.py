@@ -267,7 +267,7 @@ def test_a_query_equal_to_a_chunks_text_ranks_that_chunk_first(finished, monkeyp
     _home(monkeypatch, spec)
     from volembed_runner.stages import late
 
-    rows = pq.read_table(late.index_folder(plan.local_root(), plan) / late.ROWS_FILE).to_pylist()
+    rows = pq.read_table(late.shard_dir(late.index_folder(plan.local_root(), plan), 0) / late.ROWS_FILE).to_pylist()
     picked = [r for r in rows if len(r["snippet"].split()) <= 20][:4]
     results = late.search(plan.local_root(), plan, [r["snippet"] for r in picked], k=3)
     for row, hits in zip(picked, results, strict=True):
@@ -280,6 +280,94 @@ def test_a_query_equal_to_a_chunks_text_ranks_that_chunk_first(finished, monkeyp
     assert (found["hits"][0]["doc_id"], found["hits"][0]["chunk_index"]) == (picked[0]["doc_id"],
                                                                               picked[0]["chunk_index"])
     assert found["hits"][0]["shard"] == picked[0]["shard"]
+
+
+SHARD_BOUND = 200  # token vectors per index shard: a bit more than one chunk's (180), so 20 documents make several
+BOUNDED = f"output:\n  late:\n    index_shard_tokens: {SHARD_BOUND}\n"
+
+
+@pytest.fixture(scope="module")
+def sharded(finished: tuple[Path, Plan]) -> Plan:
+    """The finished run's token index built again in index shards of at most SHARD_BOUND token vectors (the same
+    embedding files: only the index stage runs)."""
+    spec, _ = finished
+    path = spec.parent / "sharded.yaml"
+    path.write_text(SPEC.format(model="volembed/colbert-minilm-demo", size=64, backend="local") + BOUNDED)
+    old = os.environ.get("VOLEMBED_HOME")
+    os.environ["VOLEMBED_HOME"] = str(spec.parent / "home")
+    try:
+        result = runner.invoke(app, [str(path)])
+        assert result.exit_code == 0, result.output
+        return plan_of(path)
+    finally:
+        os.environ.pop("VOLEMBED_HOME") if old is None else os.environ.__setitem__("VOLEMBED_HOME", old)
+
+
+@pytest.mark.slow
+def test_a_tiny_index_shard_bound_builds_several_shards_each_within_it(finished, sharded: Plan,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    spec, plan = finished
+    _home(monkeypatch, spec)
+    from volembed_runner.stages import late
+
+    root = plan.local_root()
+    one = store.read_json(store.marker_path(late.index_folder(root, plan)))
+    many = store.read_json(store.marker_path(late.index_folder(root, sharded)))
+    assert sharded.embed.fingerprint == plan.embed.fingerprint and many["units"] == one["units"]
+    assert one["index_shards"] == 1 and many["index_shards"] >= 3
+    folder = late.index_folder(root, sharded)
+    shards = [store.read_json(store.marker_path(late.shard_dir(folder, n))) for n in range(many["index_shards"])]
+    assert all(0 < s["token_vectors"] <= SHARD_BOUND for s in shards)
+    assert many["largest_shard_tokens"] <= SHARD_BOUND
+    _, vectors = _rows(plan)
+    assert sum(s["token_vectors"] for s in shards) == one["token_vectors"] == sum(len(v) for v in vectors)
+    assert sum(s["chunks"] for s in shards) == one["chunks"] == len(vectors)
+
+
+@pytest.mark.slow
+def test_searching_the_index_shards_finds_what_one_index_finds(finished, sharded: Plan,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    spec, plan = finished
+    _home(monkeypatch, spec)
+    from volembed_runner.stages import late
+
+    root = plan.local_root()
+    rows = pq.read_table(late.shard_dir(late.index_folder(root, plan), 0) / late.ROWS_FILE).to_pylist()
+    queries = [rows[i]["snippet"] for i in range(0, len(rows), max(1, len(rows) // 4))] + ["quantum garden", "comet"]
+    embedder = late.engine(plan)
+    one = late.search(root, plan, queries, k=3, embedder=embedder)
+    many = late.search(root, sharded, queries, k=3, embedder=embedder)
+    for a, b in zip(one, many, strict=True):
+        assert [(h.doc_id, h.chunk_index) for h in a] == [(h.doc_id, h.chunk_index) for h in b]
+        assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-3)
+        assert [h.columns for h in a] == [h.columns for h in b] and [h.shard for h in a] == [h.shard for h in b]
+
+
+@pytest.mark.slow
+def test_a_killed_index_build_resumes_per_index_shard(tmp_path: Path) -> None:
+    spec = write(tmp_path, docs=24, extra=BOUNDED)
+    env = {**os.environ, "VOLEMBED_HOME": str(tmp_path / "home")}
+    embedded = subprocess.run([sys.executable, "-m", "volembed_runner", str(spec), "--until", "embed"], env=env,
+                              capture_output=True, text=True)
+    assert embedded.returncode == 0, embedded.stderr
+    index = tmp_path / "home" / "volumes" / "testvol" / "runs" / "late" / "index"
+    _kill_after_first_marker([sys.executable, "-m", "volembed_runner", str(spec)], env, index)
+    (folder,) = [p for p in index.iterdir() if p.is_dir()]
+    done = sorted(p.name for p in folder.glob("shard-*.done"))
+
+    def shard_bytes(names: list[str]) -> dict[str, bytes]:
+        return {str(f.relative_to(folder)): f.read_bytes() for name in names
+                for f in sorted((folder / name.removesuffix(".done")).rglob("*")) if f.is_file()}
+
+    before = shard_bytes(done)
+    resumed = subprocess.run([sys.executable, "-m", "volembed_runner", str(spec), "--json"], env=env,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    stats = json.loads(folder.with_name(folder.name + ".done").read_text())
+    assert len(done) < stats["index_shards"], "the kill came after the last shard: nothing left to resume"
+    assert stats["index_shards_built"] == stats["index_shards"] - len(done)  # only the rest was built
+    assert shard_bytes(done) == before  # the shards finished before the kill are untouched
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []  # no half-built shard left
 
 
 @pytest.mark.slow

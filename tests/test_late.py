@@ -442,7 +442,7 @@ def test_the_modal_app_runs_pylate_on_its_gpu_image_and_builds_the_index_there(t
     assert "torch" not in " ".join(rec.dockerfile(fns["chunk"].image_id))  # CPU stages stay light
 
 
-def test_the_dry_run_counts_every_token_vector_and_the_index_in_storage(tmp_path: Path) -> None:
+def test_the_dry_run_counts_every_token_vector_and_prices_the_index_stage(tmp_path: Path) -> None:
     from tests.test_modal_app import REPO
 
     pdfs = REPO / "pipelines" / "colbert-pdfs.yaml"
@@ -456,8 +456,18 @@ def test_the_dry_run_counts_every_token_vector_and_the_index_in_storage(tmp_path
         result = runner.invoke(app, [str(spec), "--dry-run", "--json"])
         assert result.exit_code == 0, result.output
         estimate = json.loads(result.output)
-        return next(s for s in estimate["stages"] if s["name"] == "storage") | {"tokens": estimate["tokens"]}
+        stages = {s["name"]: s for s in estimate["stages"]}
+        assumptions = "\n".join(estimate["assumptions"])
+        assert ("token index:" in assumptions) == ("index" in stages)  # the bound's formula is stated with it
+        return (stages.get("storage") or {}) | {"tokens": estimate["tokens"], "index": stages.get("index")}
 
     late_storage, dense_storage = storage(late), storage(dense)
+    assert late_storage["index"]["cost_usd"] > 0 and late_storage["index"]["gpu_hours"] == 0  # CPU, priced
+    assert "index shard" in late_storage["index"]["note"] and "token vectors" in late_storage["index"]["note"]
+    assert dense_storage["index"] is None  # a dense spec without output.index has no index stage
+    local = tmp_path / "local.yaml"
+    local.write_text(late.read_text().replace("backend: modal", "backend: local"))
+    local_index = storage(local)["index"]
+    assert local_index["seconds"] > 0 and local_index["cost_usd"] == 0  # local: time only
     assert "token vectors" in late_storage["note"] and "token index" in late_storage["note"]
     assert late_storage["cost_usd"] > 3 * dense_storage["cost_usd"]  # one 128-dim vector per token vs one per chunk

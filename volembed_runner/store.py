@@ -84,7 +84,7 @@ def embeddings_dir(root: Path, name: str, embed_fp: str) -> Path:
 
 def index_dir(root: Path, name: str, index_fp: str) -> Path:
     """A run's index for one index fingerprint: the LanceDB database (`stages/index.py`), or a late-interaction
-    run's token index (`stages/late.py`, done when `is_done_folder`)."""
+    run's token index (`stages/late.py`: index shards `shard-NNNNN/` inside, done when `is_done_folder`)."""
     return run_dir(root, name) / "index" / index_fp
 
 

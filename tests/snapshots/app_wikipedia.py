@@ -508,7 +508,8 @@ else:
         """Build the run's token index on the Volume; returns its key with the index's statistics."""
         with shard_errors(key) as reply:
             sync_volume(volume, reload=True)  # the embed containers committed the vectors
-            reply.result = late.build_index(Path(ROOT), Plan.from_dict(PLAN))
+            # each index shard is committed once marked, so a lost container resumes at the next shard
+            reply.result = late.build_index(Path(ROOT), Plan.from_dict(PLAN), on_shard=lambda: sync_volume(volume))
             sync_volume(volume)
         return reply.to_dict()
 

@@ -22,6 +22,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -113,12 +114,14 @@ def shard_dir(folder: Path, number: int) -> Path:
     return folder / f"shard-{number:05d}"
 
 
-def build_index(root: Path, plan: Plan) -> dict[str, Any]:
+def build_index(root: Path, plan: Plan, on_shard: Callable[[], None] | None = None) -> dict[str, Any]:
     """Build the run's token index over every done embedding file, one index shard at a time (skipped when done).
 
     Each shard is a Voyager index over consecutive chunks holding at most `plan.late.index_shard_tokens` token
     vectors; only it is in RAM while it is built. It is written to a temporary folder, renamed into place and marked
-    done, so a rerun after a kill builds only the shards that are not done. The index is marked done last."""
+    done, so a rerun after a kill builds only the shards that are not done. The index is marked done last.
+    `on_shard` runs after each shard is marked (on Modal: the Volume commit that makes the shard survive a lost
+    container)."""
     late, folder = _late(plan), index_folder(root, plan)
     if index_done(root, plan):
         return store.read_json(store.marker_path(folder))
@@ -137,6 +140,8 @@ def build_index(root: Path, plan: Plan) -> dict[str, Any]:
         if not store.is_done_folder(target):
             _build_shard(root, plan, embed_folder, segments, target, first_id=chunks)
             built += 1
+            if on_shard is not None:
+                on_shard()
         stats.append(store.read_json(store.marker_path(target)))
         chunks += stats[-1]["chunks"]
     summary = {"chunks": chunks, "token_vectors": sum(s["token_vectors"] for s in stats), "units": len(units),

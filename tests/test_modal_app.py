@@ -115,11 +115,23 @@ class Rendered:
     family: str | None = None
 
 
+def modal_pipelines() -> list[Path]:
+    """The shipped pipelines that can render for Modal: all but those whose model is local only (the demo ColBERT,
+    refused with backend modal)."""
+    from volembed_runner import catalog
+
+    def local_only(path: Path) -> bool:
+        known = catalog.find_model(yaml.safe_load(path.read_text(encoding="utf-8"))["embedding"]["model"])
+        return known is not None and known.local_only
+
+    return [p for p in sorted((REPO / "pipelines").glob("*.yaml")) if not local_only(p)]
+
+
 def _all_plans(folder: Path) -> dict[str, tuple[Plan, str | None]]:
     plans: dict[str, tuple[Plan, str | None]] = {}
     for family, (gpu, _, _) in GPU_FAMILIES.items():
         plans[family] = (plan_from(spec_dict(gpu), folder), family)
-    for path in sorted((REPO / "pipelines").glob("*.yaml")):
+    for path in modal_pipelines():
         plans[f"pipeline:{path.stem}"] = (pipeline_plan(path), None)
     return plans
 
@@ -145,7 +157,7 @@ def deployed(rendered: dict[str, Rendered]) -> dict[str, Recorder]:
     return out
 
 
-KEYS = [*GPU_FAMILIES, *(f"pipeline:{p.stem}" for p in sorted((REPO / "pipelines").glob("*.yaml")))]
+KEYS = [*GPU_FAMILIES, *(f"pipeline:{p.stem}" for p in modal_pipelines())]
 
 
 # ── Import and Function.info(): no network, current API only ───────────────────────────────────────────────────────

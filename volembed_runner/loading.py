@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -376,8 +377,9 @@ def _model_at(at: Path_) -> type[BaseModel] | None:
     for part in at:
         if model is None or not isinstance(part, str) or part not in model.model_fields:
             return None
-        annotation = model.model_fields[part].annotation
-        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+        annotation = model.model_fields[part].annotation  # a section, or an optional one (`Hub | None`)
+        candidates = (annotation, *typing.get_args(annotation))
+        model = next((a for a in candidates if isinstance(a, type) and issubclass(a, BaseModel)), None)
     return model
 
 

@@ -23,6 +23,7 @@ import orjson
 from volembed_runner import catalog
 from volembed_runner.errors import SpecError, SpecIssue
 from volembed_runner.late import (
+    DEFAULT_LATE_DIM,
     INDEX_EF_CONSTRUCTION,
     INDEX_EF_SEARCH,
     INDEX_KIND,
@@ -31,10 +32,12 @@ from volembed_runner.late import (
     LATE,
     PYLATE_VERSION,
     LateSettings,
+    index_bytes_per_token,
+    max_index_shard_tokens,
 )
 from volembed_runner.machine import local_device, native_bf16, resolve_device_precision, usable_cores
 from volembed_runner.redact import public_record, public_url
-from volembed_runner.spec import Spec, prefix_tokens
+from volembed_runner.spec import Spec, local_only_error, prefix_tokens
 
 PACKAGE_SCHEME = "package:"
 MODAL_ROOT = "/vol"  # where the Volume is mounted in every Modal container (never /data: TEI's image uses it)
@@ -438,6 +441,10 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
     """Resolve a validated spec into a Plan (local files are globbed and fingerprinted here)."""
     spec_path = Path(spec_path)
     backend = backend or spec.backend
+    local_only = local_only_error(spec.embedding.model, backend)
+    if local_only is not None:  # the spec's own backend was checked on load; this is a --backend override
+        raise SpecError([SpecIssue(str(spec_path), "embedding.model", f"{local_only} (backend {backend} from the "
+                                   "command line)")])
     ds = spec.dataset
     files: list[Path] = []
     if ds.files is not None:
@@ -537,7 +544,8 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
         fingerprint=fingerprint(embed_key),
         query_prefix=spec.query_prefix,
     )
-    late_settings = resolve_late(spec, embed.fingerprint) if late else None
+    late_settings = resolve_late(spec, embed.fingerprint, embed.dim or DEFAULT_LATE_DIM,
+                                 compute.embed.memory_mib) if late else None
     warnings = []
     if model.known and engine == "tei" and not is_commit(revision):
         warnings.extend(f"{model.ref}: {issue}" for issue in model.known_issues)
@@ -563,10 +571,18 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
     )
 
 
-def resolve_late(spec: Spec, embed_fingerprint: str) -> LateSettings:
-    """The query side of a ColBERT model (catalog) and the token index's settings, fingerprinted after embed."""
+def resolve_late(spec: Spec, embed_fingerprint: str, dim: int, memory_mib: int) -> LateSettings:
+    """The query side of a ColBERT model (catalog) and the token index's settings, fingerprinted after embed. The
+    index shard bound is the spec's `output.late.index_shard_tokens`, else what INDEX_MEMORY_SHARE of the index
+    container's memory (`containers.yaml` embed: the PyLate image's container, which builds the index on Modal and
+    bounds it locally too) holds at `index_bytes_per_token`."""
     known = catalog.find_model(spec.embedding.model)
-    settings = {"index": INDEX_KIND, "m": INDEX_M, "ef_construction": INDEX_EF_CONSTRUCTION}
+    wanted = spec.output.late.index_shard_tokens if spec.output.late else None
+    shard_tokens = wanted or max_index_shard_tokens(memory_mib, dim)
+    source = ("output.late.index_shard_tokens" if wanted else
+              f"derived: {memory_mib:,} MiB x INDEX_MEMORY_SHARE / {index_bytes_per_token(dim)} B per token vector")
+    settings = {"index": INDEX_KIND, "m": INDEX_M, "ef_construction": INDEX_EF_CONSTRUCTION,
+                "shard_tokens": shard_tokens}
     return LateSettings(
         query_length=known.query_length if known else None,
         markers=known.markers if known else (),
@@ -577,6 +593,10 @@ def resolve_late(spec: Spec, embed_fingerprint: str) -> LateSettings:
         index_ef_construction=INDEX_EF_CONSTRUCTION,
         index_ef_search=INDEX_EF_SEARCH,
         k_token=K_TOKEN,
+        index_shard_tokens=shard_tokens,
+        index_bytes_per_token=index_bytes_per_token(dim),
+        index_memory_mib=memory_mib,
+        index_shard_source=source,
         fingerprint=fingerprint({"embeddings": embed_fingerprint, **settings}),
     )
 

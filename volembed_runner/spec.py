@@ -14,6 +14,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic_core import PydanticCustomError
 
 from volembed_runner import catalog
+from volembed_runner.late import DEFAULT_LATE_DIM, INDEX_MEMORY_SHARE, index_bytes_per_token, max_index_shard_tokens
 
 SPEC_VERSION = 1
 DEFAULT_CHUNK_SIZE = 512  # tokens per chunk when the spec sets none and the model takes that many
@@ -287,6 +288,14 @@ class Hub(_Section):
         None, description="The dataset card's license id (default: the source dataset's, read from its card)")
 
 
+class LateOutput(_Section):
+    """The token index of a late-interaction run (`embedding.kind: late_interaction`)."""
+
+    index_shard_tokens: int | None = Field(
+        None, ge=1, description="The most token vectors one index shard holds (one shard is in RAM at a time); "
+        "default: what half the index container's memory holds at dim x 4 + M x 2 x 4 + overhead bytes per token")
+
+
 class Output(_Section):
     """What the embedding files carry besides the vectors, and where the run is published."""
 
@@ -295,6 +304,33 @@ class Output(_Section):
         None, description="Index stage after embed: the run's vectors as a LanceDB table (with an ANN index once it "
         "holds 100,000 rows), which `volembed-run search` uses; needs the `index` extra")
     hub: Hub | None = Field(None, description="Push the chunk and embedding files to the Hub as a finish step")
+    late: LateOutput | None = Field(None, description="Late interaction: the token index's shard size")
+
+
+def local_only_error(model: str, backend: str) -> str | None:
+    """Why `model` cannot run on `backend` (a catalog model made or kept on this machine, on Modal), or None."""
+    known = catalog.find_model(model)
+    if known is None or not known.local_only or backend != "modal":
+        return None
+    return (f"{known.id} is built on this machine for the offline demo (local only), so it cannot run with "
+            "backend: modal; use a Hub ColBERT model such as colbert-ir/colbertv2.0, or backend: local")
+
+
+def index_shard_error(tokens: int, known: catalog.Model | None) -> str | None:
+    """Why an index shard of `tokens` token vectors is refused: it cannot hold one chunk's vectors, or it would
+    not fit the index container's memory; None when it fits."""
+    if known is not None and tokens < known.max_input_tokens:
+        return (f"{tokens} cannot hold one chunk's token vectors: {known.id} gives up to {known.max_input_tokens} "
+                f"per chunk; set at least {known.max_input_tokens}")
+    dim = known.dim if known is not None else DEFAULT_LATE_DIM
+    memory = int(catalog.containers()["embed"]["memory_mib"])
+    most = max_index_shard_tokens(memory, dim)
+    if tokens > most:
+        need = tokens * index_bytes_per_token(dim) / 2**30
+        return (f"{tokens:,} token vectors need {need:,.1f} GiB of RAM ({index_bytes_per_token(dim)} bytes each), "
+                f"more than {INDEX_MEMORY_SHARE:.0%} of the index container's {memory / 1024:g} GiB allows "
+                f"(at most {most:,})")
+    return None
 
 
 class Spec(BaseModel):
@@ -342,6 +378,9 @@ class Spec(BaseModel):
             raise _cross("embedding.kind", "{model} is a {kind} model, not {wanted}; {hint}", model=known.id,
                          kind=kind.replace("_", "-"), wanted=emb.kind.replace("_", "-"), hint=hint)
         if emb.kind != "late_interaction":
+            if self.output.late is not None:
+                raise _cross("output.late", "applies to embedding.kind: late_interaction only (the token index); "
+                             "remove it")
             return self
         for field, value, default in (("dimensions", emb.dimensions, None), ("normalize", emb.normalize, True),
                                       ("endpoint", emb.endpoint, None), ("prefix", emb.prefix, None),
@@ -355,9 +394,14 @@ class Spec(BaseModel):
         if self.output.index is not None:
             raise _cross("output.index", "does not apply to late_interaction, which builds its own token index "
                          "(Voyager) after embed; remove it")
-        if known is not None and known.build is not None and self.backend == "modal":
-            raise _cross("embedding.model", "{model} is built on this machine for the offline demo; on Modal use a "
-                         "Hub ColBERT model such as colbert-ir/colbertv2.0", model=known.id)
+        error = local_only_error(emb.model, self.backend)
+        if error is not None:
+            raise _cross("embedding.model", error)
+        shard_tokens = self.output.late.index_shard_tokens if self.output.late else None
+        if shard_tokens is not None:
+            error = index_shard_error(shard_tokens, known)
+            if error is not None:
+                raise _cross("output.late.index_shard_tokens", error)
         return self
 
     @model_validator(mode="after")

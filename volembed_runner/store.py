@@ -32,6 +32,7 @@ import contextlib
 import glob
 import json
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -83,7 +84,7 @@ def embeddings_dir(root: Path, name: str, embed_fp: str) -> Path:
 
 def index_dir(root: Path, name: str, index_fp: str) -> Path:
     """A run's index for one index fingerprint: the LanceDB database (`stages/index.py`), or a late-interaction
-    run's token index (`stages/late.py`, done when `is_done_folder`)."""
+    run's token index (`stages/late.py`: index shards `shard-NNNNN/` inside, done when `is_done_folder`)."""
     return run_dir(root, name) / "index" / index_fp
 
 
@@ -318,15 +319,18 @@ def is_zombie(pid: int) -> bool:
 
 
 def remove_dead_temporaries(folder: Path, prefix: str) -> None:
-    """Delete the temporary files under names starting with `prefix` whose writer is provably gone (a killed
-    process on this machine); a live writer's temporary, or another machine's, is never touched."""
+    """Delete the temporary files (or folders) under names starting with `prefix` whose writer is provably gone (a
+    killed process on this machine); a live writer's temporary, or another machine's, is never touched."""
     if not folder.is_dir():
         return
     for tmp in folder.glob(f".{glob.escape(prefix)}*.tmp"):
         # `.{name}.{host}-{pid}.{random}.tmp`: the writer's tag sits between the file's name and mkstemp's suffix
         tag = tmp.name[:-len(".tmp")].rsplit(".", 1)[0].rsplit(".", 1)[-1]
         if _writer_gone(tag):
-            tmp.unlink(missing_ok=True)
+            if tmp.is_dir():  # a folder being built (an index shard)
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
 
 
 def remove_stale_temporaries(path: Path) -> None:

@@ -226,9 +226,9 @@ PLAN = {
             'timeout': 3600,
             'retries': 3,
         },
-        'output': {'include_text': False, 'index': None, 'hub': None},
+        'output': {'include_text': False, 'index': None, 'hub': None, 'late': None},
     },
-    'spec_hash': 'd088f9258be23e6f',
+    'spec_hash': '1cf39004b779b876',
     'git': {'commit': None, 'dirty': None},
     'data': {
         'kind': 'hf',
@@ -542,7 +542,8 @@ else:
         """Build the run's token index on the Volume; returns its key with the index's statistics."""
         with shard_errors(key) as reply:
             sync_volume(volume, reload=True)  # the embed containers committed the vectors
-            reply.result = late.build_index(Path(ROOT), Plan.from_dict(PLAN))
+            # each index shard is committed once marked, so a lost container resumes at the next shard
+            reply.result = late.build_index(Path(ROOT), Plan.from_dict(PLAN), on_shard=lambda: sync_volume(volume))
             sync_volume(volume)
         return reply.to_dict()
 

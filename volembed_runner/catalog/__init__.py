@@ -52,6 +52,7 @@ class Model:
     tei_revision: str | None = None  # a commit the pinned TEI loads, where the Hub's main does not
     tei_revision_source: str | None = None
     card: str | None = None  # the model card the facts come from
+    source: str | None = None  # where each fact was read, and when (late-interaction entries)
     matryoshka_min_dim: int | None = None  # trained for truncation down to this width (None: not trained for it)
     matryoshka_source: str | None = None
     query_prefix: str = ""  # what `search` puts before a query (the model card's retrieval instruction)
@@ -64,6 +65,9 @@ class Model:
     # (without --yes), where this model's differs from the default; with the public source of that figure.
     min_probe_cosine: float | None = None
     min_probe_cosine_source: str | None = None
+    local_only: bool = False  # runs with backend: local only (it exists on this machine, not on the Hub)
+    files: tuple[str, ...] = ()  # late interaction: the Hub files the Modal image bakes (allow patterns)
+    files_source: str | None = None
 
 
 @dataclass(frozen=True)
@@ -131,9 +135,9 @@ def models() -> dict[str, Model]:
         package = PackagedModel(**m["package"]) if m.get("package") else None
         issues = tuple(m.get("known_issues", []))
         build = BuiltModel(**m["build"]) if m.get("build") else None
-        fields = {k: v for k, v in m.items() if k not in ("package", "known_issues", "build", "markers")}
+        fields = {k: v for k, v in m.items() if k not in ("package", "known_issues", "build", "markers", "files")}
         out[model_id] = Model(id=model_id, package=package, known_issues=issues, build=build,
-                              markers=tuple(m.get("markers", [])), **fields)
+                              markers=tuple(m.get("markers", [])), files=tuple(m.get("files", [])), **fields)
     return out
 
 

@@ -51,6 +51,7 @@ from volembed_runner.estimate.sizes import (
     hub_sizes,
     local_sizes,
 )
+from volembed_runner.late import INDEX_OVERHEAD_BYTES
 from volembed_runner.plan import Plan
 from volembed_runner.units import UNIT_TIMEOUT_SHARE, fleet_of
 
@@ -158,6 +159,12 @@ def estimate(plan: Plan, *, prices: Path | None = None, sample_cap: int = SAMPLE
                 "(volembed_runner/units.py)")
     if rate is not None:
         assumptions.append(f"throughput: {rate.source}")
+    if plan.late is not None:
+        late = plan.late
+        assumptions.append(
+            f"token index: {catalog.throughput()['late_index']['source']}, scaled by cores; built in index shards of "
+            f"≤ {late.index_shard_tokens:,} token vectors ({late.index_shard_source}; {late.index_bytes_per_token} B "
+            f"per vector = dim × 4 + M {late.index_m} × 2 × 4 + {INDEX_OVERHEAD_BYTES} overhead), one in RAM at a time")
     if plan.backend == "modal" or job is not None:
         assumptions.extend(modal_assumptions(plan, price_table))
     alternatives = other_gpus(plan, job, price_table, calibrations, dim, sizes.remote)

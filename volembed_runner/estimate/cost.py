@@ -210,6 +210,13 @@ def modal_job(plan: Plan, job: Job, gpu: str, rate: float, prices: Prices, dim: 
                         note=f"{rate:,.0f} tokens/s per GPU; {units:,} units; start {gpu_start + load:g} s + scaledown "
                              f"{idle:g} s each"))
 
+    if plan.late is not None:  # the token index: one CPU container of the PyLate image (the embed size, no GPU)
+        cores, gib = compute.embed.cpu, compute.embed.memory_gib
+        busy = index_seconds(job, cores)
+        wall = cpu_start + busy
+        stages.append(Stage("index", 1, describe_resources(cores, gib), wall, wall * cores / 3600, 0.0,
+                            prices.container(wall, cores, gib), note=index_note(plan, job, cores)))
+
     work_wall = total([s.seconds for s in stages])
     cores, gib = compute.orchestrator.cpu, compute.orchestrator.memory_gib
     orch_s = cpu_start + (work_wall or 0.0)
@@ -261,8 +268,36 @@ def local_job(plan: Plan, job: Job, rate: float, remote: bool, load: float | Non
         Stage("embed", 1, f"local engine, {cores} cores", embed, embed * cores / 3600, 0.0, 0.0,
               note=f"{rate:,.0f} tokens/s + {load:g} s model load"),
     ]
+    index = 0.0
+    if plan.late is not None:  # the token index, in this process after embed
+        index = index_seconds(job, cores)
+        stages.append(Stage("index", 1, f"{cores} cores", index, index * cores / 3600, 0.0, 0.0,
+                            note=index_note(plan, job, cores)))
     overhead = float(catalog.throughput()["local"]["overhead_seconds"])
-    return Priced(stages, overhead + download + chunk + embed, 0.0, 0.0, 0)
+    return Priced(stages, overhead + download + chunk + embed + index, 0.0, 0.0, 0)
+
+
+def index_rate(cores: float) -> float:
+    """Token vectors per second the late-interaction index build takes on `cores` cores (the catalog's measured
+    rate, scaled linearly by cores: Voyager adds vectors on every core)."""
+    table = catalog.throughput()["late_index"]
+    return float(table["token_vectors_per_second"]) / float(table["cores"]) * cores
+
+
+def index_seconds(job: Job, cores: float) -> float:
+    """Seconds to build the token index: one vector per processed token (an upper bound: PyLate drops
+    punctuation tokens) at `index_rate`."""
+    return job.processed / index_rate(cores)
+
+
+def index_note(plan: Plan, job: Job, cores: float) -> str:
+    """The index stage's line: vectors, rate, and its shards with their memory bound."""
+    late = plan.late
+    assert late is not None
+    shards = max(1, math.ceil(job.processed / late.index_shard_tokens))
+    shard_gib = late.index_shard_tokens * late.index_bytes_per_token / 2**30
+    return (f"{job.processed:,.0f} token vectors at {index_rate(cores):,.0f}/s; {shards:,} index shard(s) of "
+            f"≤ {late.index_shard_tokens:,} token vectors, ≤ {shard_gib:,.1f} GiB in RAM each")
 
 
 def price(plan: Plan, job: Job, tokens_per_second: float, rate: Rate, prices: Prices, dim: int,

@@ -74,9 +74,16 @@ TEI_PACKAGES = _pinned(("httpx", "huggingface_hub", "numpy", "orjson", "pyarrow"
 LATE_PACKAGES = _pinned(("torch", "sentence-transformers", "transformers", "datasets", "voyager", "huggingface_hub",
                          "numpy", "orjson", "pyarrow", "pydantic", "pyyaml", "tokenizers"))
 PYLATE_PACKAGE, = _pinned(("pylate",))
-# A ColBERT checkpoint's files: a PyLate folder (modules.json, 1_Dense/) or a Stanford one (artifact.metadata and
-# the projection inside the weights, which may be only pytorch_model.bin).
+# A ColBERT checkpoint's files where the catalog does not list them (`files` in catalog/models.yaml, read from the
+# Hub repo): a PyLate folder (modules.json, 1_Dense/) or a Stanford one (artifact.metadata and the projection inside
+# the weights, which may be only pytorch_model.bin).
 LATE_MODEL_FILES = [*MODEL_FILE_PATTERNS, "1_Dense/*", "artifact.metadata", "pytorch_model.bin"]
+
+
+def late_model_files(plan: Plan) -> list[str]:
+    """The files the PyLate image bakes for the plan's model: the catalog's list for it, else LATE_MODEL_FILES."""
+    known = catalog.find_model(plan.model.ref)
+    return list(known.files) if known is not None and known.files else list(LATE_MODEL_FILES)
 
 UPLOADS_DIR = "uploads"
 TEI_HOST = "127.0.0.1"
@@ -323,7 +330,7 @@ def render_app(plan: Plan, prices: Path | None = None) -> str:
         "engine": "pylate" if plan.late is not None else "tei",
         "late_packages": list(LATE_PACKAGES),
         "pylate_package": PYLATE_PACKAGE,
-        "late_model_files": LATE_MODEL_FILES,
+        "late_model_files": late_model_files(plan),
         "tei_registry": registry,
         "tei_tag": tag,
         "model_id": plan.model.ref,

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from volembed_runner.backends.modal import launch, render
 from volembed_runner.budget import Budget, Meter, StagePrice
-from volembed_runner.estimate.cost import POINT_RATE_FACTOR
+from volembed_runner.estimate.cost import POINT_RATE_FACTOR, budget_of
 from volembed_runner.estimate.prices import load_prices
 from volembed_runner.loading import load_spec
 from volembed_runner.plan import make_plan
@@ -109,6 +109,23 @@ def test_the_generated_app_holds_max_cost_at_the_prices_of_the_run(tmp_path: Pat
     # Without a max_cost the run is still metered (cost so far, the measured rate), and never stopped.
     unbudgeted = launch.import_app(render.write_app(make_plan(load_spec(spec), spec), tmp_path / "free.py"))
     assert unbudgeted.BUDGET["max_cost"] is None and unbudgeted.BUDGET["rate_of"] == budget.rate_of
+
+
+def test_the_index_stage_counts_against_the_budget_at_its_containers_price(tmp_path: Path) -> None:
+    (tmp_path / "docs.jsonl").write_text('{"text": "hello"}\n')
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(SPEC)
+    prices = load_prices(None)
+    dense = make_plan(load_spec(spec, ["compute.max_cost=25"]), spec)
+    assert "index" not in budget_of(dense, prices, render.embed_rate(dense)).stages
+    indexed = make_plan(load_spec(spec, ["compute.max_cost=25", "output.index=lancedb"]), spec)
+    price = budget_of(indexed, prices, render.embed_rate(indexed)).stages["index"]
+    assert price.usd_per_second == prices.container(1.0, indexed.index.cpu, indexed.index.memory_mib / 1024)
+    assert price.usd_per_second > 0 and price.max_containers == 1
+    # An index that the budget cannot pay for is not started: the run stops there, its vectors kept.
+    meter = Meter(Budget(1.0, {"index": StagePrice(1.0, 2.0, 1, 1)}, 100.0, "test prices"), Clock())
+    meter.start("index")
+    assert not meter.admit("index") and meter.stopped
 
 
 def test_without_a_max_cost_the_meter_counts_and_measures_but_never_refuses() -> None:

@@ -136,6 +136,10 @@ def budget_of(plan: Plan, prices: Prices, rate: Rate, image: str | None = None) 
         "chunk": (c.chunk.cpu, c.chunk.memory_gib, None, cpu_start, c.chunk_workers, 1),
         "embed": (c.embed.cpu, c.embed.memory_gib, c.gpu, gpu_start, c.concurrency_limit, c.allow_concurrent_inputs),
     }
+    if plan.late is not None:  # the token index: one CPU container of the embed size, as the app requests it
+        shapes["index"] = (c.embed.cpu, c.embed.memory_gib, None, cpu_start, 1, 1)
+    elif plan.index is not None:  # the LanceDB table
+        shapes["index"] = (plan.index.cpu, plan.index.memory_mib / 1024, None, cpu_start, 1, 1)
     stages: dict[str, StagePrice] = {}
     missing = []
     for name, (cores, gib, gpu, start, containers, inputs) in shapes.items():

@@ -101,4 +101,10 @@ def test_the_generated_app_holds_max_cost_at_the_prices_of_the_run(tmp_path: Pat
     assert budget.stages["embed"].max_containers == 2 and budget.stages["embed"].inputs_per_container == 2
     assert f"prices from {prices}" in budget.source
     unbudgeted = launch.import_app(render.write_app(make_plan(load_spec(spec), spec), tmp_path / "free.py"))
-    assert unbudgeted.BUDGET is None
+    unlimited = Budget.from_dict(unbudgeted.BUDGET)  # no max_cost: counted at the same prices, never refused
+    assert unlimited.max_cost is None
+    assert unlimited.stages["embed"].usd_per_second == load_prices().container(1.0, c.embed.cpu, c.embed.memory_gib,
+                                                                               "L4")
+    meter = Meter(unlimited, Clock())
+    meter.start("embed")
+    assert all(meter.admit(f"u{i}", 1e12) for i in range(100))

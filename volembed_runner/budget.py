@@ -8,7 +8,9 @@ as inputs are fed and finish. Before an embed unit is fed, the cost so far plus 
 not finished (counted whole: the progress of a unit in flight is not known), and of this one, at the rate measured
 so far (the plan's rate until a unit has finished), must stay within the budget; otherwise the feed stops, what is
 in flight drains, and the run ends saying so. A CPU input is fed while the cost so far is under the budget. The cost
-of earlier passes of the same run is carried in.
+of earlier passes of the same run is carried in. A run without `compute.max_cost` is counted the same way (a Budget
+whose `max_cost` is None refuses nothing): the Meter is the one count of cost so far that progress, `status` and the
+manifest's `cost` record show.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ class StagePrice:
 
 @dataclass(frozen=True)
 class Budget:
-    """The run's `compute.max_cost`, the prices it is counted at, and the embed rate it starts from."""
+    """The run's `compute.max_cost` (None: unlimited, counted only), the prices it is counted at, and the embed rate
+    it starts from."""
 
-    max_cost: float
+    max_cost: float | None
     stages: dict[str, StagePrice]
     tokens_per_second: float  # one GPU's processed tokens/s before any unit has finished (the plan's rate)
     source: str
@@ -46,7 +49,9 @@ class Budget:
     def from_dict(cls, data: dict[str, Any]) -> Budget:
         """The inverse of `to_dict`."""
         stages = {name: StagePrice(**value) for name, value in data["stages"].items()}
-        return cls(float(data["max_cost"]), stages, float(data["tokens_per_second"]), str(data["source"]))
+        limit = data["max_cost"]
+        return cls(None if limit is None else float(limit), stages, float(data["tokens_per_second"]),
+                   str(data["source"]))
 
 
 @dataclass
@@ -116,7 +121,8 @@ class Meter:
                 committed = (self.fed_tokens - self.done_tokens + tokens) / self.rate() * price.usd_per_second
             else:
                 committed = 0.0
-            if self.total + start + committed > self.budget.max_cost:
+            limit = self.budget.max_cost
+            if limit is not None and self.total + start + committed > limit:
                 self.stopped, self.would_reach = True, self.total + start + committed
                 return False
             self.spent += start

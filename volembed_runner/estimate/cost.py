@@ -96,12 +96,10 @@ def probe_cost(plan: Plan, processed: float, rate: Rate, prices: Prices) -> Prob
                      None if per_second is None else worst * per_second, note)
 
 
-def budget_of(plan: Plan, prices: Prices, tokens_per_second: float) -> Budget | None:
-    """`compute.max_cost` as the orchestrator holds it: each stage's containers at their per-second prices, with the
-    starts `modal_job` counts (a GPU container: start, model load and scale-down idle), or None without a budget.
-    A stage whose price is unknown is not counted (the source says so)."""
-    if plan.compute.max_cost is None:
-        return None
+def budget_of(plan: Plan, prices: Prices, tokens_per_second: float) -> Budget:
+    """How the orchestrator counts a Modal run's cost: each stage's containers at their per-second prices, with the
+    starts `modal_job` counts (a GPU container: start, model load and scale-down idle), held to `compute.max_cost`
+    (without one, counted and never refused). A stage whose price is unknown is not counted (the source says so)."""
     consts = catalog.throughput()["modal"]
     c = plan.compute
     cpu_start = float(consts["cpu_container_start_seconds"])
@@ -118,7 +116,8 @@ def budget_of(plan: Plan, prices: Prices, tokens_per_second: float) -> Budget | 
             stages[name] = StagePrice(per_second, start, containers, inputs)
     missing = [name for name in shapes if name not in stages]
     source = prices.source + (f"; not counted (price unknown): {', '.join(missing)}" if missing else "")
-    return Budget(float(c.max_cost), stages, tokens_per_second, source + "; the orchestrator and storage not counted")
+    limit = None if c.max_cost is None else float(c.max_cost)
+    return Budget(limit, stages, tokens_per_second, source + "; the orchestrator and storage not counted")
 
 
 def total(values: list[float | None]) -> float | None:
@@ -311,22 +310,3 @@ def time_cost_interval(plan: Plan, job: Job, counts: Counts, rate: Rate, prices:
     costs = [p.cost_usd for p in ends]
     return {"wall_seconds": None if None in walls else [min(walls), max(walls)],  # type: ignore[type-var]
             "cost_usd": None if None in costs else [min(costs), max(costs)]}  # type: ignore[type-var]
-
-
-
-def spend_per_second(plan: Plan, prices: Prices, stage: str, todo: int) -> float | None:
-    """Modal's list price per second of a stage while it runs `todo` inputs: as many of its containers as the
-    generated app lets it scale to (all counted busy, so what progress shows is an upper bound), plus the
-    orchestrator. None where a price is unknown or the stage is not one of the app's."""
-    c = plan.compute
-    if stage == "download":
-        n, size, gpu = min(todo, c.download_max_containers), c.download, None
-    elif stage == "chunk":
-        n, size, gpu = min(todo, c.chunk_workers), c.chunk, None
-    elif stage == "embed":
-        n, size, gpu = min(c.concurrency_limit, math.ceil(todo / c.allow_concurrent_inputs)), c.embed, c.gpu
-    else:
-        return None
-    each = prices.container(1.0, size.cpu, size.memory_gib, gpu)
-    orchestrator = prices.container(1.0, c.orchestrator.cpu, c.orchestrator.memory_gib)
-    return None if each is None or orchestrator is None else n * each + orchestrator

@@ -367,7 +367,7 @@ def render_app(plan: Plan, prices: Path | None = None) -> str:
         "lease_run": lease_run(plan),
         "input_work_s": input_work_seconds(plan),
         "max_passes": MAX_PASSES,
-        "budget": None if budget is None else budget.to_dict(),
+        "budget": budget.to_dict(),
     }
     literals = {key: literal(value, lead=len(key) + 3) for key, value in values.items()}
     literals["router_args"] = _router_args_literal(router.args(model_dir, plan.model.ref, plan.model.revision))

@@ -138,9 +138,36 @@ INPUT_WORK_S = 14435
 # rest of its timeout records the manifest and spawns the next orchestrator.
 HANDOVER_AFTER_S = 70165
 MAX_PASSES = 60
-# compute.max_cost as the orchestrator holds it (volembed_runner/budget.py): each stage's containers at these prices,
-# per second; it stops feeding before an input that would pass it. None: no budget.
-BUDGET = None
+# How the orchestrator counts cost so far (volembed_runner/budget.py): each stage's containers at these prices, per
+# second; it stops feeding before an input that would pass compute.max_cost (max_cost None: counted, never stopped).
+BUDGET = {
+    'max_cost': None,
+    'stages': {
+        'download': {
+            'usd_per_second': 3.5079999999999996e-05,
+            'start_seconds': 5.0,
+            'max_containers': 32,
+            'inputs_per_container': 1,
+        },
+        'chunk': {
+            'usd_per_second': 3.5079999999999996e-05,
+            'start_seconds': 5.0,
+            'max_containers': 100,
+            'inputs_per_container': 1,
+        },
+        'embed': {
+            'usd_per_second': 0.00037616,
+            'start_seconds': 105.0,
+            'max_containers': 50,
+            'inputs_per_container': 40,
+        },
+    },
+    'tokens_per_second': 45900,
+    'source': (
+        "catalog prices (Modal's list prices, https://modal.com/pricing, 2026-07-01); the orchestrator and storage "
+        'not counted'
+    ),
+}
 
 # The resolved job: settings, fingerprints and provenance (spec, its hash, the git commit) this container can't see.
 PLAN = {
@@ -365,8 +392,6 @@ with cpu_image.imports():
         sync_volume,
     )
     from volembed_runner.budget import Budget
-    from volembed_runner.estimate.cost import spend_per_second
-    from volembed_runner.estimate.prices import load_prices
     from volembed_runner.lease import Holder
     from volembed_runner.orchestrate import orchestrate as run_pipeline
     from volembed_runner.plan import Plan
@@ -535,12 +560,10 @@ def push(repo: str, private: bool = False, license: str = "") -> dict:
 # failures in the manifest, and before its 24 h limit stops feeding, drains what it fed and hands over to a fresh
 # call (resume makes that safe; the lease makes the successor wait for any input a dead predecessor left running).
 def progress_log(plan: Plan) -> RunProgress:
-    """Progress in the orchestrator's log (streamed to `modal run` and `volembed-run SPEC`): a line per stage and per
-    failed shard, and at least every 10 s the running stage's shards, tokens/s, ETA and cost so far at the catalog's
-    list prices, every container the stage may use counted busy (the full record is the manifest: `status`)."""
-    prices = load_prices()
-    return RunProgress(Console(file=sys.stdout, width=200, soft_wrap=True),
-                       spend=lambda stage, todo: spend_per_second(plan, prices, stage, todo))
+    """Progress in the orchestrator's log (streamed to `modal run`, and to `volembed-run SPEC` when piped): a line
+    per stage and per failed shard, and at least every 10 s the running stage's shards, tokens/s, ETA and cost so far,
+    from the same record the manifest keeps as `progress` (what `status` and an attached terminal show)."""
+    return RunProgress(Console(file=sys.stdout, width=200, soft_wrap=True))
 
 
 @app.function(image=cpu_image, volumes=VOLUMES, secrets=secrets + hub_secrets, cpu=ORCHESTRATE_CPU,
@@ -560,7 +583,7 @@ def orchestrate(until: str = "", passes: int = 1) -> dict:
         outcome = run_pipeline(plan, Path(ROOT), mapper, lease_store=DictLeaseStore(leases, LEASE_RUN),
                                holder=Holder.here("modal"), work_seconds=INPUT_WORK_S, wait=INPUT_WORK_S,
                                until=until or None, deadline=deadline, fleet=fleet_of(plan, EMBED_TOKENS_PER_SECOND),
-                               on_event=log, budget=Budget.from_dict(BUDGET) if BUDGET else None)
+                               on_event=log, budget=Budget.from_dict(BUDGET))
     sync_volume(volume)
     if outcome.over_budget:
         cost = outcome.budget or {}

@@ -2,10 +2,11 @@
 
 The record arrives as the orchestrator's `Progressed` events (a local run, and the orchestrator's own log on Modal)
 or polled from the manifest on the Volume (an attached Modal run on a terminal): one renderer for both. On a
-terminal: a rich bar per stage with its shards, tokens/s, ETA, elapsed time and (on Modal) cost so far. When piped
-(or in a Modal container's log): a plain line when a stage starts and ends, one per failed shard, and a status line
-at least every `every` seconds while a stage runs, from a ticker thread, so a long shard never leaves the log
-silent. Between records, elapsed time and ETA move on with `clock` (seconds since the epoch, as the record's `at`).
+terminal: a rich bar per stage with its shards, tokens/s, ETA, elapsed time and (on Modal) its cost so far. When
+piped (or in a Modal container's log): a plain line when a stage starts and ends, one per failed shard, and a status
+line (with the run's cost so far and projected total) at least every `every` seconds while a stage runs, from a
+ticker thread, so a long shard never leaves the log silent. Between records, elapsed time and ETA move on with
+`clock` (seconds since the epoch, as the record's `at`).
 """
 
 from __future__ import annotations
@@ -50,21 +51,33 @@ def eta(entry: dict[str, Any], age: float) -> float | None:
 
 
 def stage_line(name: str, entry: dict[str, Any], age: float = 0.0) -> str:
-    """`embed: 3 of 10 shard(s), 12,345 tokens/s, ETA 1m20s, 45s elapsed, $0.12 so far`."""
+    """`embed: 3 of 10 shard(s), 12,345 tokens/s, ETA 1m20s, 45s elapsed`."""
     before = int(entry.get("before") or 0)
     parts = [f"{before + int(entry.get('done') or 0):,} of {int(entry.get('total') or 0):,} shard(s)"
              + (f" ({before:,} done before)" if before else "")]
     if entry.get("failed"):
         parts.append(f"{entry['failed']:,} failed")
-    rate, left, cost = entry.get("tokens_per_second"), eta(entry, age), entry.get("cost_usd")
+    rate, left = entry.get("tokens_per_second"), eta(entry, age)
     if rate:
         parts.append(f"{rate:,.0f} tokens/s")
     if left is not None:
         parts.append(f"ETA {duration(left)}")
     parts.append(f"{duration(elapsed(entry, age))} elapsed")
-    if cost is not None:
-        parts.append(f"{usd(cost)} so far")
     return f"{name}: " + ", ".join(parts)
+
+
+def running_line(record: dict[str, Any], now: float) -> str | None:
+    """The running stage of a record as a status line, with the run's cost so far and projected total where they
+    are counted; None when no stage runs."""
+    name = record.get("stage")
+    entry = (record.get("stages") or {}).get(name or "")
+    if entry is None or entry.get("finished") or not entry.get("todo"):
+        return None
+    line = stage_line(str(name), entry, max(0.0, now - float(record.get("at") or now)))
+    cost, projected = record.get("cost_usd"), record.get("projected_total_usd")
+    if cost is not None:
+        line += f", {usd(cost)} so far" + (f", projected total {usd(projected)}" if projected is not None else "")
+    return line
 
 
 def closing_line(name: str, entry: dict[str, Any]) -> str:
@@ -87,15 +100,10 @@ def opening_line(name: str, entry: dict[str, Any]) -> str:
 
 
 def run_line(record: dict[str, Any], now: float) -> str | None:
-    """The running stage of a record as a status line, with how old the record is; None when no stage runs."""
-    name = record.get("stage")
-    entry = (record.get("stages") or {}).get(name or "")
-    if entry is None:
-        return None
+    """`running_line`, saying how old the record is (what `status` prints)."""
+    line = running_line(record, now)
     age = max(0.0, now - float(record.get("at") or now))
-    projected = record.get("projected_total_usd")
-    return (stage_line(str(name), entry, age) + (f", projected total {usd(projected)}" if projected is not None
-                                                  else "") + f" (as of {duration(age)} ago)")
+    return None if line is None else f"{line} (as of {duration(age)} ago)"
 
 
 class RunProgress:
@@ -159,6 +167,8 @@ class RunProgress:
                     if entry.get("todo") and not self.live and not self.quiet:
                         self._say(closing_line(name, entry), now)
             self._draw(now)
+            if self.live:
+                self.progress.refresh()  # every record on screen, however soon the next one comes
 
     def _draw(self, now: float) -> None:
         """Bring every bar to the last record, its running stage's times moved on to `now`."""
@@ -185,17 +195,9 @@ class RunProgress:
                 return
             if self.quiet or self.record is None or now - self.last_line < self.every - self._wake:
                 return
-            line = self._running_line(now)
+            line = running_line(self.record, now)
             if line is not None:
                 self._say(line, now)
-
-    def _running_line(self, now: float) -> str | None:
-        record = self.record or {}
-        name = record.get("stage")
-        entry = (record.get("stages") or {}).get(name or "")
-        if entry is None or entry.get("finished") or not entry.get("todo"):
-            return None
-        return stage_line(str(name), entry, max(0.0, now - float(record.get("at") or now)))
 
     def _tick_forever(self) -> None:
         while not self._stop.wait(self._wake):

@@ -288,3 +288,43 @@ def test_the_summary_names_tokens_and_chunk_tokens_as_the_dry_run_does() -> None
     assert "900" in rows["tokens"] and "1,010" in rows["chunk tokens"] and "2" in rows["truncated"]
     assert "1 (listed in the manifest" in rows["failed shards"]
     assert "505 chunk tokens/s" in out.getvalue()
+
+
+@pytest.mark.parametrize(("terminal_err", "args", "bars"), [(True, [], True), (True, ["--debug"], False),
+                                                           (False, [], False)], ids=["terminal", "debug", "piped"])
+def test_an_attached_modal_run_draws_bars_only_on_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             terminal_err: bool, args: list[str], bars: bool) -> None:
+    from typer.testing import CliRunner
+
+    from tests.paid_run import SPEC
+    from volembed_runner import cli
+    from volembed_runner.backends.modal import launch
+
+    spec = tmp_path / "paid.yaml"
+    spec.write_text(SPEC)
+    out = io.StringIO()
+    monkeypatch.setattr(cli, "err_console", lambda: Console(file=out, force_terminal=terminal_err, width=200))
+    clock = FakeClock()
+    tracker = Tracker(clock)
+    tracker.start("embed", 4, 4, None, 0.0)
+    clock.now += 10
+    tracker.shard("embed", failed=False, tokens=5000)
+    polled = tracker.record({"spent_usd": 1.25, "projected_total_usd": 5.0})
+    followed: list[Any] = []
+
+    def run(plan: Any, *, until: Any, detach: bool, on_upload: Any = None, prices: Any = None,
+            on_progress: Any = None) -> launch.Launched:
+        followed.append(on_progress)
+        if on_progress is not None:
+            on_progress(polled)  # what the poller read from the Volume
+        return launch.Launched(plan.name, "ap-1", None, detached=False, summary={"ok": True, "stages": ["embed"]})
+
+    monkeypatch.setattr(launch, "run", run)
+    monkeypatch.setenv("MODAL_TOKEN_ID", "ak-test")
+    monkeypatch.setenv("MODAL_TOKEN_SECRET", "as-test")
+    result = CliRunner().invoke(cli.app, [str(spec), "--yes", *args])
+    assert result.exit_code == 0, result.output
+    assert (followed[0] is not None) == bars
+    text = out.getvalue()
+    assert ("1/4" in text and "500 tokens/s" in text and "$1.25" in text) == bars
+    assert ("progress shows once the orchestrator runs" in text) == bars

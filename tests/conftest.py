@@ -44,7 +44,7 @@ def launched(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     calls: list[str] = []
 
-    def fake_run(plan, *, until, detach, on_upload=None, prices=None) -> launch.Launched:
+    def fake_run(plan, *, until, detach, on_upload=None, prices=None, on_progress=None) -> launch.Launched:
         calls.append(plan.name)
         return launch.Launched(plan.name, "ap-1", None, detached=False, summary={"ok": True, "stages": []})
 

@@ -109,6 +109,13 @@ def test_the_generated_app_holds_max_cost_at_the_prices_of_the_run(tmp_path: Pat
     # Without a max_cost the run is still metered (cost so far, the measured rate), and never stopped.
     unbudgeted = launch.import_app(render.write_app(make_plan(load_spec(spec), spec), tmp_path / "free.py"))
     assert unbudgeted.BUDGET["max_cost"] is None and unbudgeted.BUDGET["rate_of"] == budget.rate_of
+    unlimited = Budget.from_dict(unbudgeted.BUDGET)  # no max_cost: counted at the same prices, never refused
+    assert unlimited.max_cost is None
+    assert unlimited.stages["embed"].usd_per_second == load_prices().container(1.0, c.embed.cpu, c.embed.memory_gib,
+                                                                               "L4")
+    meter = Meter(unlimited, Clock())
+    meter.start("embed")
+    assert all(meter.admit(f"u{i}", 1e12) for i in range(100))
 
 
 def test_the_index_stage_counts_against_the_budget_at_its_containers_price(tmp_path: Path) -> None:

@@ -310,6 +310,45 @@ def test_inputs_of_a_dead_orchestrator_run_on_and_its_successor_waits_for_them(
     assert Counter(a.args for a in live.embed_attempts()).most_common(1)[0][1] == 1  # none of them redone
 
 
+def test_status_of_a_detached_run_in_flight_shows_tokens_per_second_eta_and_cost_so_far(
+    live: LiveApp, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from volembed_runner import cli
+    from volembed_runner.orchestrate import ShardFinished
+    from volembed_runner.stages import finish
+
+    assert live.orchestrate("chunk")["ok"]
+    monkeypatch.setattr(finish, "WRITE_EVERY_S", 0.0)  # the first unit's record is on the Volume when we look
+    seen: list[tuple[str, dict[str, Any]]] = []
+
+    class VolumeFiles:
+        """What `status` reads through `modal.Volume.read_file`: the fake's Volume is the folder `live.root`."""
+
+        def read_file(self, path: str) -> Iterator[bytes]:
+            yield (live.root / path.lstrip("/")).read_bytes()
+
+    def look(event: Any) -> None:
+        if isinstance(event, ShardFinished) and event.stage == "embed" and not seen:
+            with monkeypatch.context() as patch:  # `volembed-run status SPEC` while the orchestrator runs
+                patch.setattr(modal.Volume, "from_name", lambda *args, **kwargs: VolumeFiles())
+                result = CliRunner().invoke(cli.app, ["status", str(tmp_path / "spec.yaml")])
+            assert result.exit_code == 0, result.output
+            seen.append((result.output, json.loads(store.manifest_path(live.root, live.plan.name).read_text())))
+
+    monkeypatch.setattr(live.module, "progress_log", lambda plan: contextlib.nullcontext(look))
+    assert live.orchestrate()["ok"]
+    ((output, manifest),) = seen
+    record, cost = manifest["progress"], manifest["cost"]
+    assert record["stage"] == "embed" and record["cost_usd"] == cost["spent_usd"] > 0  # one count: the Meter's
+    assert "modal-runs: running" in output
+    (line,) = [line for line in output.splitlines() if line.startswith("running: embed: ")]
+    rate = record["stages"]["embed"]["tokens_per_second"]
+    assert f"{rate:,.0f} tokens/s" in line and "ETA " in line and " ago)" in line
+    assert f"${cost['spent_usd']:,.2f} so far, projected total ${cost['projected_total_usd']:,.2f}" in line
+
+
 # ── Launching: checks before anything is created ────────────────────────────────────────────────────────────────
 
 

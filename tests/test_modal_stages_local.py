@@ -170,7 +170,9 @@ def test_the_orchestrator_runs_every_stage_of_the_generated_app(app_module, caps
     assert summary["ok"] and summary["stages"] == ["download", "chunk", "embed"] and summary["next_call"] is None
     log = capsys.readouterr().out  # the orchestrator's log, as Modal streams it: each stage's end, priced
     for stage in ("download", "chunk", "embed"):
-        assert re.search(rf"^{stage}: done in \S+, \d+ shard\(s\) run.*≤ \$\d", log, re.M), log
+        assert re.search(rf"^{stage}: done in \S+, \d+ shard\(s\) run.*, \$\d", log, re.M), log
+    manifest = json.loads(store.manifest_path(root, plan.name).read_text())
+    assert manifest["progress"]["cost_usd"] == manifest["cost"]["spent_usd"]  # one count: the Meter's
 
     folder = store.embeddings_dir(root, plan.name, plan.embed.fingerprint)
     chunk_folder = store.chunks_dir(root, plan.name, plan.chunk.fingerprint)

@@ -20,7 +20,8 @@ they go on to cost is at most that. Where the true rate is lower, the overshoot 
 shortfall before a unit finishes, and after it the measured rate takes over. A CPU input (download, chunk) is fed
 while the cost so far plus its container's start is under the budget: its run time is not projected. The cost of
 earlier passes of the same run is carried in. Without a max_cost (None) the Meter counts and measures, and never
-refuses.
+refuses: every Modal run has one, the one count of cost so far that progress, `status` and the manifest's `cost`
+record show.
 """
 
 from __future__ import annotations

@@ -137,7 +137,7 @@ def run_cmd(
         if dry_run:
             _dry_run(plan, prices, as_json)
         elif plan.backend == "modal":
-            _run_modal(plan, until=until, yes=yes, detach=detach, prices=prices, as_json=as_json)
+            _run_modal(plan, until=until, yes=yes, detach=detach, prices=prices, as_json=as_json, debug=debug)
         else:
             _run_local(plan, until=until, as_json=as_json)
 
@@ -168,7 +168,7 @@ def _on_terminal() -> bool:
 
 
 def _run_modal(plan: Plan, *, until: str | None, yes: bool, detach: bool, prices: Path | None,
-               as_json: bool) -> None:
+               as_json: bool, debug: bool = False) -> None:
     from volembed_runner.backends.modal.launch import require_credentials
     from volembed_runner.backends.modal.render import validate
     from volembed_runner.estimate import estimate
@@ -186,9 +186,19 @@ def _run_modal(plan: Plan, *, until: str | None, yes: bool, detach: bool, prices
     ask_first = _on_terminal() and not yes
     check_spend(plan, est, yes=yes,
                 confirm=(lambda _: ask(err, f"Start {plan.name} on Modal? [y/N] ")) if ask_first else None)
-    launched = run_modal(plan, until=until, detach=detach, prices=prices,
-                         on_upload=lambda n, where: err.print(f"uploading {n} file(s) to Modal volume {where}",
-                                                              markup=False))
+    from volembed_runner.ui.progress import RunProgress
+
+    # On a terminal, bars drawn from the progress record polled from the Volume; piped (or --debug, --json), Modal's
+    # own output: image builds, the containers' logs and the orchestrator's plain progress lines.
+    bars = err.is_terminal and not (debug or as_json or detach)
+    if bars:
+        err.print(f"starting {plan.name} on Modal (a first run builds its images: minutes); progress shows once the "
+                  "orchestrator runs (--debug streams Modal's own output instead)", markup=False)
+    with RunProgress(err, quiet=not bars) as progress:
+        launched = run_modal(plan, until=until, detach=detach, prices=prices,
+                             on_upload=lambda n, where: err.print(f"uploading {n} file(s) to Modal volume {where}",
+                                                                  markup=False),
+                             on_progress=progress.show if bars else None)
     if launched.detached:
         err.print(f"submitted {plan.name} (app {launched.app_id}, call {launched.call_id}); follow it with "
                   "`volembed-run status SPEC`, end it with `volembed-run stop SPEC`", markup=False)

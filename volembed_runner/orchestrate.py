@@ -3,9 +3,11 @@
 A backend supplies a `Mapper` (a process pool locally; `Function.map` on Modal) and the fleet the embed stage runs
 on, and the orchestrator decides what to map. It is the one place that checks done-markers: it skips finished work,
 cuts the embed stage's units to the fleet (`units.plan_units`), records every failure in the manifest with its
-cause, reports progress as typed events, and stops feeding before a deadline so a fresh orchestrator can pick up
-where it left off (resume makes that safe), or when the next input would pass the run's budget (`budget.py`: the run
-then ends, and a rerun with a raised `compute.max_cost` continues). Stage functions just do the work they are given.
+cause, keeps the figures of the pass in flight in the manifest (`progress.py`: shards, tokens/s, ETA, and cost so
+far from the run's `budget.Meter`) and reports them and every shard as typed events, and stops feeding before a
+deadline so a fresh orchestrator can pick up where it left off (resume makes that safe), or when the next input
+would pass the run's budget (`budget.py`: the run then ends, and a rerun with a raised `compute.max_cost`
+continues). Stage functions just do the work they are given.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from volembed_runner.budget import Budget, Meter
 from volembed_runner.errors import describe, is_transient
 from volembed_runner.lease import Holder, Keeper, LeaseStore, held
 from volembed_runner.plan import Plan
+from volembed_runner.progress import Tracker
 from volembed_runner.sources import SourceTask
 from volembed_runner.stages import download as download_stage
 from volembed_runner.stages import index as index_stage
@@ -121,7 +124,15 @@ class StageFinished:
     at: float = field(default_factory=time.time)
 
 
-Event = StageStarted | ShardFinished | StageFinished
+@dataclass(frozen=True)
+class Progressed:
+    """The pass's figures changed: `record` is the manifest's `progress` as of now (`progress.Tracker.record`)."""
+
+    record: dict[str, Any]
+    at: float = field(default_factory=time.time)
+
+
+Event = StageStarted | ShardFinished | StageFinished | Progressed
 
 
 @dataclass
@@ -131,7 +142,7 @@ class Outcome:
     stages_run: list[str] = field(default_factory=list)
     failed: dict[str, list[str]] = field(default_factory=dict)
     handover: bool = False
-    budget: dict[str, Any] | None = None  # the manifest's `cost` record, when the run has a budget
+    budget: dict[str, Any] | None = None  # the manifest's `cost` record, when the run's cost is counted (Modal)
     unretryable: dict[str, dict[str, int]] = field(default_factory=dict)  # stage → failed shard → its exit status
 
     @property
@@ -166,9 +177,10 @@ def orchestrate(
     The pass holds the run's lease (`lease.py`) from before it touches the manifest to its end, so a second run of
     the same spec is refused (RunHeld) without writing anything. `work_seconds` is how long one submitted input may
     run if this process dies (the lease then stays taken that long); `wait` how long to wait for a stopped holder's.
-    `fleet` is what the embed units are sized for (default: the plan's, its rate unknown). With a `budget`, cost
-    so far is counted on `clock` (`budget.Meter`, carrying in earlier unfinished passes' spend) and feeding stops
-    before an input that would pass it.
+    `fleet` is what the embed units are sized for (default: the plan's, its rate unknown). With a `budget` (every
+    Modal run has one, unlimited without `compute.max_cost`), cost so far is counted on `clock` (`budget.Meter`,
+    carrying in earlier unfinished passes' spend) and feeding stops before an input that would pass it; `clock`
+    also times the progress record.
     An error that ends the whole pass (an unlistable source, say) is recorded in the manifest before it propagates,
     so `status` never shows a dead run as running.
     """
@@ -203,7 +215,7 @@ def _passes(
     meter: Meter | None,
 ) -> Outcome:
     outcome = Outcome()
-    run = _Shards(manifest, keeper, outcome, emit, meter)
+    run = _Shards(manifest, keeper, outcome, emit, meter, clock)
 
     def out_of_time() -> bool:
         return deadline is not None and clock() >= deadline
@@ -225,7 +237,7 @@ def _passes(
         index = download_stage.finalize(root, plan.data, tasks)
     else:
         manifest.skip_stage("download")
-        emit(StageStarted("download", len(index), 0))  # done before: said, so a rerun's output names every stage
+        run.skipped("download", len(index))  # done before: said, so a rerun's output names every stage
         outcome.stages_run.append("download")
     renamed = download_stage.renamed_ids(root, plan.data)
     if renamed:
@@ -256,7 +268,7 @@ def _passes(
     if not run("embed", [u.key for u in units], len(units) + len(already), mapper.embed, out_of_time, str):
         return outcome
     store.remove_dead_temporaries(embed_folder, "shard-")
-    run.record(0)
+    run.record()
     if (plan.index is None and plan.late is None) or until == "embed" or not outcome.ok:
         manifest.close(outcome_ok=outcome.ok)
         return outcome
@@ -292,18 +304,37 @@ class _Shards:
     """Maps one stage over its pending shards at a time, for one pass (its manifest, lease, outcome and budget)."""
 
     def __init__(self, manifest: Manifest, keeper: Keeper, outcome: Outcome, emit: Callable[[Event], None],
-                 meter: Meter | None) -> None:
+                 meter: Meter | None, clock: Callable[[], float]) -> None:
         self.manifest = manifest
         self.keeper = keeper
         self.outcome = outcome
         self.emit = emit
         self.meter = meter
+        self.tracker = Tracker(clock)
         self.tokens: dict[str, float] = {}  # processed tokens of each embed unit (what the budget projects)
 
-    def record(self, remaining: int, remaining_tokens: float = 0.0) -> None:
-        """Keep the cost so far (and the projection for what remains) in the manifest and the outcome."""
+    def spent(self) -> float | None:
+        """The run's cost so far (None where it is not counted)."""
+        return None if self.meter is None else float(self.meter.record(0, 0.0)["spent_usd"])
+
+    def record(self) -> None:
+        """Keep the cost so far (with the projection for the embed units not finished) and the pass's figures in
+        the manifest (written with its next write) and the outcome, and report the figures."""
+        cost = None
         if self.meter is not None:
-            self.outcome.budget = self.manifest.data["cost"] = self.meter.record(remaining, remaining_tokens)
+            embed = self.tracker.stages.get("embed")
+            remaining = 0 if embed is None else embed.todo - embed.done
+            cost = self.meter.record(remaining, self.tracker.remaining_tokens("embed"))
+            self.outcome.budget = self.manifest.data["cost"] = cost
+        self.manifest.data["progress"] = record = self.tracker.record(cost)
+        self.emit(Progressed(record))
+
+    def skipped(self, stage: str, total: int) -> None:
+        """A stage whose every input an earlier pass finished."""
+        self.tracker.start(stage, total, 0, None, self.spent())
+        self.tracker.finish(stage, self.spent())
+        self.record()
+        self.emit(StageStarted(stage, total, 0))
 
     def __call__(
         self,
@@ -325,12 +356,18 @@ class _Shards:
         manifest, keeper, outcome, meter = self.manifest, self.keeper, self.outcome, self.meter
         keeper.check()
         keeper.stage = stage
+        if meter is not None:
+            meter.start(stage)
+        tokens = self.tokens if stage == "embed" else None
+        self.tracker.start(stage, total, len(todo),
+                           None if tokens is None else sum(tokens.get(key_of(item), 0.0) for item in todo),
+                           self.spent())
+        self.record()
         manifest.start_stage(stage, total=total, skipped=total - len(todo))
         self.emit(StageStarted(stage, total, len(todo)))
         failed: list[str] = []
         admit = None
         if meter is not None:
-            meter.start(stage)
 
             def admit(item: K) -> bool:
                 key = key_of(item)
@@ -350,15 +387,16 @@ class _Shards:
                 outcome.unretryable.setdefault(stage, {})[shard] = final
             if meter is not None:
                 meter.finished(shard, ok=error is None)
-                self.record(0)
+            done = tokens.get(shard, 0.0) if tokens is not None else float((stats or {}).get("tokens", 0) or 0)
+            self.tracker.shard(stage, failed=error is not None, tokens=done)
+            self.record()
             manifest.shard_finished(stage, shard, error, stats, unretryable=final)
             self.emit(ShardFinished(stage, shard, error, stats))
         keeper.lease.busy = False
+        self.tracker.finish(stage, self.spent())
+        self.record()
         self.emit(StageFinished(stage, len(failed)))
         if feed.stopped and feed.fed < len(todo):
-            left = todo[feed.fed:] if stage == "embed" else []
-            self.record(len(todo) - feed.fed if stage == "embed" else 0,
-                        sum(self.tokens.get(key_of(item), 0.0) for item in left))
             outcome.handover = not feed.refused
             manifest.finish_stage(stage)
             manifest.close(outcome_ok=False, handover=outcome.handover, stopped=feed.refused)

@@ -89,12 +89,14 @@ def check_quality(plan: Plan, *, yes: bool) -> None:
 
 
 def run_modal(plan: Plan, *, until: str | None, detach: bool,
-              on_upload: Callable[[int, str], None] | None = None, prices: Path | None = None) -> Launched:
+              on_upload: Callable[[int, str], None] | None = None, prices: Path | None = None,
+              on_progress: Callable[[dict[str, Any]], None] | None = None) -> Launched:
     """Run `plan` on Modal (after `check_spend`); raises StageError when shards failed, BudgetExhausted when it
-    stopped at `compute.max_cost` (counted at `prices`)."""
+    stopped at `compute.max_cost` (counted at `prices`). `on_progress` gets the progress record polled from the
+    Volume while an attached run goes, in place of Modal's streamed output (`launch.run`)."""
     from volembed_runner.backends.modal import launch
 
-    return launch.run(plan, until=until, detach=detach, on_upload=on_upload, prices=prices)
+    return launch.run(plan, until=until, detach=detach, on_upload=on_upload, prices=prices, on_progress=on_progress)
 
 
 class _EmbedTokens:

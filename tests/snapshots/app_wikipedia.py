@@ -399,8 +399,6 @@ with cpu_image.imports():
         sync_volume,
     )
     from volembed_runner.budget import Budget
-    from volembed_runner.estimate.cost import spend_per_second
-    from volembed_runner.estimate.prices import load_prices
     from volembed_runner.lease import Holder
     from volembed_runner.orchestrate import orchestrate as run_pipeline
     from volembed_runner.plan import Plan
@@ -570,12 +568,10 @@ def push(repo: str, private: bool = False, license: str = "") -> dict:
 # failures in the manifest, and before its 24 h limit stops feeding, drains what it fed and hands over to a fresh
 # call (resume makes that safe; the lease makes the successor wait for any input a dead predecessor left running).
 def progress_log(plan: Plan) -> RunProgress:
-    """Progress in the orchestrator's log (streamed to `modal run` and `volembed-run SPEC`): a line per stage and per
-    failed shard, and at least every 10 s the running stage's shards, tokens/s, ETA and cost so far at the catalog's
-    list prices, every container the stage may use counted busy (the full record is the manifest: `status`)."""
-    prices = load_prices()
-    return RunProgress(Console(file=sys.stdout, width=200, soft_wrap=True),
-                       spend=lambda stage, todo: spend_per_second(plan, prices, stage, todo))
+    """Progress in the orchestrator's log (streamed to `modal run`, and to `volembed-run SPEC` when piped): a line
+    per stage and per failed shard, and at least every 10 s the running stage's shards, tokens/s, ETA and cost so far,
+    from the same record the manifest keeps as `progress` (what `status` and an attached terminal show)."""
+    return RunProgress(Console(file=sys.stdout, width=200, soft_wrap=True))
 
 
 @app.function(image=cpu_image, volumes=VOLUMES, secrets=secrets + hub_secrets, cpu=ORCHESTRATE_CPU,

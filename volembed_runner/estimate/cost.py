@@ -379,22 +379,3 @@ def time_cost_interval(plan: Plan, job: Job, counts: Counts, rate: Rate, prices:
     costs = [p.cost_usd for p in ends]
     return {"wall_seconds": None if None in walls else [min(walls), max(walls)],  # type: ignore[type-var]
             "cost_usd": None if None in costs else [min(costs), max(costs)]}  # type: ignore[type-var]
-
-
-
-def spend_per_second(plan: Plan, prices: Prices, stage: str, todo: int) -> float | None:
-    """Modal's list price per second of a stage while it runs `todo` inputs: as many of its containers as the
-    generated app lets it scale to (all counted busy, so what progress shows is an upper bound), plus the
-    orchestrator. None where a price is unknown or the stage is not one of the app's."""
-    c = plan.compute
-    if stage == "download":
-        n, size, gpu = min(todo, c.download_max_containers), c.download, None
-    elif stage == "chunk":
-        n, size, gpu = min(todo, c.chunk_workers), c.chunk, None
-    elif stage == "embed":
-        n, size, gpu = min(c.concurrency_limit, math.ceil(todo / c.allow_concurrent_inputs)), c.embed, c.gpu
-    else:
-        return None
-    each = prices.container(1.0, size.cpu, size.memory_gib, gpu)
-    orchestrator = prices.container(1.0, c.orchestrator.cpu, c.orchestrator.memory_gib)
-    return None if each is None or orchestrator is None else n * each + orchestrator

@@ -66,10 +66,18 @@ def _files_line(files: tuple[str, ...]) -> str:
                                        else "")
 
 
-def print_status(manifest: dict[str, Any], console: Console) -> None:
-    """A manifest as a short table: one row per stage, then the failed shards with their causes."""
+def print_status(manifest: dict[str, Any], console: Console, now: float | None = None) -> None:
+    """A manifest as a short table: the running stage's figures (tokens/s, ETA, cost so far, from its `progress`
+    record, with its age at `now`), one row per stage, then the failed shards with their causes."""
+    import time
+
+    from volembed_runner.ui.progress import run_line
+
     console.print(f"{manifest.get('name')}: {manifest.get('status')} (pass {manifest.get('passes')}, "
                   f"updated {manifest.get('updated_at') or manifest.get('started_at')})", markup=False)
+    line = run_line(manifest.get("progress") or {}, time.time() if now is None else now)
+    if manifest.get("status") == "running" and line is not None:
+        console.print(f"running: {line}", markup=False)
     stopped = manifest.get("interrupted")
     if stopped:
         console.print(f"interrupted: its writer stopped at {stopped.get('at')} during the {stopped.get('stage')} "

@@ -8,16 +8,18 @@ running job is refused with one line naming its holder (the lease, read through 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, TracebackType
 from typing import TYPE_CHECKING, Any
 
 from volembed_runner import store
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
 CREDENTIALS_HINT = ("no Modal credentials: run `modal setup` (or `modal token new`), "
                     "or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET")
 RUN_RECORD = "run.json"
+POLL_SECONDS = 3.0  # how often an attached run on a terminal reads the progress record from the Volume
 
 
 @dataclass(frozen=True)
@@ -162,11 +165,66 @@ def check_not_running(plan: Plan) -> None:
         check_free(DictLeaseStore(leases, render.lease_run(plan)), wait=render.input_work_seconds(plan))
 
 
+class ProgressPoller:
+    """While an attached run goes, reads the manifest's `progress` record (`volembed_runner/progress.py`) every
+    `every` seconds and hands each new one to `show`: the same record `status` prints, so the terminal's bars and
+    `status` agree. The record found before the run starts (an earlier run's) is never shown; a failed read is
+    skipped (the next one may succeed) and the last record is read once more at the end."""
+
+    def __init__(self, read: Callable[[], dict[str, Any] | None], show: Callable[[dict[str, Any]], None],
+                 every: float = POLL_SECONDS) -> None:
+        self.read, self.show, self.every = read, show, every
+        self.last_at: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll_forever, daemon=True, name="progress-poller")
+
+    def _current(self) -> dict[str, Any] | None:
+        try:
+            manifest = self.read()
+        except (BackendError, OSError):
+            return None
+        record = (manifest or {}).get("progress")
+        return record if isinstance(record, dict) else None
+
+    def prime(self) -> None:
+        """Remember the record already there, so that only the run's own records are shown."""
+        record = self._current()
+        self.last_at = None if record is None else record.get("at")
+
+    def poll(self) -> None:
+        """Read the record once; show it if it is new."""
+        record = self._current()
+        if record is not None and record.get("at") != self.last_at:
+            self.last_at = record.get("at")
+            self.show(record)
+
+    def _poll_forever(self) -> None:
+        while not self._stop.wait(self.every):
+            self.poll()
+
+    def __enter__(self) -> ProgressPoller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        if exc_type is None:
+            self.poll()
+
+
 def run(plan: Plan, *, until: str | None, detach: bool,
-        on_upload: Callable[[int, str], None] | None = None, prices: Path | None = None) -> Launched:
+        on_upload: Callable[[int, str], None] | None = None, prices: Path | None = None,
+        on_progress: Callable[[dict[str, Any]], None] | None = None) -> Launched:
     """Check, render `plan` into the build folder and run it on Modal.
 
-    Attached, the app is ephemeral and this process follows the orchestrator (through its hand-overs) to the end.
+    Attached, the app is ephemeral and this process follows the orchestrator (through its hand-overs) to the end:
+    Modal's output (image builds, every container's log, the orchestrator's plain progress lines) streams here, or,
+    with `on_progress`, none of it does and the progress record polled from the Volume goes to `on_progress`
+    instead. modal 1.6.4 cannot stream one without the other: `enable_output()` turns on the status spinner, build
+    logs and the app's log stream together, and the log stream ignores quiet mode (`_output/rich.py`,
+    `put_streaming_log`), so two live displays would share the terminal.
     With `detach`, the app is deployed under the job's name and the orchestrator spawned on it, so the job, its
     hand-overs included, outlives this process; `status` reads its progress and `stop` ends it. Either way the
     orchestrator is spawned (Modal retries it server-side). Failed shards raise StageError (a rerun retries just
@@ -189,10 +247,15 @@ def run(plan: Plan, *, until: str | None, detach: bool,
             call = module.orchestrate.spawn(until or "")
         _record_run(folder, plan, app_id=module.app.app_id, deployed=True, call_id=call.object_id)
         return Launched(plan.name, module.app.app_id, call.object_id, detached=True)
-    with _modal_errors("run the app"), modal.enable_output(), module.app.run():
+    poller = None if on_progress is None else ProgressPoller(lambda: read_manifest(plan), on_progress)
+    output = modal.enable_output() if poller is None else contextlib.nullcontext()
+    with _modal_errors("run the app"), output, module.app.run():
+        if poller is not None:
+            poller.prime()
         call = module.orchestrate.spawn(until or "")
         _record_run(folder, plan, app_id=module.app.app_id, deployed=False, call_id=call.object_id)
-        summary = _follow(call.get())
+        with poller or contextlib.nullcontext():
+            summary = _follow(call.get())
     keep_measured_rate(plan)
     _check(plan, summary)
     return Launched(plan.name, module.app.app_id, call.object_id, detached=False, summary=summary)
@@ -282,9 +345,8 @@ def keep_measured_rate(plan: Plan, manifest: dict[str, Any] | None = None) -> di
     return store_run_rate(manifest)
 
 
-def status(plan: Plan) -> dict[str, Any]:
-    """The run's manifest.json, read from its Volume (live progress while the job runs)."""
-    require_credentials()
+def read_manifest(plan: Plan) -> dict[str, Any] | None:
+    """The run's manifest.json as on its Volume now, or None when there is none yet."""
     import modal
     from modal.exception import NotFoundError
 
@@ -293,12 +355,22 @@ def status(plan: Plan) -> dict[str, Any]:
         try:
             data = b"".join(modal.Volume.from_name(plan.volume).read_file(remote))
         except (NotFoundError, FileNotFoundError):
-            raise BackendError(f"no manifest at {plan.volume}:{remote} yet: {plan.name} has not started on Modal "
-                               "(or the volume name changed)") from None
+            return None
     try:
         return json.loads(data)
     except ValueError as exc:
         raise BackendError(f"{plan.volume}:{remote} is not valid JSON ({exc})") from None
+
+
+def status(plan: Plan) -> dict[str, Any]:
+    """The run's manifest.json, read from its Volume (live progress while the job runs: its `progress` record)."""
+    require_credentials()
+    manifest = read_manifest(plan)
+    if manifest is None:
+        remote = store.manifest_path(Path("/"), plan.name).as_posix()
+        raise BackendError(f"no manifest at {plan.volume}:{remote} yet: {plan.name} has not started on Modal "
+                           "(or the volume name changed)")
+    return manifest
 
 
 def stop(plan: Plan) -> str:

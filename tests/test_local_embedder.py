@@ -217,7 +217,7 @@ def test_openvino_export_is_cached_and_reused(reference, texts, want, tmp_path):
     exports = list(tmp_path.glob("*/model.xml"))
     second = LocalEmbedder(MODEL, None, precision="fp32", cache_dir=tmp_path)
     assert len(exports) == 1 and list(tmp_path.glob("*/model.xml")) == exports
-    assert not list(tmp_path.glob("*/model.tmp.*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [exports[0].parent.name]  # no temporary folder left
     got = second.embed(texts, _n_tokens(reference, texts))
     assert first.runtime == "openvino" and _cosines(got, want).min() >= 0.99999
 
@@ -251,3 +251,53 @@ def test_the_local_device_is_cuda_exactly_when_torch_sees_a_gpu(monkeypatch):
     assert resolve_device_precision("fp32", "cuda") == "fp32"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolve_device_precision("auto", "cuda") == "bf16"
+
+
+def test_vectors_do_not_depend_on_the_batch_budget(reference, texts):
+    n_tokens = _n_tokens(reference, texts)
+    small = LocalEmbedder(MODEL, None, batch_tokens=2048, max_batch_size=8)
+    large = LocalEmbedder(MODEL, None, batch_tokens=16384, max_batch_size=64)
+    lengths = [min(n + 2, 256) for n in n_tokens]
+    assert len(pack_batches(lengths, 2048, 8)) > len(pack_batches(lengths, 16384, 64))  # the budgets batch differently
+    assert _cosines(small.embed(texts, n_tokens), large.embed(texts, n_tokens)).min() >= 0.9999
+
+
+EXPORTS_IN_A_PROCESS = """
+import sys
+from pathlib import Path
+import volembed_runner.embedders.local as local
+made = []
+export = local._export
+local._export = lambda *args: made.append(1) or export(*args)
+for model, precision in zip(sys.argv[2::2], sys.argv[3::2]):
+    before = len(made)
+    engine = local.LocalEmbedder(model, None, precision=precision, cache_dir=Path(sys.argv[1]))
+    vector = engine.embed(["a river runs to the sea"], [6])[0]
+    print(len(made) - before, engine.runtime, engine.precision, *vector[:4].round(6))
+"""
+
+
+@pytest.mark.slow
+def test_a_shared_export_cache_serves_a_second_process_and_never_other_weights(model_dir, tmp_path):
+    """A second process finds the first one's export (no second export); the export is the f32 graph, so bf16 uses it
+    too and still computes in bf16; a copy of the model elsewhere (other weights, as far as the key knows) exports
+    anew."""
+    cache = tmp_path / "cache"
+    copy = tmp_path / "minilm-copy"
+    copy.mkdir()
+    for f in model_dir.iterdir():
+        (copy / f.name).symlink_to(f)
+
+    def child(*engines: str) -> list[list[str]]:
+        done = subprocess.run([sys.executable, "-c", EXPORTS_IN_A_PROCESS, str(cache), *engines],
+                              capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert done.returncode == 0, done.stderr
+        return [line.split() for line in done.stdout.splitlines()]
+
+    [first] = child(MODEL, "fp32")
+    second, bf16, other = child(MODEL, "fp32", MODEL, "bf16", str(copy), "fp32")
+    assert first[:3] == ["1", "openvino", "fp32"] and second[:3] == ["0", "openvino", "fp32"]
+    assert second[3:] == first[3:]
+    assert bf16[:3] == ["0", "openvino", "bf16"] and bf16[3:] != first[3:]  # the same export, compiled for bf16
+    assert other[0] == "1"
+    assert len(list(cache.glob("*/model.xml"))) == 2 and not list(cache.glob("*.tmp"))

@@ -381,7 +381,8 @@ def calibrate_cmd(
     debug: DebugOpt = False,
 ) -> None:
     """Embed a small sample of the job's chunks and store the measured tokens/s for later --dry-run estimates (on
-    Modal: a GPU probe of the job's own TEI image, priced and confirmed before it starts)."""
+    Modal: a GPU probe of the job's own TEI image, priced and confirmed before it starts; locally it also times a
+    few batch budgets and keeps the fastest for later runs)."""
     from volembed_runner.estimate.calibrate import calibrate
 
     with _one_line_errors(debug):

@@ -11,8 +11,12 @@ import os
 from pathlib import Path
 from typing import Literal
 
+from volembed_runner.errors import EmbedderError
+
 PRECISIONS = ("auto", "fp32", "bf16")
 Precision = Literal["auto", "fp32", "bf16"]
+RUNTIMES = ("auto", "torch", "openvino")
+Runtime = Literal["auto", "torch", "openvino"]
 
 _BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -60,3 +64,15 @@ def resolve_device_precision(precision: str, device: str) -> Literal["fp32", "bf
     import torch
 
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def resolve_runtime(runtime: str, device: str = "cpu") -> Literal["torch", "openvino"]:
+    """What runs the local engine's transformer: on a CPU `auto` is OpenVINO when it is installed, else torch; on a
+    GPU always torch (OpenVINO here targets the CPU)."""
+    if runtime not in RUNTIMES:
+        raise EmbedderError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
+    if device == "cuda":
+        return "torch"
+    if runtime == "auto":
+        return "openvino" if importlib.util.find_spec("openvino") is not None else "torch"
+    return runtime  # type: ignore[return-value]

@@ -6,6 +6,7 @@ machine with no Hub access (CI, an air-gapped cluster) works whenever the files 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from functools import lru_cache
 from pathlib import Path
@@ -92,3 +93,14 @@ def offline_tokenizer_file(model: str, revision: str | None = None) -> tuple[Pat
             except ModelError:
                 continue
     return None
+
+
+def weights_fingerprint(path: Path) -> str:
+    """A short hash of a model folder's place and its weight and config files (names, sizes, mtimes): what keys the
+    local engine's OpenVINO export and its measured batch budget, so neither is served for other weights."""
+    h = hashlib.sha256(str(path.resolve()).encode())
+    for f in sorted(path.glob("*")):
+        if f.is_file() and f.suffix in {".safetensors", ".bin", ".json"}:
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]

@@ -20,8 +20,8 @@ from typing import Any
 
 import orjson
 
-from volembed_runner import catalog
-from volembed_runner.errors import SpecError, SpecIssue
+from volembed_runner import batching, catalog
+from volembed_runner.errors import ModelError, SpecError, SpecIssue
 from volembed_runner.late import (
     DEFAULT_LATE_DIM,
     INDEX_EF_CONSTRUCTION,
@@ -35,7 +35,8 @@ from volembed_runner.late import (
     index_bytes_per_token,
     max_index_shard_tokens,
 )
-from volembed_runner.machine import local_device, native_bf16, resolve_device_precision, usable_cores
+from volembed_runner.machine import local_device, native_bf16, resolve_device_precision, resolve_runtime, usable_cores
+from volembed_runner.models import resolve_model_dir, weights_fingerprint
 from volembed_runner.redact import public_record, public_url
 from volembed_runner.spec import Spec, local_only_error, prefix_tokens
 
@@ -74,6 +75,30 @@ def volembed_home(spec_path: Path | str | None = None) -> Path:
             return repo / HOME_DIR
     data_home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(data_home).expanduser().resolve() / "volembed"
+
+
+def openvino_cache() -> Path:
+    """Where the local engine keeps its OpenVINO exports: $VOLEMBED_CACHE/openvino, else $VOLEMBED_HOME's
+    `openvino/` (`volembed_home()`). An export is keyed by the weights it was made from, so homes may share one."""
+    env = os.environ.get("VOLEMBED_CACHE")
+    return (Path(env).expanduser().resolve() if env else volembed_home()) / "openvino"
+
+
+def local_batch(model: ModelSettings, runtime: str, precision: str, device: str, threads: int) -> batching.BatchBudget:
+    """The local engine's batch budget: the sweep this machine stored for these weights, runtime, precision, device
+    and threads, else the catalog's default (a model not on this machine yet gets the default)."""
+    home = volembed_home()
+    if batching.has_sweeps(home):
+        try:
+            folder = resolve_model_dir(model.location, model.revision, download=False)
+        except ModelError:
+            folder = None
+        if folder is not None:
+            key = batching.budget_key(weights_fingerprint(folder), runtime, precision, device, threads)
+            found = batching.cached_budget(home, key)
+            if found is not None:
+                return found
+    return batching.default_budget(device)
 
 
 def repository_root(folder: Path) -> Path | None:
@@ -161,6 +186,14 @@ class EmbedSettings:
     server: str  # what embeds: "local", "tei:<version>" (Modal's own TEI), or the endpoint's public URL
     query_prefix: str = ""  # what `search` puts before a query (not part of the fingerprint: no vector changes)
     fingerprint: str = ""
+    # The dense local engine's runtime (openvino | torch) and batch budget (padded tokens and texts per forward pass):
+    # this machine's measured sweep (`batching`) or the catalog's default; empty/None for other engines. Not in the
+    # fingerprint: vectors do not depend on how texts are batched.
+    runtime: str = ""
+    batch_tokens: int | None = None
+    batch_texts: int | None = None
+    batch_measured: bool = False
+    batch_source: str = ""
 
 
 @dataclass(frozen=True)
@@ -505,6 +538,9 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
         engine = "pylate" if backend == "modal" else "local"
     device = local_device() if engine == "local" else "cpu"
     precision = resolve_device_precision(emb.precision, device) if engine == "local" else "float16"
+    cores = usable_cores()
+    runtime = resolve_runtime("auto", device) if engine == "local" and not late else ""
+    batch = local_batch(model, runtime, precision, device, cores) if runtime else None
     if emb.endpoint:
         server = public_url(emb.endpoint)
     else:
@@ -543,6 +579,11 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
         server=server,
         fingerprint=fingerprint(embed_key),
         query_prefix=spec.query_prefix,
+        runtime=runtime,
+        batch_tokens=batch.tokens if batch else None,
+        batch_texts=batch.texts if batch else None,
+        batch_measured=batch.measured if batch else False,
+        batch_source=batch.source if batch else "",
     )
     late_settings = resolve_late(spec, embed.fingerprint, embed.dim or DEFAULT_LATE_DIM,
                                  compute.embed.memory_mib) if late else None
@@ -563,7 +604,7 @@ def make_plan(spec: Spec, spec_path: Path, *, backend: str | None = None) -> Pla
         chunk=chunk,
         embed=embed,
         compute=compute,
-        machine=MachineFacts(cores=usable_cores(), native_bf16=native_bf16(), device=device),
+        machine=MachineFacts(cores=cores, native_bf16=native_bf16(), device=device),
         warnings=tuple(warnings),
         hub=HubSettings(**spec.output.hub.model_dump()) if spec.output.hub else None,
         index=resolve_index(spec, embed.fingerprint),

@@ -287,6 +287,11 @@ PLAN = {
         'server': 'tei:1.9.3',
         'query_prefix': 'Represent this sentence for searching relevant passages: ',
         'fingerprint': 'dac76d28565a760f',
+        'runtime': '',
+        'batch_tokens': None,
+        'batch_texts': None,
+        'batch_measured': False,
+        'batch_source': '',
     },
     'compute': {
         'gpu': 'A10',

@@ -17,7 +17,7 @@ from volembed_runner import store
 from volembed_runner.embedders import AsyncEmbedder, InProcess
 from volembed_runner.lease import FileLeaseStore, Holder
 from volembed_runner.orchestrate import Event, Mapper, Outcome, Stats, drive, orchestrate
-from volembed_runner.plan import Plan, volembed_home
+from volembed_runner.plan import Plan, openvino_cache
 from volembed_runner.sources import SourceTask
 from volembed_runner.stages import chunk as chunk_stage
 from volembed_runner.stages import download as download_stage
@@ -138,8 +138,10 @@ class LocalMapper(Mapper):
 
             yield InProcess(LocalEmbedder(model=model.location, revision=model.revision, prefix=e.prefix,
                                           normalize=e.normalize, precision=e.precision, dimensions=e.dimensions,
+                                          batch_tokens=e.batch_tokens, max_batch_size=e.batch_texts,
                                           threads=self.plan.machine.cores, truncate=e.truncate,
-                                          cache_dir=volembed_home() / "openvino", device=self.plan.machine.device))
+                                          runtime=e.runtime or "auto", cache_dir=openvino_cache(),
+                                          device=self.plan.machine.device))
 
         return engine()
 

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from volembed_runner.embedders.local import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_BATCH_SIZE, pack_batches
+from volembed_runner.batching import default_budget
+from volembed_runner.embedders.local import pack_batches
 from volembed_runner.errors import EmbedderError, ModelError, VectorCheckError, first_line
 from volembed_runner.machine import Precision, resolve_precision, usable_cores
 from volembed_runner.models import packaged_model_dir, resolve_model_dir
@@ -76,14 +77,16 @@ class ColbertEmbedder:
         model: str,
         revision: str | None = None,
         precision: Precision = "auto",
-        batch_tokens: int = DEFAULT_BATCH_TOKENS,
-        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        batch_tokens: int | None = None,
+        max_batch_size: int | None = None,
         threads: int | None = None,
         build: tuple[Path, str, int] | None = None,
         query_length: int | None = None,
         device: str = "cpu",
         download: bool = True,
     ) -> None:
+        batch_tokens = batch_tokens or default_budget("cpu").tokens  # the dense engine's CPU default (catalog)
+        max_batch_size = max_batch_size or default_budget("cpu").texts
         if batch_tokens < 1 or max_batch_size < 1:
             raise EmbedderError(f"batch_tokens ({batch_tokens}) and max_batch_size ({max_batch_size}) must be >= 1")
         import torch

@@ -2,13 +2,15 @@
 
 It stands in for TEI and behaves like it: the spec's prefix is prepended once, the model's own Normalize module is
 skipped and vectors are L2-normalized only when `normalize` is set, `dimensions` keeps the leading (Matryoshka)
-components. Texts are sorted by token count and packed into batches by a padded-token budget; rows come back in
-input order. bf16 (autocast: matmuls in bf16, the rest in fp32) is ~1.7-2x faster than fp32 on CPUs with native
+components. Texts are sorted by token count and packed into batches by a padded-token budget (the plan's: measured
+on this machine by `volembed-run calibrate`, else the catalog's default; `batching`); rows come back in input order.
+bf16 (autocast: matmuls in bf16, the rest in fp32) is ~1.7-2x faster than fp32 on CPUs with native
 bf16 at cosine >= 0.9999, so `precision: auto` picks it exactly there.
 
 Runtime: on a CPU the model's transformer runs under OpenVINO (`openvino`, in the `local` extra) when it is
-installed: the same weights, exported once from the resolved folder (offline) into `cache_dir` keyed by the weights'
-fingerprint and OpenVINO's version, compiled with bf16 or f32 inference precision; pooling and any later modules stay
+installed: the same weights, exported once from the resolved folder (offline) into `cache_dir` (the backends pass
+`plan.openvino_cache()`: $VOLEMBED_CACHE/openvino, else $VOLEMBED_HOME/openvino) keyed by the weights' fingerprint
+and OpenVINO's version, compiled with bf16 or f32 inference precision; pooling and any later modules stay
 in torch. It was ~1.3-3x torch bf16 autocast on a 2-vCPU Zen 4 at the same cosine (`benchmarks/bench_local_engine.py`).
 `runtime="torch"` (or no openvino) keeps the torch path.
 
@@ -17,43 +19,29 @@ torch and sentence-transformers are imported when an engine is built, never when
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
+import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from volembed_runner.batching import default_budget, texts_for
 from volembed_runner.embedders.vectors import check_vectors
 from volembed_runner.errors import EmbedderError, ModelError, TextsFailedError
-from volembed_runner.machine import Precision, local_device, resolve_device_precision, usable_cores
-from volembed_runner.models import resolve_model_dir
+from volembed_runner.machine import (
+    Precision,
+    Runtime,
+    local_device,
+    resolve_device_precision,
+    resolve_runtime,
+    usable_cores,
+)
+from volembed_runner.models import resolve_model_dir, weights_fingerprint
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
-
-# Padded tokens per forward pass and texts per pass: 32 x 256 was the fastest shape on a 2-core CPU; the token
-# budget also bounds attention memory for long-context models (one 8,192-token text runs alone).
-DEFAULT_BATCH_TOKENS = 8192
-DEFAULT_MAX_BATCH_SIZE = 32
-# On a GPU: TEI's default budget x 4 (16,384 max-batch-tokens: TEI's router/src/main.rs at v1.9.3), enough rows to
-# fill an A10 with a BERT-base model while attention memory stays a few hundred MB.
-GPU_BATCH_TOKENS = 65536
-GPU_MAX_BATCH_SIZE = 512
-
-RUNTIMES = ("auto", "torch", "openvino")
-Runtime = Literal["auto", "torch", "openvino"]
-
-
-def resolve_runtime(runtime: str) -> Literal["torch", "openvino"]:
-    """What runs the transformer: `auto` is OpenVINO when it is installed, else torch."""
-    if runtime not in RUNTIMES:
-        raise EmbedderError(f"runtime must be one of {', '.join(RUNTIMES)}, not {runtime!r}")
-    if runtime == "auto":
-        return "openvino" if importlib.util.find_spec("openvino") is not None else "torch"
-    return runtime  # type: ignore[return-value]
-
 
 def pack_batches(lengths: list[int], batch_tokens: int, max_batch_size: int) -> list[list[int]]:
     """Indices grouped into batches, longest first, with max(length) * count <= batch_tokens and count <=
@@ -96,8 +84,8 @@ class LocalEmbedder:
     ) -> None:
         self.device = device or local_device()
         on_gpu = self.device == "cuda"
-        batch_tokens = batch_tokens or (GPU_BATCH_TOKENS if on_gpu else DEFAULT_BATCH_TOKENS)
-        max_batch_size = max_batch_size or (GPU_MAX_BATCH_SIZE if on_gpu else DEFAULT_MAX_BATCH_SIZE)
+        batch_tokens = batch_tokens or default_budget(self.device).tokens
+        max_batch_size = max_batch_size or texts_for(batch_tokens, self.device)
         if batch_tokens < 1 or max_batch_size < 1:
             raise EmbedderError(f"batch_tokens ({batch_tokens}) and max_batch_size ({max_batch_size}) must be >= 1")
         self.model = model
@@ -114,7 +102,7 @@ class LocalEmbedder:
         self.texts_embedded = 0
         self.real_tokens = 0  # tokens the model saw, specials included
         self.padded_tokens = 0  # tokens it computed: batch rows x longest row
-        self.runtime = "torch" if on_gpu else resolve_runtime(runtime)  # OpenVINO here targets the CPU
+        self.runtime = resolve_runtime(runtime, self.device)
 
         import torch
 
@@ -258,30 +246,39 @@ def _openvino_transformer(st: SentenceTransformer, path: Path, precision: str, t
                           cache_dir: Path | None) -> Any:
     """The model's transformer compiled by OpenVINO for this CPU: token embeddings from the tokenizer's features.
 
-    The export (a few seconds) is cached under `cache_dir` by the weights' fingerprint and OpenVINO's version; the
-    precision is a compile setting, so one export serves both."""
+    The export (a few seconds) is cached under `cache_dir` by the weights' fingerprint and OpenVINO's version, so a
+    cache shared by homes or processes never serves other weights; the export is the f32 graph and the precision a
+    compile setting, so one export serves fp32 and bf16 alike."""
     import openvino as ov
     import torch
 
     core = ov.Core()
-    key = f"{_weights_fingerprint(path)}-ov{ov.__version__.split('-')[0]}"
+    key = f"{weights_fingerprint(path)}-ov{ov.__version__.split('-')[0]}"
     cached = None if cache_dir is None else Path(cache_dir) / key / "model.xml"
     if cached is not None and cached.is_file():
         graph = core.read_model(str(cached))
     else:
         graph = _EXPORTS.get(key) or _EXPORTS.setdefault(key, _export(st, ov, torch))
         if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_name("model.tmp.xml")
-            ov.save_model(graph, str(tmp), compress_to_fp16=False)
-            tmp.with_suffix(".bin").replace(cached.with_suffix(".bin"))
-            tmp.replace(cached)  # the .xml last: a folder with model.xml holds a whole export
+            _save_export(ov, graph, cached.parent)
     config = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
               "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
     try:
         return core.compile_model(graph, "CPU", config)
     except RuntimeError as exc:
         raise ModelError(f"OpenVINO cannot compile {path} for this CPU: {str(exc).splitlines()[0]}") from exc
+
+
+def _save_export(ov: Any, graph: Any, folder: Path) -> None:
+    """Write an export to `folder` whole: saved into a folder of this process's own, then renamed into place; when
+    another process put its export there first, that one stays."""
+    tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    ov.save_model(graph, str(tmp / "model.xml"), compress_to_fp16=False)
+    try:
+        tmp.replace(folder)
+    except OSError:  # the folder exists: another process's export of the same key
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _export(st: SentenceTransformer, ov: Any, torch: Any) -> Any:
@@ -313,12 +310,3 @@ def _export(st: SentenceTransformer, ov: Any, torch: Any) -> Any:
     finally:
         hf_logging.set_verbosity(verbosity)
 
-
-def _weights_fingerprint(path: Path) -> str:
-    """A short hash of the model folder's weight and config files (names, sizes, mtimes)."""
-    h = hashlib.sha256(str(path.resolve()).encode())
-    for f in sorted(path.glob("*")):
-        if f.is_file() and f.suffix in {".safetensors", ".bin", ".json"}:
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]

@@ -14,9 +14,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
-from volembed_runner import chunking, sources
+from volembed_runner import batching, chunking, sources
 from volembed_runner.errors import BackendError, SourceError, SpecError, SpecIssue, VolembedError, describe
 from volembed_runner.estimate.cost import PROBE_RETRIES, ProbeCost, probe_cost, probe_timeout
 from volembed_runner.estimate.prices import Prices
@@ -29,7 +30,8 @@ from volembed_runner.estimate.rates import (
 )
 from volembed_runner.estimate.sampling import CountingTokenizer, added_tokens, counting_tokenizer
 from volembed_runner.estimate.sizes import text_readers
-from volembed_runner.plan import Plan, volembed_home
+from volembed_runner.models import weights_fingerprint
+from volembed_runner.plan import Plan, openvino_cache, volembed_home
 
 PROBE_VECTORS = 16  # vectors the GPU probe sends back, of the sample's first chunks
 
@@ -70,13 +72,15 @@ def sample_of(plan: Plan, sample_chunks: int) -> Sample:
 def calibrate(plan: Plan, *, sample_chunks: int = 256,
               runner: Callable[[list[str], list[int]], float] | None = None,
               probe: Probe | None = None, sample: Sample | None = None,
-              limits: ProbeLimits | None = None) -> dict[str, Any]:
+              limits: ProbeLimits | None = None, clock: Callable[[], float] | None = None) -> dict[str, Any]:
     """Measure tokens/s on the plan's backend over a small sample of the job's own chunks and store it.
 
-    Local: embeds the chunks with the in-process engine (model load timed separately). Modal: runs the GPU `probe`
-    (or an injected `runner(texts, n_tokens) -> seconds`) under `limits` (by default those `cost.probe_cost`
-    prices at the dry run's rate).
+    Local: embeds the chunks with the in-process engine (model load timed separately) at each candidate batch
+    budget (`batch_sweep`), and the rate is the fastest one's. Modal: runs the GPU `probe` (or an injected
+    `runner(texts, n_tokens) -> seconds`) under `limits` (by default those `cost.probe_cost` prices at the dry run's
+    rate). `clock` times it (time.perf_counter).
     """
+    clock = clock or time.perf_counter
     if plan.backend == "modal" and runner is None and probe is None:
         raise BackendError("calibrate on modal needs Modal credentials (run it where `modal token` is set up)")
     if plan.backend == "local" and plan.embed.engine != "local" and runner is None:
@@ -103,15 +107,20 @@ def calibrate(plan: Plan, *, sample_chunks: int = 256,
         from volembed_runner.embedders.local import LocalEmbedder
 
         e, model = plan.embed, plan.model
-        t0 = time.perf_counter()
+        t0 = clock()
         engine = LocalEmbedder(model=model.location, revision=model.revision, prefix=e.prefix, normalize=e.normalize,
-                               precision=e.precision, dimensions=e.dimensions, threads=plan.machine.cores,
-                               cache_dir=volembed_home() / "openvino", device=plan.machine.device)
-        load_seconds = time.perf_counter() - t0
+                               precision=e.precision, dimensions=e.dimensions, batch_tokens=e.batch_tokens,
+                               max_batch_size=e.batch_texts, threads=plan.machine.cores, runtime=e.runtime or "auto",
+                               cache_dir=openvino_cache(), device=plan.machine.device)
+        load_seconds = clock() - t0
         engine.embed(texts[:8], n_tokens[:8])
-        t0 = time.perf_counter()
-        engine.embed(texts, n_tokens)
-        seconds = time.perf_counter() - t0
+        if e.runtime:  # the dense engine: its batch budget is measured here, and the rate at the fastest
+            extra = {"batch": batch_sweep(engine, texts, n_tokens, processed=processed, clock=clock)}
+            seconds = extra["batch"]["seconds"][str(extra["batch"]["batch_tokens"])]
+        else:
+            t0 = clock()
+            engine.embed(texts, n_tokens)
+            seconds = clock() - t0
         backend, device, engine_name = "local", local_device_key(plan.machine.device, engine.precision), "local"
     else:
         seconds = float(runner(texts, n_tokens))
@@ -152,6 +161,23 @@ class ProbeSpend:
         """The expected total; None when a price is unknown."""
         values = [c.cost_usd for c in self.costs]
         return None if any(v is None for v in values) else float(sum(v or 0.0 for v in values))
+
+
+def batch_sweep(engine: Any, texts: list[str], n_tokens: list[int], *, processed: int,
+                clock: Callable[[], float] = time.perf_counter) -> dict[str, Any]:
+    """Time the local engine on the sample at each candidate batch budget (catalog `local.batch`), store the fastest
+    for this machine's key (weights, runtime, precision, device, threads) beside the calibrations, and leave the
+    engine on it; returns the stored entry (`processed`: the tokens the model sees for the sample, its rate's)."""
+    def run(tokens: int) -> None:
+        engine.batch_tokens, engine.max_batch_size = tokens, batching.texts_for(tokens, engine.device)
+        engine.embed(texts, n_tokens)
+
+    result = batching.sweep(run, batching.candidates(engine.device), clock=clock)
+    engine.batch_tokens, engine.max_batch_size = result.best, batching.texts_for(result.best, engine.device)
+    key = batching.budget_key(weights_fingerprint(Path(engine.path)), engine.runtime, engine.precision, engine.device,
+                              engine.threads)
+    return batching.store_sweep(volembed_home(), key, result, device=engine.device, chunks=len(texts),
+                                tokens=processed)
 
 
 def reference_vectors(plan: Plan, texts: list[str], n_tokens: list[int]) -> tuple[Any, str]:

@@ -189,6 +189,8 @@ def local_rate(plan: Plan, calibrations: dict[str, dict[str, Any]] | None = None
     """Tokens/s of the in-process engine on this machine: a calibration, else the stated default scaled."""
     calibrations = load_calibrations() if calibrations is None else calibrations
     precision = plan.embed.precision  # resolved for this CPU by the plan
+    batch = "" if plan.embed.batch_tokens is None else (
+        f"; batches of {plan.embed.batch_tokens:,} tokens ({'measured' if plan.embed.batch_measured else 'default'})")
     entry = calibrations.get(calibration_key("local", plan.model.ref, local_device_key(plan.machine.device, precision),
                                              "local"))
     if entry:
@@ -198,7 +200,7 @@ def local_rate(plan: Plan, calibrations: dict[str, dict[str, Any]] | None = None
                     f"local engine calibrated {entry.get('date')}: {tps:,.0f} tokens/s ({plan.machine.device}, "
                     f"{precision}, "
                     f"{entry.get('cores')} cores, {entry.get('chunks')} chunks of the job"
-                    + (f", engine start {load:.1f} s" if load is not None else "") + f"; {calibration_path()})",
+                    + (f", engine start {load:.1f} s" if load is not None else "") + f"; {calibration_path()}){batch}",
                     None if load is None else float(load))
     ref = catalog.throughput()["local"]
     device = plan.machine.device
@@ -213,7 +215,7 @@ def local_rate(plan: Plan, calibrations: dict[str, dict[str, Any]] | None = None
                 f"local engine default on {device} ({precision}): {row['tokens_per_second']:,} tokens/s for "
                 f"{ref['model']} x params {ref['params_m']}M/{params:g}M{scale} = {tps:,.0f} tokens/s "
                 f"({row['source']}; measured: {row['measured']}){note}; run `volembed-run calibrate` to measure it "
-                f"(±30% until then)")
+                f"(±30% until then){batch}")
 
 
 def quality_threshold(model: str) -> tuple[float, str]:

@@ -173,7 +173,10 @@ class Manifest:
             "spec_hash": plan.spec_hash,
             "git": plan.git,
             "versions": library_versions(),
-            "engine": {"engine": plan.embed.engine, "device": plan.machine.device, "precision": plan.embed.precision},
+            "engine": {"engine": plan.embed.engine, "device": plan.machine.device, "precision": plan.embed.precision,
+                       **({"runtime": plan.embed.runtime, "batch_tokens": plan.embed.batch_tokens,
+                           "batch_texts": plan.embed.batch_texts, "batch_measured": plan.embed.batch_measured}
+                          if plan.embed.runtime else {})},
             "fingerprints": {"data": plan.data.fingerprint, "chunks": plan.chunk.fingerprint,
                              "embeddings": plan.embed.fingerprint},
             "outputs": {

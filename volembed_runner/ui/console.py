@@ -152,6 +152,13 @@ def print_calibration(entry: dict[str, Any], console: Console) -> None:
         + f"); stored in {entry['path']}",
         markup=False,
     )
+    batch = entry.get("batch")
+    if batch:
+        tried = ", ".join(f"{int(tokens):,} {batch['tokens'] / seconds:,.0f}" for tokens, seconds in
+                          sorted(batch["seconds"].items(), key=lambda kv: int(kv[0])))
+        console.print(f"batch budget sweep (padded tokens per pass: tokens/s): {tried}; kept "
+                      f"{batch['batch_tokens']:,} tokens x {batch['batch_texts']} texts, stored in {batch['path']}",
+                      markup=False)
 
 
 def print_probe_cost(spend: ProbeSpend, console: Console) -> None:

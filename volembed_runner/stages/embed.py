@@ -38,7 +38,7 @@ def paths(root: Path, plan: Plan, unit: str) -> tuple[Path, Path]:
     )
 
 
-def _read_chunks(path: Path, unit: str) -> pa.Table:
+def read_chunks(path: Path, unit: str) -> pa.Table:
     """The unit's rows of its chunk shard, reading only the row groups that hold them."""
     if not store.is_done(path):
         raise StageError(f"chunk shard {parse_key(unit)[0]} is not finished ({path}); run the chunk stage first")
@@ -145,7 +145,7 @@ async def embed_shard_async(root: Path, plan: Plan, unit: str, embedder: AsyncEm
     embeddings folder never mixes widths, and a failure names the chunk. Nothing is written for a failed shard.
     """
     src, out = paths(root, plan, unit)
-    chunks = _read_chunks(src, unit)
+    chunks = read_chunks(src, unit)
     texts = chunks["text"].to_pylist()
     n_tokens = chunks["n_tokens"].to_pylist()
     run_dim = _run_dim(plan, out.parent)

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from volembed_runner import store
 from volembed_runner.errors import StageError
 from volembed_runner.plan import Plan, model_slug, volembed_home
-from volembed_runner.stages.embed import _read_chunks, paths
+from volembed_runner.stages.embed import paths, read_chunks
 from volembed_runner.units import parse_key
 
 if TYPE_CHECKING:
@@ -206,7 +206,7 @@ def _rows(root: Path, plan: Plan, segment: Segment, table: pa.Table) -> pa.Table
     if "text" in table.column_names:
         text = table["text"]
     else:  # the unit's chunk rows, then the segment's slice of them
-        unit_text = _read_chunks(paths(root, plan, segment.unit)[0], segment.unit)["text"]
+        unit_text = read_chunks(paths(root, plan, segment.unit)[0], segment.unit)["text"]
         text = unit_text.slice(segment.start, segment.stop - segment.start)
     snippets = pa.array([t[:SNIPPET_CHARS] for t in text.to_pylist()], type=pa.string())
     kept = [c for c in ("doc_id", "chunk_index", "char_start", "char_end", *plan.embed.keep_columns)

@@ -28,6 +28,7 @@ from volembed_runner.late import (
     INDEX_EF_SEARCH,
     INDEX_KIND,
     INDEX_M,
+    INDEX_MEMORY_SHARE,
     K_TOKEN,
     LATE,
     PYLATE_VERSION,
@@ -621,7 +622,8 @@ def resolve_late(spec: Spec, embed_fingerprint: str, dim: int, memory_mib: int) 
     wanted = spec.output.late.index_shard_tokens if spec.output.late else None
     shard_tokens = wanted or max_index_shard_tokens(memory_mib, dim)
     source = ("output.late.index_shard_tokens" if wanted else
-              f"derived: {memory_mib:,} MiB x INDEX_MEMORY_SHARE / {index_bytes_per_token(dim)} B per token vector")
+              f"derived: {INDEX_MEMORY_SHARE:.0%} of the index container's {memory_mib:,} MiB / "
+              f"{index_bytes_per_token(dim)} B per token vector")
     settings = {"index": INDEX_KIND, "m": INDEX_M, "ef_construction": INDEX_EF_CONSTRUCTION,
                 "shard_tokens": shard_tokens}
     return LateSettings(

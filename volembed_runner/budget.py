@@ -85,9 +85,8 @@ class Meter:
     peak: int = 0  # containers brought up in this stage
     fed_tokens: float = 0.0
     done_tokens: float = 0.0  # of inputs that ended, done or failed (no longer in flight)
-    gpu_seconds: float = 0.0  # embed containers' busy seconds
     measured_tokens: float = 0.0  # of embed units done ...
-    done_gpu_seconds: float = 0.0  # ... and their shares of those seconds (what the measured rate divides)
+    done_gpu_seconds: float = 0.0  # ... and their shares of the embed containers' busy seconds
     done_units: int = 0
     stopped: bool = False
     would_reach: float | None = None  # when stopped: the cost the refused input, with those in flight, projected
@@ -123,7 +122,6 @@ class Meter:
             busy = self._containers(self.in_flight) * max(0.0, now - self._last)
             self.spent += busy * price.usd_per_second
             if self.stage == "embed":
-                self.gpu_seconds += busy
                 for key in self._shares:
                     self._shares[key] += busy / len(self._shares)
         self._last = now

@@ -93,15 +93,6 @@ def budgets_path(home: Path) -> Path:
     return home / BUDGETS_FILE
 
 
-def _entries(home: Path) -> dict[str, dict[str, Any]]:
-    try:
-        data = store.read_json(budgets_path(home))
-    except (OSError, ValueError):
-        return {}
-    entries = data.get("entries") if isinstance(data, dict) else None
-    return entries if isinstance(entries, dict) else {}
-
-
 def store_sweep(home: Path, key: str, result: Sweep, *, device: str, chunks: int, tokens: int) -> dict[str, Any]:
     """Keep a sweep's choice under its key (replacing an older one) and return the stored entry."""
     entry = {
@@ -113,20 +104,18 @@ def store_sweep(home: Path, key: str, result: Sweep, *, device: str, chunks: int
         "tokens": tokens,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    entries = _entries(home)
-    entries[key] = entry
-    store.write_json_atomic(budgets_path(home), {"version": 1, "entries": entries})
+    store.put_entry(budgets_path(home), key, entry)
     return {**entry, "path": str(budgets_path(home))}
 
 
 def has_sweeps(home: Path) -> bool:
     """Whether this machine stored any sweep (a plan skips fingerprinting the model's files when none was)."""
-    return bool(_entries(home))
+    return bool(store.read_entries(budgets_path(home)))
 
 
 def cached_budget(home: Path, key: str) -> BatchBudget | None:
     """The budget a sweep under exactly this key chose, or None."""
-    entry = _entries(home).get(key)
+    entry = store.read_entries(budgets_path(home)).get(key)
     if not entry:
         return None
     try:

@@ -361,3 +361,21 @@ def read_json(path: Path) -> Any:
     if not path.is_file():
         return None
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def read_entries(path: Path) -> dict[str, dict[str, Any]]:
+    """The entries of a keyed store of this machine (`{"version": 1, "entries": {key: entry}}`: calibrations, batch
+    sweeps); an unreadable file counts as none."""
+    try:
+        data = read_json(path)
+    except (OSError, ValueError):
+        return {}
+    entries = data.get("entries") if isinstance(data, dict) else None
+    return entries if isinstance(entries, dict) else {}
+
+
+def put_entry(path: Path, key: str, entry: dict[str, Any]) -> None:
+    """Add (or replace) one entry of a keyed store under `key`, atomically."""
+    entries = read_entries(path)
+    entries[key] = entry
+    write_json_atomic(path, {"version": 1, "entries": entries})

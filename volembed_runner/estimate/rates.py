@@ -43,20 +43,13 @@ def local_device_key(device: str, precision: str) -> str:
 
 def load_calibrations() -> dict[str, dict[str, Any]]:
     """Stored calibrations by key; an unreadable file counts as none."""
-    try:
-        data = store.read_json(calibration_path())
-    except (OSError, ValueError):
-        return {}
-    entries = data.get("entries") if isinstance(data, dict) else None
-    return entries if isinstance(entries, dict) else {}
+    return store.read_entries(calibration_path())
 
 
 def store_calibration(entry: dict[str, Any]) -> Path:
     """Add (or replace) one calibration under its key; returns the file."""
     path = calibration_path()
-    entries = load_calibrations()
-    entries[entry["key"]] = entry
-    store.write_json_atomic(path, {"version": 1, "entries": entries})
+    store.put_entry(path, entry["key"], entry)
     return path
 
 

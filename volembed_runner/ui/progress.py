@@ -21,17 +21,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 
 from volembed_runner.orchestrate import Event, Progressed, ShardFinished
+from volembed_runner.ui.estimate import fmt_duration
 
 TICK_SECONDS = 10.0  # the most a piped run stays silent while a stage runs
 WAKE_SECONDS = 0.5  # how often the ticker thread looks (a line is due this much before `every` has passed)
-
-
-def duration(seconds: float) -> str:
-    """`1h02m`, `3m05s`, `42s`: how long, as a status line says it."""
-    s = max(0, round(seconds))
-    if s >= 3600:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def usd(value: float) -> str:
@@ -61,8 +54,8 @@ def stage_line(name: str, entry: dict[str, Any], age: float = 0.0) -> str:
     if rate:
         parts.append(f"{rate:,.0f} tokens/s")
     if left is not None:
-        parts.append(f"ETA {duration(left)}")
-    parts.append(f"{duration(elapsed(entry, age))} elapsed")
+        parts.append(f"ETA {fmt_duration(left)}")
+    parts.append(f"{fmt_duration(elapsed(entry, age))} elapsed")
     return f"{name}: " + ", ".join(parts)
 
 
@@ -89,7 +82,7 @@ def closing_line(name: str, entry: dict[str, Any]) -> str:
         parts.append(f"{rate:,.0f} tokens/s")
     if cost is not None:
         parts.append(usd(cost))
-    return f"{name}: done in {duration(elapsed(entry, 0.0))}, " + ", ".join(parts)
+    return f"{name}: done in {fmt_duration(elapsed(entry, 0.0))}, " + ", ".join(parts)
 
 
 def opening_line(name: str, entry: dict[str, Any]) -> str:
@@ -103,7 +96,7 @@ def run_line(record: dict[str, Any], now: float) -> str | None:
     """`running_line`, saying how old the record is (what `status` prints)."""
     line = running_line(record, now)
     age = max(0.0, now - float(record.get("at") or now))
-    return None if line is None else f"{line} (as of {duration(age)} ago)"
+    return None if line is None else f"{line} (as of {fmt_duration(age)} ago)"
 
 
 class RunProgress:
@@ -180,8 +173,8 @@ class RunProgress:
             self.progress.update(self.tasks[name], total=int(entry.get("total") or 0),
                                  completed=int(entry.get("before") or 0) + int(entry.get("done") or 0),
                                  rate=f"{rate:,.0f} tokens/s" if rate else "",
-                                 eta="" if left is None else f"ETA {duration(left)}",
-                                 elapsed=duration(elapsed(entry, age)),
+                                 eta="" if left is None else f"ETA {fmt_duration(left)}",
+                                 elapsed=fmt_duration(elapsed(entry, age)),
                                  cost="" if cost is None else usd(cost))
 
     def tick(self) -> None:

@@ -8,15 +8,11 @@ run's `budget.Meter` (the manifest's `cost` record), never counted here. `ui/pro
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-
-def iso(seconds: float) -> str:
-    """Seconds since the epoch as the manifest writes times: `2026-01-02T03:04:05Z`."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+from volembed_runner import store
 
 
 @dataclass
@@ -112,7 +108,7 @@ class Tracker:
         return {
             "stage": self.running,
             "at": round(now, 3),
-            "updated_at": iso(now),
+            "updated_at": store.utc_stamp(now),
             "stages": {name: figures.to_dict(now, spent) for name, figures in self.stages.items()},
             "cost_usd": spent,
             "projected_total_usd": projected,

@@ -121,7 +121,7 @@ def current_record(plan: Plan, root: Path, *, status: str) -> dict[str, Any]:
         "fingerprints": fingerprints,
         "folders": folders,
         "status": status,
-        "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "updated_at": store.utc_stamp(),
     }
 
 

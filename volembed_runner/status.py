@@ -10,7 +10,6 @@ come from the index.
 from __future__ import annotations
 
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +37,6 @@ def writer_stopped(record: LeaseRecord | None, now: float) -> bool:
     return holder_gone(record.holder)
 
 
-def _iso(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def live_status(manifest: dict[str, Any], record: LeaseRecord | None, *, root: Path | None = None,
                 now: float | None = None, lease_known: bool = True) -> dict[str, Any]:
     """`manifest` as `status` shows it: stages in pipeline order, `interrupted` when its writer stopped without
@@ -55,7 +50,7 @@ def live_status(manifest: dict[str, Any], record: LeaseRecord | None, *, root: P
         open_stages = [name for name, entry in out["stages"].items() if not entry.get("finished_at")]
         stage = (record.stage if record is not None and record.stage else None) or \
             (open_stages[-1] if open_stages else next(reversed(out["stages"]), None))
-        when = _iso(record.heartbeat_at) if record is not None else out.get("updated_at")
+        when = store.utc_stamp(record.heartbeat_at) if record is not None else out.get("updated_at")
         out["status"] = "interrupted"
         out["interrupted"] = {"at": when, "stage": stage}
     return out

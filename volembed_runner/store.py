@@ -217,6 +217,11 @@ def write_bytes_atomic(path: Path, data: bytes, *, mode: int | None = None) -> N
         os.fsync(fh.fileno())
 
 
+def utc_stamp(seconds: float | None = None) -> str:
+    """A time as manifests and run records write it, `2026-01-02T03:04:05Z` (now, without `seconds`)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Atomically write `obj` as indented JSON."""
     write_bytes_atomic(path, orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")

@@ -37,10 +37,6 @@ def library_versions() -> dict[str, str | None]:
     return out
 
 
-def _now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
 def merge_histograms(hists: list[dict[str, int]]) -> dict[str, int]:
     """Sum bucket counts of several histograms (keys are bucket labels)."""
     total: Counter[str] = Counter()
@@ -184,8 +180,8 @@ class Manifest:
                 "chunks": str(store.chunks_dir(root, plan.name, plan.chunk.fingerprint)),
                 "embeddings": str(store.embeddings_dir(root, plan.name, plan.embed.fingerprint)),
             },
-            "created_at": previous.get("created_at", _now()),
-            "started_at": _now(),
+            "created_at": previous.get("created_at", store.utc_stamp()),
+            "started_at": store.utc_stamp(),
             "finished_at": None,
             "passes": int(previous.get("passes", 0)) + 1,
             "stages": {},
@@ -200,7 +196,7 @@ class Manifest:
         """A stage begins: `skipped` of its `total` shards were already done."""
         self._started[stage] = time.monotonic()
         self.data["stages"][stage] = {"total": total, "skipped": skipped, "done": skipped, "failed": {},
-                                      "started_at": _now(), "finished_at": None, "seconds": None,
+                                      "started_at": store.utc_stamp(), "finished_at": None, "seconds": None,
                                       "this_pass": {"shards": 0, "rows": 0, "tokens": 0}}
         self.write(force=True)
 
@@ -236,7 +232,7 @@ class Manifest:
     def finish_stage(self, stage: str) -> None:
         """A stage ended (all its shards were attempted)."""
         entry = self.data["stages"][stage]
-        entry["finished_at"] = _now()
+        entry["finished_at"] = store.utc_stamp()
         entry["seconds"] = round(time.monotonic() - self._started[stage], 3)
         done = entry.get("this_pass") or {}
         if done.get("shards") or entry["failed"]:
@@ -254,7 +250,7 @@ class Manifest:
         the pass stopped feeding at the run's budget (`cost` says why and what remains)."""
         self.data["status"] = ("handover" if handover else "stopped" if stopped
                                else "succeeded" if outcome_ok else "failed")
-        self.data["finished_at"] = _now()
+        self.data["finished_at"] = store.utc_stamp()
         self.write(force=True)
         dims = self.data["totals"].get("dims") or []
         if len(dims) > 1:
@@ -289,7 +285,7 @@ class Manifest:
         """The pass ended with an error outside any shard (e.g. the source could not be listed)."""
         self.data["status"] = "failed"
         self.data["error"] = error
-        self.data["finished_at"] = _now()
+        self.data["finished_at"] = store.utc_stamp()
         # a full disk takes nothing now: the last manifest stays whole, and `status` shows the pass as interrupted
         with contextlib.suppress(OutputError):
             self.write(force=True)
@@ -300,7 +296,7 @@ class Manifest:
         if not force and now - self._last_write < WRITE_EVERY_S:
             return
         self._last_write = now
-        self.data["updated_at"] = _now()
+        self.data["updated_at"] = store.utc_stamp()
         if force:
             self.data["totals"] = totals(self.root, self.plan)
         store.write_json_atomic(store.manifest_path(self.root, self.plan.name), public_record(self.data))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -165,7 +164,7 @@ def render_html(report: RunReport, token_png: bytes | None = None) -> str:
         f"<code>{_e(m.get('spec_path'))}</code> (hash <code>{_e(m.get('spec_hash'))}</code>)"
         + (f" · git <code>{_e(commit)}</code>" if commit else "") + "<br>",
         f"pass {_e(m.get('passes'))} · started {_e(m.get('started_at'))} · finished {_e(m.get('finished_at'))}"
-        f" · report made {_e(time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime()))}",
+        f" · report made {_e(store.utc_stamp())}",
         "</div>",
     ]
     parts += [f'<p class="note">{_e(n)}</p>' for n in report.notes]

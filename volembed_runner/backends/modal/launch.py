@@ -320,7 +320,7 @@ def _check(plan: Plan, summary: dict[str, Any]) -> None:
 def _record_run(folder: Path, plan: Plan, *, app_id: str | None, deployed: bool, call_id: str | None) -> None:
     """Remember the app of the run, so `stop` finds it (an ephemeral app cannot be looked up by name)."""
     record = {"app_id": app_id, "app_name": plan.name, "deployed": deployed, "call_id": call_id,
-              "volume": plan.volume, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+              "volume": plan.volume, "started_at": store.utc_stamp()}
     store.write_json_atomic(folder / RUN_RECORD, record)
 
 

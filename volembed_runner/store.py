@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from volembed_runner.errors import OutputError, is_write_failure
 
@@ -384,3 +385,20 @@ def put_entry(path: Path, key: str, entry: dict[str, Any]) -> None:
     entries = read_entries(path)
     entries[key] = entry
     write_json_atomic(path, {"version": 1, "entries": entries})
+
+
+def read_rows(path: Path, start: int, stop: int, columns: list[str] | None = None) -> pa.Table:
+    """Rows [start, stop) of a parquet file (only `columns`, where given), reading only the row groups that hold
+    them."""
+    reader = pq.ParquetFile(path)
+    groups, first, at = [], 0, 0
+    for g in range(reader.metadata.num_row_groups):
+        n = reader.metadata.row_group(g).num_rows
+        if at < stop and at + n > start:
+            first = first if groups else at
+            groups.append(g)
+        at += n
+    if not groups:
+        empty = reader.schema_arrow.empty_table()
+        return empty if columns is None else empty.select(columns)
+    return reader.read_row_groups(groups, columns=columns).slice(start - first, stop - start)

@@ -42,22 +42,11 @@ def read_chunks(path: Path, unit: str) -> pa.Table:
     """The unit's rows of its chunk shard, reading only the row groups that hold them."""
     if not store.is_done(path):
         raise StageError(f"chunk shard {parse_key(unit)[0]} is not finished ({path}); run the chunk stage first")
-    reader = pq.ParquetFile(path)
     try:
-        rows = unit_of(unit, reader.metadata.num_rows)
+        rows = unit_of(unit, pq.read_metadata(path).num_rows)
     except ValueError as exc:
         raise StageError(str(exc)) from None
-    groups, first, at = [], None, 0
-    for g in range(reader.metadata.num_row_groups):
-        n = reader.metadata.row_group(g).num_rows
-        if at < rows.end and at + n > rows.start:
-            groups.append(g)
-            first = at if first is None else first
-        at += n
-    if not groups:
-        return reader.schema_arrow.empty_table()
-    table = reader.read_row_groups(groups)
-    return table.slice(rows.start - (first or 0), rows.end - rows.start)
+    return store.read_rows(path, rows.start, rows.end)
 
 
 def _vectors_column(vectors: np.ndarray, rows: int, unit: str) -> pa.FixedSizeListArray:

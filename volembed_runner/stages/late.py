@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from volembed_runner import store
 from volembed_runner.errors import StageError
 from volembed_runner.plan import Plan, model_slug, volembed_home
-from volembed_runner.stages.embed import paths, read_chunks
+from volembed_runner.stages.embed import paths
 from volembed_runner.units import parse_key
 
 if TYPE_CHECKING:
@@ -171,7 +171,7 @@ def _build_shard(root: Path, plan: Plan, embed_folder: Path, segments: list[Segm
         rows: list[pa.Table] = []
         at, tokens = first_id, 0
         for segment in segments:
-            table = _read_rows(store.shard_path(embed_folder, segment.unit), segment.start, segment.stop)
+            table = store.read_rows(store.shard_path(embed_folder, segment.unit), segment.start, segment.stop)
             vectors = [v.astype(np.float32) for v in store.read_multivectors(table["embedding"])]
             ids = [str(i) for i in range(at, at + len(vectors))]
             if vectors:
@@ -188,26 +188,14 @@ def _build_shard(root: Path, plan: Plan, embed_folder: Path, segments: list[Segm
                                                         "first_id": first_id})
 
 
-def _read_rows(path: Path, start: int, stop: int) -> pa.Table:
-    """Rows [start, stop) of a parquet file, reading only the row groups that hold them."""
-    file = pq.ParquetFile(path)
-    tables, offset = [], 0
-    for group in range(file.num_row_groups):
-        n = file.metadata.row_group(group).num_rows
-        if offset < stop and offset + n > start:
-            table = file.read_row_group(group)
-            tables.append(table.slice(max(start - offset, 0), min(stop, offset + n) - max(start, offset)))
-        offset += n
-    return pa.concat_tables(tables)
-
-
 def _rows(root: Path, plan: Plan, segment: Segment, table: pa.Table) -> pa.Table:
     """An index shard's row table for one segment: ids, kept columns and a snippet of each chunk's text."""
     if "text" in table.column_names:
         text = table["text"]
-    else:  # the unit's chunk rows, then the segment's slice of them
-        unit_text = read_chunks(paths(root, plan, segment.unit)[0], segment.unit)["text"]
-        text = unit_text.slice(segment.start, segment.stop - segment.start)
+    else:  # the segment's rows of the unit's chunk shard, whose rows the unit's start offsets
+        at = parse_key(segment.unit)[1] or 0
+        text = store.read_rows(paths(root, plan, segment.unit)[0], at + segment.start, at + segment.stop,
+                               columns=["text"])["text"]
     snippets = pa.array([t[:SNIPPET_CHARS] for t in text.to_pylist()], type=pa.string())
     kept = [c for c in ("doc_id", "chunk_index", "char_start", "char_end", *plan.embed.keep_columns)
             if c in table.column_names]
